@@ -1,0 +1,47 @@
+"""minipost's two fused ops and the switch between Triton and plain PyTorch.
+
+    attention(q, k, v, causal=True) -> o                       q (B, H, Tq, D), k/v (B, H, Tk, D), Tq <= Tk
+    token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False) -> logp (N,) [, entropy (N,)]
+
+Dispatch: CUDA tensors use Triton, CPU tensors use the torch reference (kernels/reference.py).
+MINIPOST_KERNELS=triton|torch forces one path. Forcing Triton on CPU tensors needs Triton's interpreter
+(TRITON_INTERPRET=1, set before Triton is imported): that is how the tests check the kernels without a GPU.
+Note: this `kernels` package is minipost's own, unrelated to the `kernels` project on PyPI.
+"""
+import os
+
+import torch
+
+from .reference import attention_reference, token_logprobs_reference
+
+_MODES = ("auto", "triton", "torch")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when an op on tensor `t` should run the Triton kernel (read per call so tests can flip it)."""
+    mode = os.environ.get("MINIPOST_KERNELS", "auto")
+    if mode not in _MODES:
+        raise ValueError(f"MINIPOST_KERNELS={mode!r}: expected one of {', '.join(_MODES)}")
+    if mode != "auto":
+        return mode == "triton"
+    return t.is_cuda
+
+
+def attention(q, k, v, causal=True):
+    """Causal (or full) softmax attention; see kernels/reference.py for the exact semantics."""
+    if q.shape[-2] > k.shape[-2]:
+        raise ValueError(f"attention: T_q={q.shape[-2]} must be <= T_k={k.shape[-2]}")
+    if use_triton(q):
+        from .attention import triton_attention  # imported lazily: Triton is Linux-only
+
+        return triton_attention(q, k, v, causal=causal)
+    return attention_reference(q, k, v, causal=causal)
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False):
+    """log softmax(hidden @ weight.T / temperature)[targets] in float32, 0 where targets < 0."""
+    if use_triton(hidden):
+        from .logprob import triton_token_logprobs  # imported lazily: Triton is Linux-only
+
+        return triton_token_logprobs(hidden, weight, targets, temperature, return_entropy)
+    return token_logprobs_reference(hidden, weight, targets, temperature, return_entropy)

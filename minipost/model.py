@@ -1,0 +1,166 @@
+"""A minimal GPT in GPT-2's layout and parameter names, so GPT-2 checkpoints load key for key.
+
+forward(idx) returns the final hidden states (B, T, C) after ln_f, not logits: every objective turns hidden
+states into per-token log-probs through kernels.token_logprobs, which never builds the (B*T, V) logits.
+The LM head is tied to wte. An optional scalar head (config.scalar_head) reads hidden states for reward
+and value models.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # longest sequence (learned position embeddings)
+    vocab_size: int = 2048
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0  # residual and embedding dropout; always 0 in RL, DPO and reward models
+    bias: bool = True  # GPT-2 uses biases in Linear layers and LayerNorms
+    scalar_head: bool = False  # add score_head: hidden (C) -> one number, for reward / value models
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+# vocab_size is set from the tokenizer; block_size may be overridden per run
+PRESETS = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),  # ~1M params + embeddings: the CPU default
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # ~11M: a quick GPU run
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),  # 1558M
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        mask = None
+        if cache is not None:
+            # k, v become everything cached so far, this step included: (B, H, Tk, D) with Tk >= T
+            k, v = cache.update(layer, k, v)
+            mask = cache.attn_mask(T)  # None, or (B, 1, T, Tk) bool when rows hold padding
+        if mask is None:
+            y = kernels.attention(q, k, v, causal=True)  # (B, H, T, D)
+        else:
+            # padded generation batches need a key mask, which the fused kernel does not take
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's tanh GELU
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        if config.scalar_head:
+            self.score_head = nn.Linear(config.n_embd, 1)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.scalar_head:  # reward-model head init: std 1/sqrt(C+1), bias 0 (ALGORITHMS.md)
+            nn.init.normal_(self.score_head.weight, std=1 / math.sqrt(config.n_embd + 1))
+            nn.init.zeros_(self.score_head.bias)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        """Parameter count, the tied head counted once, position embeddings included."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, pos=None, cache=None):
+        """idx (B, T) token ids; pos (B, T) or (T,) positions, default 0..T-1 -> hidden states (B, T, C)."""
+        B, T = idx.shape
+        if pos is None:
+            pos = torch.arange(T, device=idx.device)
+        if int(pos.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(pos.max())} is past block_size={self.config.block_size}")
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        return self.transformer.ln_f(x)
+
+    def logits(self, hidden):
+        """Full logits (..., V) in float32, for sampling one position at a time; training never calls this."""
+        return hidden.float() @ self.lm_head.weight.float().T
+
+    def scores(self, hidden):
+        """Scalar head on every position: hidden (B, T, C) -> (B, T) float32."""
+        return self.score_head(hidden).squeeze(-1).float()
+
+    def token_logprobs(self, idx, temperature=1.0, return_entropy=False):
+        """Teacher-forced log-prob of every next token: idx (B, T) -> logp (B, T-1) float32 [, entropy].
+
+        logp[:, t] = log pi(idx[:, t+1] | idx[:, :t+1]): position t's hidden state predicts token t+1.
+        """
+        hidden = self(idx[:, :-1])  # (B, T-1, C)
+        B, T1, C = hidden.shape
+        out = kernels.token_logprobs(hidden.reshape(B * T1, C), self.lm_head.weight,
+                                     idx[:, 1:].reshape(B * T1), temperature, return_entropy)
+        if return_entropy:
+            return out[0].view(B, T1), out[1].view(B, T1)
+        return out.view(B, T1)

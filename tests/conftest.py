@@ -1,0 +1,10 @@
+"""Test-wide setup. Runs before any test module imports Triton."""
+import os
+
+import torch
+
+# Without a GPU the Triton kernels are checked in Triton's interpreter on CPU tensors. The variable must be
+# set before triton is first imported; with a GPU the tests run the compiled kernels on CUDA tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
