@@ -39,7 +39,7 @@ class GPTConfig:
 
 # vocab_size is set from the tokenizer; block_size may be overridden per run
 PRESETS = {
-    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),  # ~1M params + embeddings: the CPU default
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),  # ~0.9M with a small vocab: the CPU default
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # ~11M: a quick GPU run
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M
@@ -152,15 +152,16 @@ class GPT(nn.Module):
         """Scalar head on every position: hidden (B, T, C) -> (B, T) float32."""
         return self.score_head(hidden).squeeze(-1).float()
 
-    def token_logprobs(self, idx, temperature=1.0, return_entropy=False):
-        """Teacher-forced log-prob of every next token: idx (B, T) -> logp (B, T-1) float32 [, entropy].
+    def token_logprobs(self, inputs, targets, temperature=1.0, return_entropy=False):
+        """Teacher-forced log-probs: inputs, targets (B, T) -> logp (B, T) float32 [, entropy (B, T)].
 
-        logp[:, t] = log pi(idx[:, t+1] | idx[:, :t+1]): position t's hidden state predicts token t+1.
+        logp[:, t] = log softmax(h_t W^T / temperature)[targets[:, t]] where h_t is the hidden state after
+        inputs[:, :t+1]; usually targets = the inputs shifted left by one. Negative targets are ignored (0).
         """
-        hidden = self(idx[:, :-1])  # (B, T-1, C)
-        B, T1, C = hidden.shape
-        out = kernels.token_logprobs(hidden.reshape(B * T1, C), self.lm_head.weight,
-                                     idx[:, 1:].reshape(B * T1), temperature, return_entropy)
+        hidden = self(inputs)  # (B, T, C)
+        B, T, C = hidden.shape
+        out = kernels.token_logprobs(hidden.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T),
+                                     temperature, return_entropy)
         if return_entropy:
-            return out[0].view(B, T1), out[1].view(B, T1)
-        return out.view(B, T1)
+            return out[0].view(B, T), out[1].view(B, T)
+        return out.view(B, T)

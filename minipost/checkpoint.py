@@ -1,0 +1,120 @@
+"""Checkpoints: one directory a model, written atomically, loaded without executing code.
+
+    OUT/ckpt/model.pt        state dict (float32 tensors only; read back with torch.load(weights_only=True))
+    OUT/ckpt/config.json     GPTConfig
+    OUT/ckpt/tokenizer.json  the tokenizer, as text
+    OUT/ckpt/meta.json       {"script", "kind", "args", "step", "metrics", ...}
+    OUT/ckpt/state.pt        resume state: optimizer, RNG, step (training scripts only)
+    OUT/metrics.jsonl        the run's metrics, beside the checkpoint (cli.MetricsLog)
+
+Atomic: everything is written to OUT/ckpt.tmp, then OUT/ckpt is renamed to OUT/ckpt.old, ckpt.tmp to ckpt,
+and ckpt.old removed. A run killed at any point leaves either ckpt or ckpt.old complete, and the loader
+takes whichever is there. `--init OUT` and `--init OUT/ckpt` both work, and so does a Hugging Face-layout
+GPT-2 folder (minipost/gpt2.py), e.g. `--init path/to/gpt2`.
+"""
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cli import UserError
+from .gpt2 import is_gpt2_folder, load_gpt2_folder
+from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer
+
+FILES = ("model.pt", "config.json", "tokenizer.json", "meta.json")
+
+
+@dataclass
+class Checkpoint:
+    model: GPT
+    tokenizer: Tokenizer
+    meta: dict
+    path: Path
+
+
+def save_checkpoint(out_dir, model: GPT, tokenizer: Tokenizer, meta: dict, train_state: dict | None = None):
+    """Write OUT/ckpt atomically. meta must be JSON-serialisable; train_state holds tensors and numbers."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp, final, old = out_dir / "ckpt.tmp", out_dir / "ckpt", out_dir / "ckpt.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+             for k, v in model.state_dict().items()}
+    torch.save(state, tmp / "model.pt")
+    (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    tokenizer.save(tmp / "tokenizer.json")
+    if train_state is not None:
+        torch.save(train_state, tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: its presence marks completeness
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path) -> Path | None:
+    """The complete checkpoint directory at `path` (OUT or OUT/ckpt), or None."""
+    path = Path(path)
+    for cand in (path / "ckpt", path / "ckpt.old", path):  # ckpt.old only survives a kill between two renames
+        if all((cand / f).is_file() for f in FILES):
+            return cand
+    return None
+
+
+def load_checkpoint(path, device="cpu", flag="--init") -> Checkpoint:
+    """Rebuild model and tokenizer from a checkpoint directory. Raises UserError naming the path if unusable."""
+    ckpt = find_checkpoint(path)
+    if ckpt is None and is_gpt2_folder(path):
+        try:
+            model, tokenizer = load_gpt2_folder(path)
+        except ValueError as e:
+            raise UserError(f"{flag} {path}: {e}")
+        return Checkpoint(model.to(device), tokenizer, {"kind": "gpt2", "script": "gpt2 import", "step": 0},
+                          Path(path))
+    if ckpt is None:
+        raise UserError(f"{flag} {path}: not a minipost checkpoint (expected {Path(path) / 'ckpt'} with "
+                        f"{', '.join(FILES)})")
+    try:
+        config = GPTConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
+        meta = json.loads((ckpt / "meta.json").read_text())
+        tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
+        state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
+        raise UserError(f"{flag} {path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    model = GPT(config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "Missing" in ln
+                      or "Unexpected" in ln), str(e).splitlines()[0])
+        raise UserError(f"{flag} {path}: weights do not fit the saved config ({first})")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"{flag} {path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{config.vocab_size}")
+    return Checkpoint(model.to(device), tokenizer, meta, ckpt)
+
+
+def load_train_state(ckpt_dir: Path) -> dict | None:
+    """The resume state saved beside the weights, or None if this checkpoint has none."""
+    f = Path(ckpt_dir) / "state.pt"
+    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+
+
+def rng_state() -> dict:
+    """Every RNG a training step touches (dropout, sampling); data order is derived from (seed, step) instead."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,88 @@
+"""Plumbing every script shares: user-facing errors, device and seeds, the metrics log, the LR schedule.
+
+A user's mistake (a missing file, a bad flag value, a malformed row) raises UserError; `run_main` turns it
+into one line on stderr and exit code 2, never a traceback. Bugs still raise normally.
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def run_main(main):
+    """Call main(); report a UserError as `error: ...` and exit 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(flag: str) -> torch.device:
+    if flag == "auto":
+        flag = "cuda" if torch.cuda.is_available() else "cpu"
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
+    return torch.device(flag)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (matmuls in bf16, log-probs stay float32 in the kernels); float32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def cosine_lr(step: int, max_steps: int, lr: float, min_lr: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay from lr to min_lr at max_steps (step is 0-based)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class MetricsLog:
+    """Append-only JSONL of metrics beside the checkpoint, one object per line, each with a "step".
+
+    On resume, lines past the checkpoint's step are dropped first, so a resumed run's log reads exactly like
+    an uninterrupted one.
+    """
+
+    def __init__(self, path, resume_step=None, enabled=True):
+        self.path = Path(path)
+        self.enabled = enabled  # only rank 0 writes once runs go multi-GPU
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, **metrics):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+
+def read_metrics(path):
+    """All records of a metrics JSONL file, as a list of dicts."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def require_file(path, flag: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{flag} {path}: no such file")
+    return p
+
+
+def seed_everything(seed: int, rank: int = 0):
+    """One seed per run; each rank derives its own so data and dropout differ across ranks."""
+    torch.manual_seed(seed + 1000 * rank)

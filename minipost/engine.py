@@ -1,0 +1,159 @@
+"""Batched generation with a KV cache: the sampler behind RL rollouts, best-of-N and evaluation.
+
+Prompts of different lengths are left-padded to one length P, so every row writes its next token into the
+same cache slot; a key mask hides the padding and per-row positions count only real tokens, which makes
+each row's result the same as generating it alone. N samples of one prompt share one prefill: the prompt's
+cache is computed once and fanned out (repeat_interleave) before decoding.
+
+Sampling is seeded per row: output row r (prompt r // N, sample r % N) draws from its own generator seeded
+with seed + r, so a row's tokens do not depend on the rest of the batch.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer: k, v (L, B, H, T_max, D), filled left to right.
+
+    `length` slots are filled (the same for every row). The model calls update() and attn_mask() from each
+    attention layer; the engine advances `length` after each forward.
+    """
+
+    def __init__(self, config, batch, max_len, device, dtype, key_valid=None):
+        H, D = config.n_head, config.n_embd // config.n_head
+        self.k = torch.zeros(config.n_layer, batch, H, max_len, D, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+        self.key_valid = key_valid  # (B, T_max) bool, False on left padding; None when no row is padded
+
+    def update(self, layer, k, v):
+        """Store this step's k, v (B, H, T, D) -> all keys and values so far, (B, H, length + T, D)."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def attn_mask(self, T):
+        """(B, 1, T, length + T) bool: causal and not padding; None if nothing is padded (then the fused
+        causal kernel, aligned bottom-right, does the same job)."""
+        if self.key_valid is None:
+            return None
+        end = self.length + T
+        q_slot = torch.arange(self.length, end, device=self.k.device)[:, None]  # (T, 1)
+        k_slot = torch.arange(end, device=self.k.device)[None, :]  # (1, end)
+        causal = k_slot <= q_slot  # (T, end)
+        mask = causal & self.key_valid[:, None, :end]  # (B, T, end)
+        mask = mask | (k_slot == q_slot)  # a padding query sees itself, so its softmax is never empty (NaN)
+        return mask[:, None]
+
+    def fan_out(self, n):
+        """Repeat every row n times (one prefill, n continuations)."""
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid.repeat_interleave(n, dim=0)
+
+
+@dataclass
+class Generation:
+    """Sampled completions, right-padded. Row r belongs to prompt r // num_samples."""
+    tokens: torch.Tensor  # (B, L) long, pad_id after the end
+    logprobs: torch.Tensor  # (B, L) float32: log softmax(logits / T)[token] (T = 1 for greedy), 0 on padding
+    mask: torch.Tensor  # (B, L) float32: 1 on generated tokens, the EOS included
+    finished: torch.Tensor  # (B,) bool: the row produced EOS within the budget
+
+    def completions(self) -> list[list[int]]:
+        return [row[: int(m.sum())].tolist() for row, m in zip(self.tokens, self.mask)]
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Keep the top_k largest logits and the smallest set whose probability reaches top_p; -inf elsewhere.
+    logits (B, V) float32."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens strictly before it already reach top_p (the first is always kept)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits, generators, temperature=1.0, top_k=None, top_p=None):
+    """Pick one token per row -> (tokens (B,), logprobs (B,)). logits (B, V) float32, raw.
+
+    The returned log-prob is under softmax(logits / temperature) before top-k / top-p, the distribution the
+    trainers recompute; greedy (temperature 0) reports it at temperature 1.
+    """
+    if temperature == 0:
+        tokens = logits.argmax(dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1)
+    else:
+        scaled = logits / temperature
+        logprobs = torch.log_softmax(scaled, dim=-1)  # (B, V)
+        probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)  # (B, V)
+        tokens = torch.stack([torch.multinomial(probs[r], 1, generator=g)[0] for r, g in enumerate(generators)])
+    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             num_samples: int = 1, seed: int = 0) -> Generation:
+    """Sample up to max_new_tokens after each prompt, num_samples times per prompt; rows stop at EOS."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    device = next(model.parameters()).device
+    config = model.config
+    P = max(len(p) for p in prompts)
+    max_new_tokens = min(max_new_tokens, config.block_size - P)
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: a prompt of {P} tokens leaves no room in block_size={config.block_size}")
+
+    # left-pad the prompts to P; positions count real tokens only
+    B0 = len(prompts)
+    ids = torch.full((B0, P), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    valid = torch.arange(P)[None, :] >= torch.tensor([P - len(p) for p in prompts])[:, None]  # (B0, P)
+    padded = not bool(valid.all())
+    pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B0, P)
+    key_valid = None
+    if padded:  # slots after the prompt are always real tokens
+        key_valid = torch.ones(B0, P + max_new_tokens, dtype=torch.bool, device=device)
+        key_valid[:, :P] = valid
+
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(config, B0, P + max_new_tokens, device, dtype, key_valid)
+    hidden = model(ids.to(device), pos.to(device), cache)  # (B0, P, C): one prefill per prompt
+    cache.length = P
+    cache.fan_out(num_samples)
+    logits = model.logits(hidden[:, -1]).repeat_interleave(num_samples, dim=0)  # (B, V) float32
+    next_pos = (pos[:, -1] + 1).repeat_interleave(num_samples).to(device)  # (B,)
+
+    B = B0 * num_samples
+    generators = [torch.Generator(device=device).manual_seed(seed + r) for r in range(B)]
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, max_new_tokens, device=device)
+    mask = torch.zeros(B, max_new_tokens, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        tok, lp = sample_next(logits, generators, temperature, top_k, top_p)
+        alive = ~finished
+        tokens[:, t] = torch.where(alive, tok, pad_id)
+        logprobs[:, t] = torch.where(alive, lp, 0.0)
+        mask[:, t] = alive.float()
+        finished |= alive & (tok == eos_id)
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        # finished rows keep decoding (their outputs are ignored) so the batch stays one tensor
+        hidden = model(tokens[:, t:t + 1], next_pos[:, None], cache)  # (B, 1, C)
+        cache.length += 1
+        next_pos += 1
+        logits = model.logits(hidden[:, -1])
+    L = int(mask.sum(dim=1).max())
+    return Generation(tokens[:, :L], logprobs[:, :L], mask[:, :L], finished)
