@@ -151,7 +151,7 @@ def main(argv=None):
     def evaluate(step):
         result = {"val_loss": validation_loss(model, val, tokenizer.pad_id, device)}
         for split, prompts in eval_splits.items():
-            r = evaluate_policy(model, tokenizer, task, prompts, args.max_new_tokens, temperature=0.0)
+            r = evaluate_policy(model, tokenizer, task, prompts, args.max_new_tokens, task.eval_temperature)
             result[f"{split}_reward"], result[f"{split}_format"] = r["reward"], r["format"]
         tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()))
         return result

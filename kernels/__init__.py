@@ -32,7 +32,7 @@ def attention(q, k, v, causal=True):
     if q.shape[-2] > k.shape[-2]:
         raise ValueError(f"attention: T_q={q.shape[-2]} must be <= T_k={k.shape[-2]}")
     if use_triton(q):
-        from .attention import triton_attention  # imported lazily: Triton is Linux-only
+        from .flash_attention import triton_attention  # imported lazily: Triton is Linux-only
 
         return triton_attention(q, k, v, causal=causal)
     return attention_reference(q, k, v, causal=causal)

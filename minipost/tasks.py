@@ -39,6 +39,7 @@ class Task:
     """Base class; see the module docstring for what each method returns."""
     name: str = ""
     splits: tuple[str, ...] = ()
+    eval_temperature: float = 0.0  # how evaluation samples: greedy for a verifier, the policy itself for rewards
 
     def corpus(self, n_docs: int, seed: int = 0) -> list[str]:
         raise NotImplementedError
@@ -416,6 +417,7 @@ class SentimentTask(Task):
     Splits: train and test, disjoint by a hash of the opening (about 5000 distinct openings). The corpus
     holds whole reviews with train openings only, as plain text.
     """
+    eval_temperature = 1.0  # the reward of the policy's own samples, as in the DPO paper's frontier
     name = "sentiment"
     splits = ("train", "test")
     instruction = "Continue the review: "

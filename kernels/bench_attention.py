@@ -1,0 +1,195 @@
+"""Benchmark of the fused attention kernel against PyTorch's SDPA, or a correctness check without a GPU.
+
+    python -m kernels.bench_attention                      # T in 512..8192, D in 64, 128, bf16, causal
+    python -m kernels.bench_attention --T 2048 --D 128     # one shape
+    python -m kernels.bench_attention --non-causal --dtype fp16
+
+On CUDA, for each (T, D): B*T = --tokens (16k) and H*D = --hidden (2048), q, k, v (B, H, T, D). Paths:
+  triton      kernels.flash_attention.triton_attention
+  sdpa-flash  F.scaled_dot_product_attention with the FlashAttention-2 backend pinned (sdpa_kernel)
+  sdpa-cudnn  the same with the cuDNN backend ("n/a" where it is unavailable or fails)
+Times are triton.testing.do_bench medians (ms) after warm-up (compilation and autotuning done beforehand).
+FLOPs follow FlashAttention's convention: forward 4*B*H*T^2*D, halved when causal; backward 2.5x forward.
+"peak MiB" is the peak memory allocated by one forward+backward beyond the inputs.
+
+Without CUDA the kernels run in Triton's interpreter on small CPU shapes and the script prints their max
+errors against a float64 run of kernels/reference.py (exit status 1 if any exceeds its tolerance).
+"""
+import argparse
+import datetime
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m kernels.bench_attention", description=__doc__.split("\n")[0])
+    p.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192], help="sequence lengths")
+    p.add_argument("--D", type=int, nargs="+", default=[64, 128], help="head dims")
+    p.add_argument("--tokens", type=int, default=16384, help="B*T, total tokens per batch")
+    p.add_argument("--hidden", type=int, default=2048, help="H*D, model width")
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--non-causal", action="store_true", help="full attention instead of causal")
+    return p.parse_args(argv)
+
+
+def flops_fwd(B, H, T, D, causal):
+    return 4 * B * H * T * T * D * (0.5 if causal else 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU benchmark
+
+
+def sdpa_path(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):  # pinned: raises instead of silently falling back to another backend
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def bench_path(fn, q, k, v, do, causal):
+    """(fwd ms, bwd ms, fwd+bwd ms, peak MiB) medians; the first calls compile and autotune."""
+    from triton.testing import do_bench
+
+    def fwd():
+        return fn(q, k, v, causal)
+
+    def fwd_bwd():
+        fwd().backward(do)
+
+    fwd_bwd()  # compile + autotune outside the timed region (do_bench sizes its loop from a first call)
+    fwd_bwd()
+    torch.cuda.synchronize()
+    t_fwd = do_bench(fwd, grad_to_none=[q, k, v], return_mode="median")
+    o = fwd()
+    t_bwd = do_bench(lambda: o.backward(do, retain_graph=True), grad_to_none=[q, k, v], return_mode="median")
+    del o
+    t_all = do_bench(fwd_bwd, grad_to_none=[q, k, v], return_mode="median")
+    for t in (q, k, v):
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return t_fwd, t_bwd, t_all, peak
+
+
+def gpu_main(args):
+    import triton
+    from torch.nn.attention import SDPBackend
+
+    from kernels.flash_attention import triton_attention
+
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
+    causal = not args.non_causal
+    paths = [("triton", lambda q, k, v, c: triton_attention(q, k, v, causal=c)),
+             ("sdpa-flash", sdpa_path(SDPBackend.FLASH_ATTENTION)),
+             ("sdpa-cudnn", sdpa_path(SDPBackend.CUDNN_ATTENTION))]
+    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"{datetime.date.today()} | {args.dtype}, {'causal' if causal else 'non-causal'}, "
+          f"B*T={args.tokens}, H*D={args.hidden}")
+    print("command: python -m kernels.bench_attention " + " ".join(sys.argv[1:]))
+    rows = []
+    for D in args.D:
+        H = args.hidden // D
+        for T in args.T:
+            B = args.tokens // T
+            if B < 1 or H < 1:
+                print(f"skip T={T} D={D}: B*T={args.tokens} or H*D={args.hidden} too small")
+                continue
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, generator=g) for _ in range(4))
+            q, k, v = (t.requires_grad_() for t in (q, k, v))  # each (B, H, T, D)
+            f = flops_fwd(B, H, T, D, causal)
+            with torch.no_grad():
+                ref = sdpa_path(SDPBackend.FLASH_ATTENTION)(q, k, v, causal)  # (B, H, T, D)
+            for name, fn in paths:
+                try:
+                    with torch.no_grad():
+                        err = (fn(q, k, v, causal).float() - ref.float()).abs().max().item()
+                    t_fwd, t_bwd, t_all, peak = bench_path(fn, q, k, v, do, causal)
+                except Exception as e:  # e.g. cuDNN attention missing for this GPU / build
+                    print(f"{name} T={T} D={D}: n/a ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                    rows.append((D, T, B, H, name) + ("n/a",) * 8)
+                    continue
+                tf = lambda flops, ms: f"{flops / (ms * 1e-3) / 1e12:.0f}"  # noqa: E731
+                rows.append((D, T, B, H, name, f"{t_fwd:.3f}", tf(f, t_fwd), f"{t_bwd:.3f}", tf(2.5 * f, t_bwd),
+                             f"{t_all:.3f}", tf(3.5 * f, t_all), f"{peak:.0f}", f"{err:.1e}"))
+                print(" | ".join(map(str, rows[-1])), flush=True)
+            del q, k, v, do, ref
+            torch.cuda.empty_cache()
+    header = ["D", "T", "B", "H", "path", "fwd ms", "fwd TFLOP/s", "bwd ms", "bwd TFLOP/s", "fwd+bwd ms",
+              "fwd+bwd TFLOP/s", "peak MiB", "max |o - flash|"]
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(map(str, r)) + " |")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU: correctness in the interpreter
+
+
+def interpreter_main():
+    from kernels.flash_attention import triton_attention
+    from kernels.reference import attention_reference
+
+    # (B, H, Tq, Tk, D, causal, dtype, tolerance as a fraction of the reference's max |value|)
+    cases = [(1, 2, 64, 64, 16, True, torch.float32, 1e-5), (1, 2, 37, 100, 32, True, torch.float32, 1e-5),
+             (2, 1, 50, 50, 64, False, torch.float32, 1e-5), (1, 1, 1, 1, 128, True, torch.float32, 1e-5),
+             (1, 2, 100, 100, 64, True, torch.bfloat16, 3e-2), (1, 1, 33, 33, 128, True, torch.float16, 4e-3)]
+    rows, ok = [], True
+    for B, H, Tq, Tk, D, causal, dtype, tol in cases:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(B, H, Tq, D, generator=g).to(dtype).requires_grad_()  # (B, H, Tq, D)
+        k = torch.randn(B, H, Tk, D, generator=g).to(dtype).requires_grad_()  # (B, H, Tk, D)
+        v = torch.randn(B, H, Tk, D, generator=g).to(dtype).requires_grad_()  # (B, H, Tk, D)
+        do = torch.randn(B, H, Tq, D, generator=g).to(dtype)  # (B, H, Tq, D)
+        o = triton_attention(q, k, v, causal=causal)
+        o.backward(do)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        o64 = attention_reference(q64, k64, v64, causal=causal)
+        o64.backward(do.double())
+        errs = [(got.double() - want).abs().max().item() / max(want.abs().max().item(), 1e-3)
+                for got, want in [(o, o64), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)]]
+        good = max(errs) <= tol
+        ok &= good
+        rows.append((f"{B}x{H}", Tq, Tk, D, "causal" if causal else "full", str(dtype).split(".")[1],
+                     *(f"{e:.1e}" for e in errs), f"{tol:.0e}", "ok" if good else "FAIL"))
+    print()
+    print("Max |error| / max |float64 reference| (Triton interpreter, CPU):")
+    header = ["B x H", "Tq", "Tk", "D", "mask", "dtype", "o", "dq", "dk", "dv", "tolerance", "result"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(map(str, r)) + " |")
+    return 0 if ok else 1
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if torch.cuda.is_available():
+        return gpu_main(args)
+    print("no GPU found: running correctness check in the Triton interpreter only")
+    os.environ["TRITON_INTERPRET"] = "1"  # must be set before kernels.flash_attention (and its @triton.jit) is imported
+    mod = sys.modules.get("kernels.flash_attention")
+    if mod is not None and not getattr(mod, "_INTERPRET", False):
+        # the kernels were already compiled for a GPU in this process: redo the check in a fresh one
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        return subprocess.run([sys.executable, "-m", "kernels.bench_attention", *argv], env=env).returncode
+    return interpreter_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The fused token log-prob kernel (kernels/logprob.py) against float64 runs of the torch reference.
+
+Without a GPU these run in Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1
+before Triton is imported); with a GPU the same tests run the compiled kernels on CUDA tensors. Interpreter
+tiles are 32 x 64 x 32 (kernels/logprob.py:_config), so the shapes below cross token, vocabulary and channel
+tile edges, split the vocabulary loop (N <= 32) and skip whole blocks of ignored tokens.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+import kernels.logprob as logprob
+from kernels.reference import token_logprobs_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Relative tolerances (atol is the same number times the largest |reference| value, for entries that cancel).
+# float32: logits are sums of C <= 48 float32 products, the backward sums <= 1000 vocabulary terms (dhidden)
+#   or <= 129 tokens (dweight) in float32: a few ulps (2^-24 = 6e-8) times sqrt(terms) -- measured <= 4e-6 of
+#   the largest entry, the float32 torch reference itself is off by ~2e-6. A wrong term would be O(1).
+# bf16 / fp16 inputs: the reference gets the same rounded inputs in float64. Products of 16-bit numbers are
+#   exact in float32, so logp and entropy keep the float32 tolerance. Gradients round twice to the input dtype
+#   (dlogits as matmul operand, the result): unit roundoff 2^-8 (bf16) / 2^-11 (fp16), so 4 units.
+FWD_TOL = 1e-5
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
+
+
+def _inputs(N, V, C, dtype=torch.float32, ignore="some", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, C, generator=g)  # (N, C)
+    weight = torch.randn(V, C, generator=g) * (2.0 / C**0.5)  # (V, C): logits with std ~2
+    targets = torch.randint(0, V, (N,), generator=g)  # (N,)
+    if ignore == "some":
+        targets[1::3] = -1
+        targets[-1] = -100  # any negative value means ignored
+        if N >= 64:
+            targets[:32] = -1  # a whole (interpreter) token block ignored: skipped by every kernel
+    elif ignore == "all":
+        targets[:] = -1
+    upstream = torch.randn(2, N, generator=g)  # random dL/dlogp and dL/dentropy
+    return (hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype), targets.to(DEVICE), *upstream.to(DEVICE))
+
+
+def _run(fn, hidden, weight, targets, temperature, g_logp, g_ent, dtype=None):
+    """Forward with entropy, backward of sum(g_logp * logp + g_ent * entropy) -> logp, entropy, dh, dw."""
+    h = hidden.detach().to(dtype or hidden.dtype).requires_grad_()
+    w = weight.detach().to(dtype or weight.dtype).requires_grad_()
+    logp, entropy = fn(h, w, targets, temperature, True)
+    (logp * g_logp.to(logp.dtype) + entropy * g_ent.to(entropy.dtype)).sum().backward()
+    return logp, entropy, h.grad, w.grad
+
+
+def _assert_close(actual, expected, tol, floor=1e-30):
+    """|actual - expected| <= tol * (|expected| + max(max |expected|, floor)), elementwise."""
+    expected = expected.detach()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual.detach().double(), expected, rtol=tol, atol=tol * max(scale, floor))
+
+
+def _check_against_float64(hidden, weight, targets, temperature, g_logp, g_ent, fwd_tol=FWD_TOL, grad_tol=None):
+    got = _run(logprob.triton_token_logprobs, hidden, weight, targets, temperature, g_logp, g_ent)
+    want = _run(token_logprobs_reference, hidden, weight, targets, temperature, g_logp, g_ent, dtype=torch.float64)
+    logp, entropy, dh, dw = got
+    assert logp.dtype == entropy.dtype == torch.float32 and logp.shape == entropy.shape == targets.shape
+    assert dh.dtype == hidden.dtype and dw.dtype == weight.dtype
+    assert (logp <= 0).all() and (entropy >= 0).all()
+    ignored = targets < 0
+    assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
+    for name, a, b in zip(("logp", "entropy", "dhidden", "dweight"), got, want):
+        assert torch.isfinite(a).all(), name
+        if name in ("logp", "entropy"):  # in nats: 1e-5 absolute at least (the KERNELS.md target)
+            _assert_close(a, b, fwd_tol, floor=1.0)
+        else:
+            _assert_close(a, b, grad_tol or GRAD_TOL[hidden.dtype])
+    return got
+
+
+GRID = [(N, V, C) for N in (1, 7, 129) for V in (1, 37, 1000) for C in (16, 48)]
+
+
+@pytest.mark.parametrize("N, V, C", GRID)
+def test_matches_float64_reference_grid(N, V, C):
+    """Every size on both sides of the tile edges; temperature and ignored targets vary with the case."""
+    temperature = (0.7, 1.0, 1.3)[(N + V + C) % 3]
+    hidden, weight, targets, g_logp, g_ent = _inputs(N, V, C, ignore="some" if N > 1 else "none", seed=N + V + C)
+    logp, entropy, _, _ = _check_against_float64(hidden, weight, targets, temperature, g_logp, g_ent)
+    if V == 1:
+        assert (logp == 0).all() and (entropy == 0).all()
+
+
+@pytest.mark.parametrize("N, V, C, temperature, ignore", [
+    (7, 1000, 20, 1.3, "none"),  # C = 20: a partial channel chunk
+    (64, 300, 48, 0.5, "some"),  # first token block all ignored (skipped in every kernel)
+    (33, 100, 48, 1.0, "all"),  # every target ignored: zeros and zero gradients
+])
+def test_matches_float64_reference(N, V, C, temperature, ignore):
+    hidden, weight, targets, g_logp, g_ent = _inputs(N, V, C, ignore=ignore)
+    logp, entropy, dh, dw = _check_against_float64(hidden, weight, targets, temperature, g_logp, g_ent)
+    if ignore == "all":
+        assert (logp == 0).all() and (dh == 0).all() and (dw == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(dtype):
+    hidden, weight, targets, g_logp, g_ent = _inputs(33, 300, 48, dtype=dtype)
+    _check_against_float64(hidden, weight, targets, 0.8, g_logp, g_ent)
+
+
+@pytest.mark.parametrize("case", ["scaled", "shifted"])
+def test_large_magnitude_logits(case):
+    """Logits of order 1e4: near one-hot rows, or every logit near -1e4 (lse far below 0, where a padding column's
+    exp(0 - lse) would overflow). Finite, logp <= 0, and as exact as float32 logits of that size allow."""
+    hidden, weight, targets, g_logp, g_ent = _inputs(33, 37, 48)
+    if case == "scaled":
+        hidden = hidden * 1e3
+    else:  # a constant feature pushes every logit down by ~1e4
+        hidden[:, 0] = 1e3
+        weight[:, 0] = -10.0
+    # float32 logits of size L are only known to ~ L * 2^-24 * sqrt(C) (the float32 torch path errs as much);
+    # logp, entropy and the softmax's gradients inherit that absolute error: allow 8x, ~3e-2 here
+    L = (hidden.double() @ weight.double().T).abs().max().item()
+    tol = 8 * 2.0**-24 * L * hidden.shape[1] ** 0.5
+    _check_against_float64(hidden, weight, targets, 1.0, g_logp, g_ent, fwd_tol=tol, grad_tol=max(tol, 1e-5))
+
+
+def test_logp_only_and_entropy_only_gradients():
+    """Each output alone: the unused one's backward term is skipped (grad None), not treated as zero-filled."""
+    hidden, weight, targets, g_logp, g_ent = _inputs(40, 100, 16)
+    want = _run(token_logprobs_reference, hidden, weight, targets, 0.9, g_logp, g_ent * 0, dtype=torch.float64)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp = logprob.triton_token_logprobs(h, w, targets, 0.9)  # return_entropy=False
+    (logp * g_logp).sum().backward()
+    for a, b in zip((logp, h.grad, w.grad), (want[0], want[2], want[3])):
+        _assert_close(a, b, 1e-5)
+
+    want = _run(token_logprobs_reference, hidden, weight, targets, 0.9, g_logp * 0, g_ent, dtype=torch.float64)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    _, entropy = logprob.triton_token_logprobs(h, w, targets, 0.9, True)
+    (entropy * g_ent).sum().backward()
+    for a, b in zip((entropy, h.grad, w.grad), (want[1], want[2], want[3])):
+        _assert_close(a, b, 1e-5)
+
+
+def test_strided_inputs_frozen_weight_and_no_grad():
+    """Inputs that are strided views, a gradient for hidden only (a frozen head), and a no_grad forward."""
+    hidden, weight, targets, g_logp, _ = _inputs(20, 50, 16)
+    wide = torch.zeros(20, 40, device=DEVICE)
+    wide[:, 8:24] = hidden
+    wide.requires_grad_()
+    weight_t = weight.T.contiguous().T  # same values, strides (1, V)
+    assert wide[:, 8:24].stride() == (40, 1) and weight_t.stride() == (1, 50)
+    logp = logprob.triton_token_logprobs(wide[:, 8:24], weight_t, targets)  # weight does not require grad
+    (logp * g_logp).sum().backward()
+    h64 = hidden.double().requires_grad_()
+    want = token_logprobs_reference(h64, weight.double(), targets)
+    (want * g_logp.double()).sum().backward()
+    _assert_close(logp, want, 1e-5)
+    _assert_close(wide.grad[:, 8:24], h64.grad, 1e-5)
+    assert (wide.grad[:, :8] == 0).all() and (wide.grad[:, 24:] == 0).all()
+    with torch.no_grad():
+        _assert_close(logprob.triton_token_logprobs(hidden, weight, targets), want, 1e-5)
+
+
+def test_saves_no_vocabulary_sized_tensor():
+    hidden, weight, targets, _, _ = _inputs(64, 1000, 16)
+    hidden.requires_grad_()
+    logp, entropy = logprob.triton_token_logprobs(hidden, weight.requires_grad_(), targets, 1.0, True)
+    saved = logp.grad_fn.saved_tensors
+    assert len(saved) == 5  # hidden, weight, targets, lse, entropy
+    assert max(t.numel() for t in saved) == weight.numel() < 64 * 1000  # nothing (N, V)
+
+
+def test_rejects_bad_shapes():
+    hidden, weight, targets, _, _ = _inputs(4, 10, 16)
+    with pytest.raises(ValueError):
+        logprob.triton_token_logprobs(hidden, weight[:, :8], targets)
+    with pytest.raises(ValueError):
+        logprob.triton_token_logprobs(hidden, weight, targets[:3])
+
+
+def test_dispatch_uses_triton_when_forced(monkeypatch):
+    hidden, weight, targets, g_logp, g_ent = _inputs(20, 70, 16)
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return triton_impl(*args)
+
+    triton_impl = logprob.triton_token_logprobs
+    monkeypatch.setattr(logprob, "triton_token_logprobs", spy)
+    monkeypatch.setenv("MINIPOST_KERNELS", "triton")
+    got = _run(kernels.token_logprobs, hidden, weight, targets, 0.7, g_logp, g_ent)
+    assert len(calls) == 1 and calls[0][3:] == (0.7, True)
+    monkeypatch.setenv("MINIPOST_KERNELS", "torch")
+    want = _run(kernels.token_logprobs, hidden, weight, targets, 0.7, g_logp, g_ent)
+    assert len(calls) == 1  # the torch path did not touch Triton
+    for a, b in zip(got, want):
+        _assert_close(a, b.double(), 1e-5)
+
+
+def test_sft_loss_equals_cross_entropy():
+    """Masked mean of -logp through the kernel = F.cross_entropy(hidden @ W.T, targets, ignore_index=-1)."""
+    hidden, weight, targets, _, _ = _inputs(50, 120, 16)
+    targets = targets.clamp(min=-1)  # cross_entropy knows one ignore_index
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    mask = targets >= 0
+    loss = -(logprob.triton_token_logprobs(h, w, targets) * mask).sum() / mask.sum()
+    loss.backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    want = F.cross_entropy(h64 @ w64.T, targets, ignore_index=-1)
+    want.backward()
+    _assert_close(loss, want, 1e-5)
+    _assert_close(h.grad, h64.grad, 1e-5)
+    _assert_close(w.grad, w64.grad, 1e-5)
