@@ -168,7 +168,7 @@ def main(argv=None):
         batches = micro_batches(train, batch_indices(step, args.batch_size, len(train), args.seed),
                                 args.grad_accum, tokenizer.pad_id, device)
         n_tokens = sum(m.sum() for _, _, m in batches)  # global denominator across micro-batches
-        loss_sum, ce_sum = 0.0, 0.0
+        loss_sum, ce_sum, p_sum = 0.0, 0.0, 0.0
         for inputs, targets, mask in batches:
             with autocast(device):
                 logp = token_logprobs(model, inputs, targets, mask)
@@ -176,11 +176,12 @@ def main(argv=None):
             loss.backward()
             loss_sum += loss.item()
             ce_sum += losses.sft_loss(logp.detach(), mask, n_tokens).item()  # plain CE, logged beside DFT
+            p_sum += (logp.detach().exp() * mask).sum().item() / n_tokens.item()  # what DFT maximises
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-        last = {"step": step + 1, "loss": loss_sum, "ce": ce_sum, "lr": lr, "grad_norm": grad_norm.item(),
+        last = {"step": step + 1, "loss": loss_sum, "ce": ce_sum, "p_mean": p_sum, "lr": lr, "grad_norm": grad_norm.item(),
                 "time_s": elapsed + time.time() - t_start}
         done = step + 1 == args.max_steps
         if (step + 1) % args.eval_every == 0 or done:

@@ -52,7 +52,7 @@ def read_jsonl(path, expect: tuple[str, ...] | None = None) -> tuple[list[dict],
             elif row_fmt != fmt:
                 raise UserError(f"{where}: row has columns {sorted(row)} but earlier rows are '{fmt}' "
                                 f"({_describe(fmt)})")
-            validate_row(row, fmt, where)
+            validate_row(row, fmt, where, prompts_only=expect is not None and "prompt" in expect)
             rows.append(row)
             wheres.append(where)
     if not rows:
@@ -72,12 +72,13 @@ def detect_format(row: dict, where: str) -> str:
                     + ", ".join(_describe(f) for f in FORMATS))
 
 
-def validate_row(row: dict, fmt: str, where: str):
+def validate_row(row: dict, fmt: str, where: str, prompts_only=False):
+    """Check one row of a known format; `prompts_only`: a conversation may end at a user turn."""
     if fmt == "text":
         _check_str(row["text"], "text", where)
     elif fmt == "messages":
         _check_messages(row["messages"], "messages", where)
-        if not any(m["role"] == "assistant" for m in row["messages"]):
+        if not prompts_only and not any(m["role"] == "assistant" for m in row["messages"]):
             raise UserError(f"{where}: 'messages' has no assistant turn to learn from")
     else:
         for col in FORMATS[fmt]:

@@ -50,6 +50,12 @@ def test_missing_file_and_wrong_format(tmp_path):
         read_jsonl(write(tmp_path, [{"text": "x"}]), expect=("preference",))
 
 
+def test_prompt_files_may_end_at_a_user_turn(tmp_path):
+    row = {"messages": [{"role": "user", "content": "hi"}]}
+    rows, fmt, _ = read_jsonl(write(tmp_path, [row]), expect=("prompt", "messages"))
+    assert fmt == "messages" and rows == [row]
+
+
 def test_conversation_from_prompt_completion():
     row = {"prompt": "2+2?", "completion": "4"}
     assert conversation(row) == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]

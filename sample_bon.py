@@ -1,0 +1,393 @@
+"""Best-of-N sampling: draw N completions per prompt, score them, keep the best.
+
+The score comes from a reward model (--reward-model CKPT, a train_rlhf.py --algo rm checkpoint), a Python
+reward function (--reward module:function, TRL's f(prompts, completions, **columns) -> list[float]) or, by
+default, the task's own verifier / ground-truth reward. The chosen completion is the argmax of the scores,
+the first on ties. Each prompt is prefilled once and its KV cache fanned out to its N samples; sample j of
+prompt i is drawn with seed + i*N + j, so it equals a lone generation with that seed. --n 1 is the plain
+sampler.
+
+    python sample_bon.py --init out/sft-arith --n 8 --out out/bon-arith              # task split -> OUT/bon.jsonl
+    python sample_bon.py --init out/sft-arith --n 1 --prompt "Mia has 12 apples. ..."  # JSONL on stdout
+    python sample_bon.py --init out/sft-sentiment --task sentiment --reward-model out/rm-sentiment --n 16 --out out/bon
+    python sample_bon.py --init out/sft-arith --data prompts.jsonl --reward my_rewards:score --n 4 --out out/bon
+GPU:
+    python sample_bon.py --init out/sft-gpt2 --device cuda --batch-size 512 --sweep 1,4,16,64,256 --out out/bon-gpt2
+
+--sweep 1,2,4,8,16 measures reward versus N on a split (CPU: about a minute per 100 prompts at the defaults).
+It samples one pool of M = max(N) * --pool-factor completions per prompt, scores it once, and evaluates every
+N on that pool:
+  reward   E[gold reward of the best of N by the selection score], by the exact order-statistics average
+           over all N-subsets of the pool (drawn without replacement, in random order): sort the pool by
+           score into levels v_1 < ... < v_L holding c_1..c_L samples, C_l = c_1 + ... + c_l; the best of a
+           random N-subset lies on level l with probability (binom(C_l, N) - binom(C_(l-1), N)) / binom(M, N),
+           and is then a uniform pick among that level's samples in the subset (the first of exchangeable
+           draws), so its expected gold reward is the level's mean. This U-statistic is unbiased for the
+           expected best-of-N reward of the policy. The gold reward is always the task's ground truth, also
+           when a learned reward model selects, so over-optimisation of the proxy shows.
+  KL bound log N - (N-1)/N, an upper bound on KL(pi_BoN || pi) (Beirami et al. 2024), tight only when no
+           completion has noticeable probability.
+  KL est.  When the score is a function of the completion, pi_BoN(y) = pi(y) * (F(s)^N - F(s-)^N) / pi(s)
+           with s = score(y), F the score's CDF under pi and pi(s) the mass of its level, so
+               KL(pi_BoN || pi) = sum_l P_l log(P_l / p_l),   P_l = F_l^N - F_(l-1)^N,  p_l = pi(level l).
+           The estimate plugs in the pool's empirical level frequencies (p_l = c_l / M): it is the exact KL
+           between best-of-N from the pool's empirical distribution and that distribution (no subset
+           simulation needed). Its bias: a pool of M distinct samples gives slightly less than the bound
+           (1.825 vs 1.835 nats at M = 32, N = 16), which is the truth for a continuous score; completions of
+           large mass, which are what pull the true KL below the bound, repeat in the pool and are seen.
+           A level the pool missed (mass q is missed with probability (1-q)^M) biases it down: a prompt
+           whose pool holds one level gives 0 (e.g. all wrong under a 0/1 verifier) though the truth is
+           positive if a rare correct answer exists. In between the plug-in is a nonlinear function of the
+           frequencies, biased either way by O(1/M).
+  gen s    wall time of sampling N completions for a prompt (one generate call with num_samples=N, batched
+           like the pool), averaged over the first --time-prompts prompts.
+Results: OUT/sweep.jsonl (one row per N) and a markdown table printed last.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from minipost.checkpoint import load_checkpoint
+from minipost.cli import UserError, pick_device, run_main
+from minipost.data import read_jsonl
+from minipost.engine import generate
+from minipost.evaluate import completion_text, prompt_ids
+from minipost.rewards import (checked_rewards, load_reward_fn, load_reward_model, same_tokenizer,
+                              score_with_reward_model)
+from minipost.tasks import TASKS, get_task
+
+
+def log(*args):
+    """Progress and summaries go to stderr, so that --prompt's JSONL on stdout stays clean."""
+    print(*args, file=sys.stderr)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Model
+    p.add_argument("--init", required=True, help="policy checkpoint to sample from")
+    p.add_argument("--reward-model", default=None, help="select by this reward model checkpoint (kind 'rm')")
+    p.add_argument("--reward", default=None, help="select by a reward function MODULE:FUNCTION, called as "
+                   "f(prompts, completions, **columns) -> list[float] (default: the task's reward)")
+    # Data
+    p.add_argument("--task", default="arith", help=f"built-in task: {', '.join(TASKS)} (prompts, and the "
+                   "default and ground-truth reward)")
+    p.add_argument("--split", default="test", help="task split to take prompts from")
+    p.add_argument("--n-prompts", type=int, default=None, help="prompts to use (default: 100 from the task "
+                   "split, every row of --data)")
+    p.add_argument("--data", default=None, help="JSONL prompts instead of the task split: a `prompt` column "
+                   "(string or messages), or `messages` (the conversation up to its last user turn); other "
+                   "columns are passed to the reward function")
+    p.add_argument("--prompt", default=None, help="one prompt (a user message); writes JSONL to stdout")
+    # Sampling
+    p.add_argument("--n", type=int, default=4, help="candidates per prompt (1: plain sampling)")
+    p.add_argument("--sweep", default=None, help="comma-separated N values, e.g. 1,2,4,8,16: reward and KL "
+                   "versus N from one pool per prompt (replaces --n)")
+    p.add_argument("--pool-factor", type=int, default=2, help="--sweep pool per prompt = max(N) * this")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy, N=1 only)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="completion budget")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (at least N: one "
+                   "prompt's candidates are never split) and per reward-model batch")
+    p.add_argument("--seed", type=int, default=0, help="sample j of prompt i uses seed + i*N + j")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    # Logging
+    p.add_argument("--out", default=None, help="output directory: OUT/bon.jsonl, or OUT/sweep.jsonl with "
+                   "--sweep (default out/bon; --prompt prints to stdout unless --out is given)")
+    p.add_argument("--keep-all", action="store_true", help="also write every candidate with its score "
+                   "(with --sweep: the pool, to OUT/pool.jsonl)")
+    p.add_argument("--time-prompts", type=int, default=8, help="--sweep: prompts timed per N")
+    args = p.parse_args(argv)
+
+    args.sweep = parse_sweep(args.sweep) if args.sweep is not None else None
+    for flag in ("n", "pool_factor", "max_new_tokens", "batch_size", "time_prompts"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.n_prompts is not None and args.n_prompts < 1:
+        raise UserError("--n-prompts must be >= 1")
+    if args.temperature < 0:
+        raise UserError("--temperature must be >= 0")
+    largest = max(args.sweep) if args.sweep else args.n
+    if args.temperature == 0 and largest > 1:
+        raise UserError("--temperature 0 is greedy: all N candidates would be the same completion")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError("--top-k must be >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError("--top-p must be in (0, 1]")
+    if args.reward and args.reward_model:
+        raise UserError("choose one of --reward and --reward-model")
+    if args.data and args.prompt is not None:
+        raise UserError("choose one of --data and --prompt")
+    if args.sweep and args.prompt is not None:
+        raise UserError("--sweep measures a split or a --data file, not one --prompt")
+    return args
+
+
+def parse_sweep(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--sweep {text!r}: expected comma-separated integers, e.g. 1,2,4,8")
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--sweep {text!r}: every N must be >= 1")
+    return sorted(set(sizes))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Prompts and scores
+
+
+def until_last_user(row: dict, where: str) -> dict:
+    """A `messages` row -> a prompt row: the conversation up to and including its last user turn."""
+    msgs = row["messages"]
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+    if last is None:
+        raise UserError(f"{where}: 'messages' has no user turn to answer")
+    return {"prompt": msgs[:last + 1], **{k: v for k, v in row.items() if k != "messages"}}
+
+
+def load_prompts(args, task) -> list[dict]:
+    """Prompt rows {"prompt": str | messages, **extra columns} from --prompt, --data or the task split."""
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise UserError("--prompt is empty")
+        return [{"prompt": args.prompt}]
+    if args.data:
+        rows, fmt, where = read_jsonl(args.data, expect=("prompt", "prompt_completion", "preference", "messages"))
+        if fmt == "messages":
+            rows = [until_last_user(row, w) for row, w in zip(rows, where)]
+        return rows[:args.n_prompts]
+    try:
+        return task.prompts(args.split, args.n_prompts or 100, seed=0)
+    except ValueError as e:
+        raise UserError(f"--split: {e}")
+
+
+def columns(rows: list[dict]) -> dict:
+    """Extra columns of the rows, as lists, for a TRL-style reward function (e.g. arith's `answer`)."""
+    keys = [k for k in rows[0] if k != "prompt"]
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def make_scorer(args, task, tokenizer, device):
+    """The selection score -> (description, score(rows, prompt_ids, completion_ids, texts) -> list[float]);
+    all four lists have one entry per candidate."""
+    if args.reward_model:
+        rm = load_reward_model(args.reward_model, device)
+        if not same_tokenizer(rm.tokenizer, tokenizer):
+            raise UserError(f"--reward-model {args.reward_model}: its tokenizer differs from --init {args.init}'s")
+
+        def score(rows, prompts, completions, texts):
+            return score_with_reward_model(rm.model, tokenizer, prompts, completions, args.batch_size).tolist()
+        return f"reward model {args.reward_model}", score
+
+    fn = load_reward_fn(args.reward) if args.reward else task.reward
+
+    def score(rows, prompts, completions, texts):
+        return checked_rewards(fn, [r["prompt"] for r in rows], texts, **columns(rows))
+    return args.reward or f"{task.name} reward", score
+
+
+@torch.no_grad()
+def sample_candidates(model, tokenizer, prompts: list[list[int]], n: int, max_new_tokens: int,
+                      temperature: float = 1.0, top_k=None, top_p=None, batch_size: int = 64, seed: int = 0):
+    """n completions per prompt -> (completions [ids], finished [bool]), prompt-major: entry i*n + j is sample
+    j of prompt i, drawn with seed + i*n + j. Each generate call takes batch_size // n prompts (at least one)
+    and prefills each prompt once before fanning its cache out to the n samples."""
+    per_call = max(1, batch_size // n)
+    completions, finished = [], []
+    for start in tqdm(range(0, len(prompts), per_call), desc=f"sampling x{n}", leave=False, disable=None):
+        g = generate(model, prompts[start:start + per_call], max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
+                     temperature, top_k, top_p, num_samples=n, seed=seed + start * n)
+        completions += g.completions()
+        finished += g.finished.tolist()
+    return completions, finished
+
+
+def select_best(scores: list[float], n: int) -> list[int]:
+    """For each consecutive group of n scores, the index of the largest within its group (the first on ties)."""
+    return [max(range(n), key=lambda j: scores[i * n + j]) for i in range(len(scores) // n)]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Sweep estimators (formulas in the module docstring)
+
+
+def levels(scores: list[float]) -> list[list[int]]:
+    """Pool indices grouped by equal score, lowest score first."""
+    groups = {}
+    for i, s in enumerate(scores):
+        groups.setdefault(s, []).append(i)
+    return [groups[s] for s in sorted(groups)]
+
+
+def expected_best_of_n(scores: list[float], values: list[float], n: int) -> float:
+    """Average over every N-subset of the pool (random order) of the value of its best-scored member."""
+    M = len(scores)
+    if not 1 <= n <= M:
+        raise ValueError(f"best-of-{n} needs 1 <= N <= pool size {M}")
+    total, below, estimate = math.comb(M, n), 0, 0.0
+    for members in levels(scores):
+        upto = below + len(members)
+        p_level = (math.comb(upto, n) - math.comb(below, n)) / total  # exact integers, then one rounding
+        estimate += p_level * sum(values[i] for i in members) / len(members)
+        below = upto
+    return estimate
+
+
+def kl_best_of_n(scores: list[float], n: int) -> float:
+    """KL(best-of-N from the pool's empirical distribution || that distribution), in nats."""
+    M, cdf_below, kl = len(scores), 0.0, 0.0
+    count = 0
+    for members in levels(scores):
+        count += len(members)
+        cdf = count / M
+        P = cdf ** n - cdf_below ** n  # chance that the best of N lands on this level
+        if P > 0:
+            kl += P * math.log(P / (len(members) / M))
+        cdf_below = cdf
+    return kl
+
+
+def kl_bound(n: int) -> float:
+    """log N - (N-1)/N: the usual analytic best-of-N KL, an upper bound (Beirami et al. 2024)."""
+    return math.log(n) - (n - 1) / n
+
+
+def run_sweep(args, model, tokenizer, task, rows, prompts, score, selector, out: Path):
+    P, M = len(rows), max(args.sweep) * args.pool_factor
+    log(f"sweep: {P} prompts, pool of {M} samples per prompt (T={args.temperature}), selected by {selector}")
+    t0 = time.time()
+    comps, finished = sample_candidates(model, tokenizer, prompts, M, args.max_new_tokens, args.temperature,
+                                        args.top_k, args.top_p, args.batch_size, args.seed)
+    pool_s = time.time() - t0
+    texts = [completion_text(tokenizer, c) for c in comps]
+    expanded = [r for r in rows for _ in range(M)]
+    proxy = score(expanded, [p for p in prompts for _ in range(M)], comps, texts)
+    # the ground truth is the task's reward, whatever selects
+    gold = proxy if args.reward is None and args.reward_model is None else \
+        checked_rewards(task.reward, [r["prompt"] for r in expanded], texts, **columns(expanded))
+    fmt = [float(f) for f in task.format_ok(texts)]
+    log(f"pool sampled in {pool_s:.1f}s ({pool_s / P:.2f}s per prompt), scored in {time.time() - t0 - pool_s:.1f}s")
+    if args.keep_all:
+        with open(out / "pool.jsonl", "w") as f:
+            for i, row in enumerate(rows):
+                cut = slice(i * M, (i + 1) * M)
+                f.write(json.dumps({"prompt": row["prompt"], "completions": texts[cut], "scores": proxy[cut],
+                                    "rewards": gold[cut], "finished": finished[cut]}) + "\n")
+
+    timed = prompts[:args.time_prompts]
+    results = []
+    for n in args.sweep:
+        t = time.time()
+        sample_candidates(model, tokenizer, timed, n, args.max_new_tokens, args.temperature, args.top_k,
+                          args.top_p, args.batch_size, args.seed)
+        gen_s = (time.time() - t) / len(timed)
+        per_prompt = {"reward": [], "format": [], "proxy": [], "kl_est": []}
+        for i in range(P):
+            cut = slice(i * M, (i + 1) * M)
+            per_prompt["reward"].append(expected_best_of_n(proxy[cut], gold[cut], n))
+            per_prompt["format"].append(expected_best_of_n(proxy[cut], fmt[cut], n))
+            per_prompt["proxy"].append(expected_best_of_n(proxy[cut], proxy[cut], n))
+            per_prompt["kl_est"].append(kl_best_of_n(proxy[cut], n))
+        mean = {k: sum(v) / P for k, v in per_prompt.items()}
+        var = sum((r - mean["reward"]) ** 2 for r in per_prompt["reward"]) / max(1, P - 1)
+        results.append({"n": n, "reward": mean["reward"], "reward_se": math.sqrt(var / P), "format": mean["format"],
+                        "proxy": mean["proxy"], "kl_bound": kl_bound(n), "kl_est": mean["kl_est"],
+                        "gen_s_per_prompt": gen_s, "n_prompts": P, "pool": M, "task": task.name,
+                        "split": args.data or args.split, "selector": selector, "temperature": args.temperature})
+    with open(out / "sweep.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in results)
+    log(f"wrote {out / 'sweep.jsonl'}")
+    print(sweep_table(results, show_proxy=gold is not proxy))
+    return results
+
+
+def sweep_table(results, show_proxy: bool) -> str:
+    r0 = results[0]
+    head = (f"best-of-N on {r0['task']}/{r0['split']}: {r0['n_prompts']} prompts, pool {r0['pool']} per prompt, "
+            f"T={r0['temperature']}, selected by {r0['selector']}; reward = {r0['task']} ground truth\n\n")
+    cols = ["N", "reward", "± se", "format"] + (["proxy score"] if show_proxy else []) + \
+           ["KL bound", "KL est.", "gen s/prompt"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    for r in results:
+        cells = [str(r["n"]), f"{r['reward']:.3f}", f"{r['reward_se']:.3f}", f"{r['format']:.3f}"]
+        cells += [f"{r['proxy']:.3f}"] if show_proxy else []
+        cells += [f"{r['kl_bound']:.3f}", f"{r['kl_est']:.3f}", f"{r['gen_s_per_prompt']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    try:
+        task = get_task(args.task)
+    except ValueError as e:
+        raise UserError(f"--task: {e}")
+    ckpt = load_checkpoint(args.init, device)
+    if ckpt.meta.get("kind") == "rm":
+        raise UserError(f"--init {args.init} is a reward model; give a policy (base, SFT, ...) checkpoint")
+    model, tokenizer = ckpt.model.eval(), ckpt.tokenizer
+
+    rows = load_prompts(args, task)
+    prompts = prompt_ids(tokenizer, rows)
+    block = model.config.block_size
+    for i, p in enumerate(prompts):
+        if len(p) >= block:
+            raise UserError(f"prompt {i + 1} is {len(p)} tokens: no room to generate in a context of {block}")
+    # --n 1 on a bare --prompt is plain sampling: nothing to select, so no default score is needed
+    explicit = args.reward or args.reward_model
+    selector, score = (make_scorer(args, task, tokenizer, device) if explicit or args.prompt is None or args.n > 1
+                       else (None, None))
+    to_stdout = args.prompt is not None and args.out is None
+    out = Path(args.out or "out/bon")
+    if not to_stdout:
+        out.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        return run_sweep(args, model, tokenizer, task, rows, prompts, score, selector, out)
+
+    n = args.n
+    comps, finished = sample_candidates(model, tokenizer, prompts, n, args.max_new_tokens, args.temperature,
+                                        args.top_k, args.top_p, args.batch_size, args.seed)
+    texts = [completion_text(tokenizer, c) for c in comps]
+    scores, best = [None] * len(comps), [0] * len(rows)
+    if score is not None:
+        expanded = [r for r in rows for _ in range(n)]
+        scores = score(expanded, [p for p in prompts for _ in range(n)], comps, texts)
+        best = select_best(scores, n)
+
+    records = []
+    for i, row in enumerate(rows):
+        k = i * n + best[i]
+        rec = {"prompt": row["prompt"], "completion": texts[k], "score": scores[k], "index": best[i],
+               "finished": finished[k]}
+        if args.keep_all:
+            rec["candidates"] = [{"completion": texts[j], "score": scores[j], "finished": finished[j]}
+                                 for j in range(i * n, (i + 1) * n)]
+        rec.update({c: v for c, v in row.items() if c not in rec})  # e.g. arith's answer, kept for later use
+        records.append(rec)
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    if to_stdout:
+        sys.stdout.write(lines)
+    else:
+        (out / "bon.jsonl").write_text(lines)
+        log(f"wrote {len(records)} chosen completions to {out / 'bon.jsonl'}")
+    if score is not None:
+        log(f"best-of-{n} by {selector}: mean score {sum(r['score'] for r in records) / len(records):.4f} "
+            f"(all candidates: {sum(scores) / len(scores):.4f})")
+    return records
+
+
+if __name__ == "__main__":
+    run_main(main)
