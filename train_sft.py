@@ -43,11 +43,11 @@ def parse_args(argv=None):
     # Optimisation
     p.add_argument("--loss", default="sft", choices=sorted(LOSSES), help="sft: cross-entropy; dft: "
                    "probability-weighted cross-entropy (Wu et al. 2025)")
-    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--max-steps", type=int, default=400, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step (global batch)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
-    p.add_argument("--min-lr", type=float, default=1e-4, help="learning rate at the end of the cosine")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--min-lr", type=float, default=2e-4, help="learning rate at the end of the cosine")
     p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")

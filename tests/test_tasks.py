@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from minipost.tasks import (INTENSIFIERS, LEXICON, NEGATORS, TASKS, ArithTask, SentimentTask, arith_reward,
+from minipost.tasks import (INTENSIFIERS, LEXICON, MAX_VALUE, NEGATORS, TASKS, ArithTask, SentimentTask, arith_reward,
                             get_task, sentiment_reward, sentiment_score)
 
 STEP_RE = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)\.")
@@ -143,7 +143,7 @@ def test_arith_worked_answers_are_correct(split):
             a, b, c = int(a), int(b), int(c)
             assert OPS[op](a, b) == c, w  # each step is true arithmetic
             assert prev is None or a == prev, w  # and continues from the previous result
-            assert 2 <= c <= 50
+            assert 2 <= c <= MAX_VALUE
             prev = c
         assert int(d["answer"]) == prev
         # the worked answer uses the question's numbers in order, and the question alone gives the answer
@@ -162,7 +162,7 @@ def test_arith_ood_is_harder():
     # numbers stay in the same range: only the chain length changes
     for split in t.splits:
         nums = [int(x) for d in t.demos(split, 2000, seed=2) for x in re.findall(r"\d+", _user(d) + _assistant(d))]
-        assert min(nums) >= 2 and max(nums) == 50
+        assert min(nums) >= 2 and max(nums) == MAX_VALUE
 
 
 def test_arith_verifier():

@@ -1,0 +1,104 @@
+"""Preference pairs for the reward model and DPO: built from the SFT policy's own samples, or read from JSONL.
+
+Built-in pairs follow the DPO paper's sentiment experiment: sample K >= 2 responses per task prompt from
+the SFT model, score them with the task's ground-truth reward, and pair the best with the worst when the
+best is strictly better (for arith's 0/1 verifier: one correct and one wrong sample). Only responses that
+ended with EOS are used, so a reward model always reads a real EOS token.
+"""
+import json
+from pathlib import Path
+
+import torch
+
+from .cli import UserError
+from .data import encode_pairs, read_jsonl
+from .engine import generate
+from .evaluate import prompt_ids
+from .rollout import pack, sample_rollout
+
+
+def build_pairs(model, tokenizer, reward, rows, k, max_new_tokens, temperature=1.0, seed=0, batch_prompts=64):
+    """Sample k responses per prompt row, rank them by `reward` (a rollout.Reward) and keep (best, worst).
+
+    Returns (pairs, records): pairs [(prompt_ids, chosen_ids, rejected_ids)], responses ending in EOS;
+    records [{"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"}] the same pairs as text.
+    """
+    if k < 2:
+        raise UserError(f"--k {k}: preference pairs need at least 2 samples per prompt")
+    pairs, records = [], []
+    for start in range(0, len(rows), batch_prompts):
+        chunk = rows[start:start + batch_prompts]
+        # the engine seeds row r with seed + r: offsetting by the global row index makes the samples
+        # independent of batch_prompts
+        r = sample_rollout(model, tokenizer, chunk, k, max_new_tokens, temperature, seed + start * k)
+        scores = reward(r).view(len(chunk), k).tolist()  # (G, K)
+        ids = r.seqs.ids.tolist()
+        prompts = prompt_ids(tokenizer, chunk)
+        for g, row in enumerate(chunk):
+            done = [i for i in range(k) if bool(r.finished[g * k + i])]
+            if len(done) < 2:
+                continue
+            best = max(done, key=lambda i: scores[g][i])  # first of equals: deterministic
+            worst = min(done, key=lambda i: scores[g][i])
+            if scores[g][best] <= scores[g][worst]:
+                continue  # a tie carries no preference
+            P = len(prompts[g])
+            resp = []
+            for i in (best, worst):
+                n = int(r.seqs.mask[g * k + i].sum())
+                resp.append(ids[g * k + i][P:P + n])
+            pairs.append((prompts[g], resp[0], resp[1]))
+            records.append({"prompt": row["prompt"], "chosen": r.texts[g * k + best],
+                            "rejected": r.texts[g * k + worst], "chosen_reward": scores[g][best],
+                            "rejected_reward": scores[g][worst]})
+    return pairs, records
+
+
+def load_pairs(path, tokenizer, block_size):
+    """--data JSONL with prompt/chosen/rejected (strings or message lists) -> pairs as in build_pairs."""
+    rows, _, _ = read_jsonl(path, expect=("preference",))
+    pairs, dropped = encode_pairs(tokenizer, rows, block_size)
+    if not pairs:
+        raise UserError(f"--data {path}: every pair is longer than the model's context ({block_size} tokens)")
+    return pairs, dropped
+
+
+def split_pairs(pairs, val_frac, seed=0):
+    """Deterministic held-out split -> (train, val); at least one pair in each."""
+    if len(pairs) < 2:
+        raise UserError(f"need at least 2 preference pairs (one to train, one held out), got {len(pairs)}")
+    n_val = min(len(pairs) - 1, max(1, int(len(pairs) * val_frac)))
+    perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [pairs[i] for i in perm[n_val:]], [pairs[i] for i in perm[:n_val]]
+
+
+def write_pairs(path, records):
+    """The built pairs as JSONL (prompt/chosen/rejected + their rewards), readable back with --data."""
+    with open(Path(path), "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+
+
+def pair_sequences(pairs, pad_id, device="cpu"):
+    """P pairs -> Sequences of 2P rows: the P chosen responses, then the P rejected ones (one forward)."""
+    prompts = [p for p, _, _ in pairs] * 2
+    responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
+    return pack(prompts, responses, pad_id, device)
+
+
+@torch.no_grad()
+def reference_samples(model, tokenizer, prompts, max_new_tokens, seed=0, batch_prompts=64):
+    """One finished sample of `model` per prompt (id lists) -> Sequences; the reward model is centred on these."""
+    model.eval()
+    kept_p, kept_r = [], []
+    for start in range(0, len(prompts), batch_prompts):
+        chunk = prompts[start:start + batch_prompts]
+        g = generate(model, chunk, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, temperature=1.0,
+                     seed=seed + start)
+        for p, resp, done in zip(chunk, g.completions(), g.finished.tolist()):
+            if done:
+                kept_p.append(p)
+                kept_r.append(resp)
+    if not kept_p:
+        raise UserError("the SFT model finished none of its reference samples with EOS (is --init an SFT model?)")
+    return pack(kept_p, kept_r, tokenizer.pad_id, next(model.parameters()).device)

@@ -1,0 +1,222 @@
+"""The study's report: markdown tables and PNG plots, built only from the files the stages wrote.
+
+Inputs (under the pipeline's OUT): <task>/eval.jsonl (one uniform evaluation per final policy),
+<task>/bon-*/sweep.jsonl (best-of-N sweeps), <stage>/metrics.jsonl (training curves). Every number in
+report.md is read from those files; tests/test_pipeline.py checks that they match.
+"""
+import json
+import math
+from pathlib import Path
+
+from .cli import read_metrics
+
+METHOD_ORDER = ("sft", "dft", "grpo", "nft", "rft", "ppo", "imitation", "teacher")
+
+
+def read_jsonl(path):
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def mean_sd(values):
+    """(mean, sample sd or None with one value, n)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None, 0
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return m, sd, len(values)
+
+
+def fmt(values, digits=3):
+    m, sd, n = mean_sd(values)
+    if m is None:
+        return "–"
+    return f"{m:.{digits}f}" if sd is None else f"{m:.{digits}f} ± {sd:.{digits}f} (n={n})"
+
+
+def by_method(rows):
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["method"], []).append(r)
+    key = lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)  # noqa: E731
+    return dict(sorted(groups.items(), key=lambda kv: key(kv[0])))
+
+
+def method_table(rows, splits, reward_name):
+    cols = [f"{s} {reward_name}" for s in splits] + ["format (test)", "KL to SFT (nats/seq)", "train time (s)",
+                                                      "samples used"]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for method, group in by_method(rows).items():
+        cells = [fmt([r[f"{s}_reward"] for r in group]) for s in splits]
+        cells += [fmt([r["test_format"] for r in group]), fmt([r["kl_to_sft"] for r in group], 2),
+                  fmt([r["train_time_s"] for r in group], 0), fmt([r["samples"] for r in group], 0)]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_table(sweep):
+    lines = ["| N | reward | format | KL estimate | KL bound log N - (N-1)/N | gen s/prompt |", "|---" * 6 + "|"]
+    for r in sweep:
+        lines.append(f"| {r['n']} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['format']:.3f} | "
+                     f"{r['kl_est']:.3f} | {r['kl_bound']:.3f} | {r['gen_s_per_prompt']:.3f} |")
+    return "\n".join(lines)
+
+
+def mean_of(rows, method, key):
+    return mean_sd([r[key] for r in rows if r["method"] == method])[0]
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+def plots(out: Path, stages, evals, sweeps):
+    """PNG plots beside report.md; returns their file names (empty if matplotlib is missing)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    # 1. sentiment: ground-truth reward versus KL to the SFT policy (the DPO paper's frontier)
+    rows = evals.get("sentiment", [])
+    if rows:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for method, marker in (("ppo", "o"), ("dpo", "s"), ("sft", "*")):
+            pts = [(r["kl_to_sft"], r["test_reward"], r["name"]) for r in rows if r["method"].startswith(method)]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=method)
+        bon = sweeps.get("sentiment/bon-test", [])
+        if bon:
+            ax.plot([r["kl_est"] for r in bon], [r["reward"] for r in bon], "^-", label="best-of-N (RM)")
+        ax.set(xlabel="KL to SFT policy (nats per sequence)", ylabel="ground-truth reward (test)",
+               title="sentiment: reward vs KL")
+        ax.legend()
+        fig.tight_layout(), fig.savefig(out / "frontier.png", dpi=120), plt.close(fig)
+        made.append("frontier.png")
+    # 2. arith: best-of-N accuracy versus N, with the trained policies as horizontal lines
+    rows = evals.get("arith", [])
+    if sweeps.get("arith/bon-test"):
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+        for ax, split in zip(axes, ("test", "ood")):
+            sw = sweeps.get(f"arith/bon-{split}", [])
+            ax.plot([r["n"] for r in sw], [r["reward"] for r in sw], "o-", color="k", label="best-of-N (verifier)")
+            for i, (method, group) in enumerate(by_method(rows).items()):
+                ax.axhline(mean_sd([r[f"{split}_reward"] for r in group])[0], ls="--", color=f"C{i}", label=method)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([r["n"] for r in sw], [str(r["n"]) for r in sw])
+            ax.set(xlabel="N", title=f"arith {split}")
+        axes[0].set_ylabel("accuracy")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout(), fig.savefig(out / "bon_arith.png", dpi=120), plt.close(fig)
+        made.append("bon_arith.png")
+    # 3. training curves of every stage that logged a loss
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for st in stages:
+        recs = [r for r in read_metrics_safe(out / st.name / "metrics.jsonl") if "loss" in r]
+        if recs and st.script in ("sft", "rlhf"):
+            ax = axes[0] if st.name.startswith("arith") else axes[1]
+            ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=st.name.split("/")[1], lw=1)
+    for ax, title in zip(axes, ("arith", "sentiment")):
+        ax.set(xlabel="step", ylabel="training loss", title=title)
+        ax.legend(fontsize=6)
+    fig.tight_layout(), fig.savefig(out / "curves.png", dpi=120), plt.close(fig)
+    made.append("curves.png")
+    return made
+
+
+def read_metrics_safe(path):
+    return read_metrics(path) if Path(path).is_file() else []
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def questions(evals, sweeps):
+    """One short paragraph per question of DESIGN.md: the measured answer and whether the claim held here."""
+    a, s = evals.get("arith", []), evals.get("sentiment", [])
+    out = []
+
+    sft, dft = mean_of(a, "sft", "test_reward"), mean_of(a, "dft", "test_reward")
+    bon = {r["n"]: r["reward"] for r in sweeps.get("arith/bon-test", [])}
+    rft = mean_of(a, "rft", "test_reward")
+    if sft is not None and bon:
+        beats = [n for n, v in sorted(bon.items()) if v > sft]
+        out.append("**(1) SFT vs best-of-N (Somerstep et al. 2025).** SFT policy, one greedy answer: "
+                   f"{sft:.3f} test accuracy; RFT (fine-tuned on its own correct samples): "
+                   f"{rft if rft is not None else float('nan'):.3f}. Best-of-N from the SFT policy with the "
+                   "verifier as selector: " + ", ".join(f"N={n}: {v:.3f}" for n, v in sorted(bon.items())) + ". "
+                   + (f"Best-of-N overtakes the SFT policy from N={beats[0]}" if beats else
+                      "Best-of-N never overtakes the SFT policy at these N")
+                   + ". Caveat: the verifier is an oracle selector; the claim's setting (a learned reward) is "
+                   "the sentiment sweep below.")
+    sft_ood, dft_ood = mean_of(a, "sft", "ood_reward"), mean_of(a, "dft", "ood_reward")
+    if sft_ood is not None and dft_ood is not None:
+        n = len([r for r in a if r["method"] == "sft"])
+        held = dft_ood > sft_ood
+        out.append(f"**(2) DFT vs SFT out of distribution (Wu et al. 2025).** OOD accuracy SFT "
+                   f"{fmt([r['ood_reward'] for r in a if r['method'] == 'sft'])}, DFT "
+                   f"{fmt([r['ood_reward'] for r in a if r['method'] == 'dft'])} over {n} seed(s); in distribution "
+                   f"SFT {sft:.3f}, DFT {dft:.3f}. Both continue from the same short SFT warm-up (from the raw base, "
+                   "DFT cannot learn the chat format: its weight p is ~0 on the format's tokens). The claim (DFT "
+                   "generalises better) "
+                   + ("held here." if held else "did not hold here."))
+    rl = {m: mean_of(a, m, "test_reward") for m in ("nft", "rft", "grpo", "ppo")}
+    if all(v is not None for v in rl.values()):
+        best = max(rl, key=rl.get)
+        out.append("**(3) NFT vs RFT vs GRPO (Chen et al. 2025).** Test accuracy from the same SFT policy "
+                   f"({sft:.3f}): " + ", ".join(f"{m.upper()} {v:.3f}" for m, v in rl.items()) + f". Best: {best.upper()}. "
+                   "The claim NFT >= RFT " + ("held" if rl["nft"] >= rl["rft"] else "did not hold") + " here.")
+    ppo = [r for r in s if r["method"].startswith("ppo")]
+    dpo = [r for r in s if r["method"].startswith("dpo")]
+    if ppo and dpo:
+        eff = lambda rs: max((r["test_reward"] - mean_of(s, "sft", "test_reward")) / max(r["kl_to_sft"], 1e-3)  # noqa: E731
+                             for r in rs)
+        out.append("**(4) PPO vs DPO reward per KL (Rafailov et al. 2023).** Ground-truth reward and KL to SFT: "
+                   + "; ".join(f"{r['method']} {r['test_reward']:.3f} at {r['kl_to_sft']:.2f} nats" for r in ppo + dpo)
+                   + f". Best reward gain per nat: PPO {eff(ppo):.3f}, DPO {eff(dpo):.3f}. The paper's claim (DPO "
+                   "reaches a better frontier) " + ("held" if eff(dpo) > eff(ppo) else "did not hold") + " here.")
+    imit, teach = [r for r in a if r["method"] == "imitation"], [r for r in a if r["method"] == "teacher"]
+    if imit and teach:
+        i, t = imit[0], teach[0]
+        out.append("**(5) Imitation (Gudibande et al. 2023).** Teacher (wider model): format "
+                   f"{t['test_format']:.3f}, accuracy {t['test_reward']:.3f}; small model fine-tuned on the teacher's "
+                   f"answers: format {i['test_format']:.3f}, accuracy {i['test_reward']:.3f}; small model on the true "
+                   f"demonstrations: accuracy {sft:.3f}. Style copied (format gap {t['test_format'] - i['test_format']:+.3f}), "
+                   f"capability gap {t['test_reward'] - i['test_reward']:+.3f}: the claim "
+                   + ("held" if t["test_reward"] - i["test_reward"] > abs(t["test_format"] - i["test_format"]) else
+                      "did not hold") + " here.")
+    return out
+
+
+def write_report(out: Path, stages, scale) -> Path:
+    out = Path(out)
+    evals = {t: read_jsonl(out / t / "eval.jsonl") for t in ("arith", "sentiment")}
+    sweeps = {st.name: read_jsonl(out / st.name / "sweep.jsonl") for st in stages if st.script == "bon"}
+    made = plots(out, stages, evals, sweeps)
+    md = ["# minipost study report", "",
+          "Every number below is read from the files the stages wrote (eval.jsonl, sweep.jsonl, metrics.jsonl) "
+          f"under `{out}`. Scale: {scale.base_steps} base steps, {scale.sft_steps} SFT steps, {scale.rl_steps} "
+          f"RL rollout steps, {scale.n_eval} evaluation prompts per split, {scale.seeds} SFT/DFT seed(s).", "",
+          "## Questions", ""]
+    md += [q + "\n" for q in questions(evals, sweeps)]
+    md += ["## arith (accuracy by the verifier; greedy answers)", "",
+           method_table(evals["arith"], ("test", "ood"), "accuracy"), ""]
+    for split in ("test", "ood"):
+        if sweeps.get(f"arith/bon-{split}"):
+            md += [f"Best-of-N from the SFT policy on {split}, verifier selects:", "",
+                   sweep_table(sweeps[f"arith/bon-{split}"]), ""]
+    md += ["## sentiment (hidden ground-truth reward of sampled continuations, T = 1)", "",
+           method_table(evals["sentiment"], ("test",), "reward"), ""]
+    if sweeps.get("sentiment/bon-test"):
+        md += ["Best-of-N from the SFT policy, the learned reward model selects, the ground truth scores:", "",
+               sweep_table(sweeps["sentiment/bon-test"]), ""]
+    md += ["## Plots", ""] + [f"![{m}]({m})" for m in made] + [""]
+    md += ["## How each number was made", "", "Stages (each a script call; rerun one to reproduce it):", ""]
+    md += [f"- `{st.name}`: `python {st.script_file} {' '.join(st.argv)}`" for st in stages]
+    md += ["", "KL to SFT: mean over test prompts of the summed per-token log-ratio log pi(y_t) - log pi_SFT(y_t) "
+           "on one T = 1 sample of the policy per prompt. Reward: the task's verifier (arith, greedy answer) or "
+           "hidden lexicon score (sentiment, T = 1 samples). Best-of-N: the KL estimate is a plug-in from the "
+           "sampled pool; log N - (N-1)/N is only an upper bound (Beirami et al. 2024)."]
+    path = out / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    return path

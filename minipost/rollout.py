@@ -1,0 +1,231 @@
+"""Rollouts and scoring for train_rlhf.py: sampling through the engine, teacher-forced log-probs of
+prompt + response rows, reward sources (task verifier, --reward module:function, --reward-model).
+
+Layout of a scored batch (Sequences): each row is prompt + response, right-padded with <|pad|>. The
+model reads inputs = ids[:, :-1] and predicts targets = ids[:, 1:], so position j of every (N, T-1) tensor
+(log-probs, values, the mask) is about the token ids[:, j+1]. mask is 1 exactly on response targets (the
+final EOS included) and 0 on prompt and padding; targets outside the mask are passed to the kernel as -1.
+"""
+import importlib
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .cli import UserError
+from .engine import generate
+from .evaluate import completion_text, prompt_ids, reward_kwargs
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Sampling seed of a training step. The engine seeds row r with this + r, so rows of different steps
+    never share a generator (up to 100,000 rows a step) and a resumed run draws the same samples."""
+    return (seed * 1_000_003 + step) * 100_000
+
+
+def epoch_indices(step: int, size: int, n: int, seed: int) -> list[int]:
+    """Row indices of a step's batch: epochs are permutations seeded by (seed, epoch), so the position in
+    the data is a function of the step (no loader state to save)."""
+    out = []
+    for k in range(step * size, (step + 1) * size):
+        epoch, i = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- sequences
+
+@dataclass
+class Sequences:
+    """prompt + response rows, right-padded. ids (N, T) long; mask (N, T-1) float, 1 on response targets."""
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def inputs(self):
+        return self.ids[:, :-1]  # (N, T-1)
+
+    @property
+    def targets(self):
+        return self.ids[:, 1:].masked_fill(self.mask == 0, -1)  # (N, T-1); -1: the kernel skips it
+
+    @property
+    def last(self):
+        """(N,) target index of each row's last response token (its EOS when it finished). The token itself
+        sits at ids position last + 1: the EOS whose hidden state a reward model reads."""
+        T = self.mask.shape[1]
+        return T - 1 - self.mask.flip(1).argmax(dim=1)
+
+    def __getitem__(self, idx):
+        return Sequences(self.ids[idx], self.mask[idx])
+
+    def __len__(self):
+        return self.ids.shape[0]
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device="cpu") -> Sequences:
+    """Prompt and response id lists -> Sequences. Every response needs at least one token."""
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T - 1)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        assert r, "empty response"
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        mask[i, len(p) - 1:len(p) + len(r) - 1] = 1  # targets len(p)-1 .. are the response tokens
+    return Sequences(ids.to(device), mask.to(device))
+
+
+def sequence_logprobs(model, seqs: Sequences, temperature=1.0, entropy=False):
+    """Teacher-forced log-probs of the response tokens under softmax(logits / temperature):
+    logp (N, T-1), 0 off the mask [, entropy (N, T-1) of the same distribution, 0 off the mask]."""
+    return model.token_logprobs(seqs.inputs, seqs.targets, temperature, return_entropy=entropy)
+
+
+def eos_scores(model, seqs: Sequences):
+    """Scalar-head model (reward model) -> (N,) score read at the hidden state of each row's last real token
+    (the EOS). Causal attention: the right padding after it cannot change the score."""
+    hidden = model(seqs.ids)  # (N, T, C)
+    scores = model.scores(hidden)  # (N, T)
+    return scores.gather(1, (seqs.last + 1)[:, None])[:, 0]  # (N,)
+
+
+def token_values(critic, seqs: Sequences):
+    """Value head -> (N, T-1): V at target position j is read from the hidden state before token j+1, the
+    state in which the policy chose it."""
+    return critic.scores(critic(seqs.inputs)) * seqs.mask
+
+
+# ------------------------------------------------------------------------------------------- rollouts
+
+@dataclass
+class Rollout:
+    """K samples for each of G prompts, prompt-major: row i belongs to prompt i // K."""
+    seqs: Sequences
+    rows: list[dict]  # the prompt row of every sample (its extra columns feed the reward function)
+    texts: list[str]  # decoded responses without their EOS
+    finished: torch.Tensor  # (N,) bool: the response ended with EOS within the budget
+
+
+@torch.no_grad()
+def sample_rollout(model, tokenizer, rows, k, max_new_tokens, temperature, seed) -> Rollout:
+    """Sample k responses per prompt row through the engine (one prefill per prompt)."""
+    device = next(model.parameters()).device
+    prompts = prompt_ids(tokenizer, rows)
+    was_training = model.training
+    model.eval()
+    g = generate(model, prompts, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, temperature=temperature,
+                 num_samples=k, seed=seed)
+    model.train(was_training)
+    responses = g.completions()
+    seqs = pack([prompts[i // k] for i in range(len(responses))], responses, tokenizer.pad_id, device)
+    return Rollout(seqs, [rows[i // k] for i in range(len(responses))],
+                   [completion_text(tokenizer, r) for r in responses], g.finished)
+
+
+@torch.no_grad()
+def sample_kl(policy, ref, tokenizer, rows, max_new_tokens, temperature=1.0, seed=0):
+    """Sequence KL(policy || ref) on the policy's own samples (one per prompt) and its token entropy:
+    kl = mean over sequences of sum_t (logp_t - ref_t), both at the sampling temperature.
+    -> ({"kl", "entropy"}, the Rollout, for scoring the same samples)."""
+    r = sample_rollout(policy, tokenizer, rows, 1, max_new_tokens, temperature, seed)
+    logp, ent = sequence_logprobs(policy, r.seqs, temperature, entropy=True)
+    ref_logp = sequence_logprobs(ref, r.seqs, temperature)
+    return {"kl": ((logp - ref_logp) * r.seqs.mask).sum(1).mean().item(),
+            "entropy": ((ent * r.seqs.mask).sum() / r.seqs.mask.sum()).item()}, r
+
+
+# ------------------------------------------------------------------------------------------- rewards
+
+def load_reward_function(spec: str):
+    """--reward module:function -> the callable. The current directory is importable, as in `python -m`."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise UserError(f"--reward {spec}: expected module:function, e.g. minipost.tasks:arith_reward")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # any failure inside the user's module is the user's input
+        raise UserError(f"--reward {spec}: cannot import {module} ({type(e).__name__}: {_first_line(e)})")
+    fn = getattr(mod, name, None)
+    if fn is None:
+        raise UserError(f"--reward {spec}: module {module} has no attribute {name!r}")
+    if not callable(fn):
+        raise UserError(f"--reward {spec}: {name} is not callable (it is a {type(fn).__name__})")
+    return fn
+
+
+def _first_line(e):
+    s = str(e).strip()
+    return s.splitlines()[0] if s else "no message"
+
+
+def call_reward(fn, name, rows, texts) -> list[float]:
+    """fn(prompts, completions, **extra columns) -> checked list of len(texts) finite floats."""
+    try:
+        values = fn([r["prompt"] for r in rows], texts, **reward_kwargs(rows))
+    except Exception as e:
+        raise UserError(f"{name} raised {type(e).__name__}: {_first_line(e)}")
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise UserError(f"{name} returned a {type(values).__name__}, expected a list of {len(texts)} numbers")
+    if len(values) != len(texts):
+        raise UserError(f"{name} returned {len(values)} rewards for {len(texts)} completions")
+    out = []
+    for i, v in enumerate(values):
+        try:
+            if isinstance(v, (str, bytes)):
+                raise TypeError
+            v = float(v)
+        except (TypeError, ValueError):
+            raise UserError(f"{name} returned {v!r} (reward {i}), not a number")
+        if not math.isfinite(v):
+            raise UserError(f"{name} returned {v} (reward {i}), not a finite number")
+        out.append(v)
+    return out
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.vocab_size == b.vocab_size and all(
+        a.enc.decode_single_token_bytes(i) == b.enc.decode_single_token_bytes(i) for i in range(a.vocab_size))
+
+
+def load_reward_model(path, tokenizer, device):
+    """--reward-model CKPT: a checkpoint written by --algo rm (kind "rm", scalar head), same tokenizer."""
+    ck = load_checkpoint(path, device, flag="--reward-model")
+    kind = ck.meta.get("kind")
+    if kind != "rm" or not ck.model.config.scalar_head:
+        raise UserError(f"--reward-model {path}: a checkpoint of kind {kind!r}, not a reward model "
+                        f"(train one with: python train_rlhf.py --algo rm --init SFT_CKPT --out OUT)")
+    if not same_tokenizer(ck.tokenizer, tokenizer):
+        raise UserError(f"--reward-model {path}: its tokenizer differs from the policy's (train the reward "
+                        f"model from the same SFT checkpoint family)")
+    return ck.model.eval().requires_grad_(False)
+
+
+class Reward:
+    """The reward of a rollout, from one source: a reward model (score at the EOS token) or a function of
+    the decoded texts (the task's verifier / lexicon, or --reward module:function)."""
+
+    def __init__(self, fn=None, name="", model=None):
+        self.fn, self.name, self.model = fn, name, model
+
+    @torch.no_grad()
+    def __call__(self, rollout: Rollout) -> torch.Tensor:
+        """-> (N,) float32 rewards on the rollout's device."""
+        if self.model is not None:
+            return eos_scores(self.model, rollout.seqs)
+        values = call_reward(self.fn, self.name, rollout.rows, rollout.texts)
+        return torch.tensor(values, dtype=torch.float32, device=rollout.seqs.ids.device)
+
+
+def make_reward(args, task, tokenizer, device) -> Reward:
+    """--reward-model, else --reward, else the task's own reward."""
+    if getattr(args, "reward_model", None):
+        return Reward(model=load_reward_model(args.reward_model, tokenizer, device), name="--reward-model")
+    if getattr(args, "reward", None):
+        return Reward(load_reward_function(args.reward), f"--reward {args.reward}")
+    return Reward(task.reward, f"the {task.name} task's reward")

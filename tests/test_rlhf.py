@@ -1,0 +1,291 @@
+"""train_rlhf.py end to end on a tiny base + SFT model, and the pieces it is built from.
+
+The fixture SFT model is far too small to solve arith; the RL runs get a reward with variance from a
+reward function written here (reward 1 for a completion holding a digit), so every loss path gets
+non-empty groups. What is checked: each --algo runs, logs the expected keys, writes a loadable
+checkpoint of its kind; the reward model reads the EOS token and ignores right padding; PPO's first
+ratio is 1; the built-in pair builder ranks by the reward; DPO resumes bit-for-bit; bad input exits 2.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import train_base
+import train_rlhf
+import train_sft
+from minipost import preferences
+from minipost.checkpoint import load_checkpoint
+from minipost.cli import UserError, read_metrics
+from minipost.model import GPT, GPTConfig
+from minipost.rollout import Reward, Rollout, call_reward, eos_scores, epoch_indices, pack, sequence_logprobs
+from minipost.tasks import get_task
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--n-eval", "4", "--n-kl", "4", "--max-new-tokens", "12", "--warmup", "1"]
+
+REWARD_MODULE = '''
+def has_digit(prompts, completions, **kwargs):
+    return [float(any(ch.isdigit() for ch in c)) for c in completions]
+
+def wrong_length(prompts, completions, **kwargs):
+    return [0.0]
+
+def not_numbers(prompts, completions, **kwargs):
+    return ["high"] * len(completions)
+
+not_callable = 3
+'''
+
+
+def run_script(*argv, timeout=180):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "train_rlhf.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests run many tiny ops: on a shared 2-core machine one thread avoids the spin-waits of two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny arith base and SFT model (seconds), a pairs file and a reward module on sys.path."""
+    root = tmp_path_factory.mktemp("rlhf")
+    base, sft = root / "base", root / "sft"
+    train_base.main(["--task", "arith", "--corpus-docs", "400", "--vocab-size", "320", "--block-size", "96",
+                     "--batch-size", "8", "--eval-batches", "1", "--max-steps", "30", "--lr", "3e-3",
+                     "--warmup", "5", "--out", str(base)])
+    train_sft.main(["--init", str(base), "--n-train", "64", "--n-eval", "2", "--max-new-tokens", "4",
+                    "--max-steps", "60", "--batch-size", "8", "--lr", "3e-3", "--warmup", "2",
+                    "--eval-every", "60", "--out", str(sft)])
+    # preference pairs: the worked answer beats a wrong one
+    rows = get_task("arith").demos("train", 24, seed=1)
+    with open(root / "pairs.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({"prompt": r["messages"][0]["content"], "chosen": r["messages"][1]["content"],
+                                "rejected": f"The answer is {int(r['answer']) + 1}."}) + "\n")
+    (root / "rewards_for_test.py").write_text(REWARD_MODULE)
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+
+
+def check_run(out, algo, steps, keys):
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(steps + 1))
+    for r in records[1:]:
+        need = set(keys) | {"step_time_s", "time_s", "lr"}
+        assert need <= set(r), need - set(r)
+        assert all(v == v for v in r.values() if isinstance(v, float)), r  # no NaN
+    ck = load_checkpoint(out)
+    assert ck.meta["kind"] == algo and ck.meta["step"] == steps
+    return records, ck
+
+
+@pytest.fixture(scope="module")
+def rm_run(models):
+    out = models / "rm"
+    train_rlhf.main(["--algo", "rm", "--init", str(models / "sft"), "--data", str(models / "pairs.jsonl"),
+                     "--val-frac", "0.25", "--max-steps", "3", "--batch-size", "6", "--out", str(out), *SMALL])
+    return out
+
+
+def test_reward_model_runs_centres_and_loads(rm_run):
+    records, ck = check_run(rm_run, "rm", 3, ["loss", "accuracy", "margin"])
+    assert "val_accuracy" in records[0] and "val_accuracy" in records[-1]
+    assert ck.model.config.scalar_head
+    assert ck.meta["reward_bias"] == pytest.approx(ck.model.score_head.bias.item(), abs=1e-7)
+
+
+def test_dpo_runs_and_logs_implicit_rewards(models):
+    out = models / "dpo"
+    train_rlhf.main(["--algo", "dpo", "--init", str(models / "sft"), "--data", str(models / "pairs.jsonl"),
+                     "--max-steps", "2", "--batch-size", "4", "--out", str(out), *SMALL])
+    records, _ = check_run(out, "dpo", 2, ["loss", "accuracy", "margin", "chosen_reward", "entropy"])
+    # at step 1 the policy is the reference: every implicit reward is 0 and the loss is log 2
+    assert records[1]["loss"] == pytest.approx(0.6931472, abs=1e-5)
+    assert records[1]["chosen_reward"] == pytest.approx(0.0, abs=1e-6)
+    for key in ("test_reward", "test_kl", "test_entropy", "val_accuracy"):
+        assert key in records[0] and key in records[-1]
+    assert records[0]["test_kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 0
+
+
+def test_dpo_resume_reproduces_uninterrupted_run(models):
+    common = ["--algo", "dpo", "--init", str(models / "sft"), "--data", str(models / "pairs.jsonl"),
+              "--batch-size", "4", "--eval-every", "2", "--ckpt-every", "2", *SMALL]
+    train_rlhf.main(common + ["--max-steps", "4", "--out", str(models / "dpo-ref")])
+    train_rlhf.main(common + ["--max-steps", "2", "--out", str(models / "dpo-res")])
+    train_rlhf.main(common + ["--max-steps", "4", "--out", str(models / "dpo-res"), "--resume"])
+    ref = read_metrics(models / "dpo-ref" / "metrics.jsonl")
+    res = read_metrics(models / "dpo-res" / "metrics.jsonl")
+    assert [r["step"] for r in res] == [r["step"] for r in ref] == [0, 1, 2, 3, 4]
+    for a, b in zip(ref, res):
+        for k in a:
+            if k not in ("time_s", "step_time_s"):
+                assert abs(a[k] - b[k]) <= 1e-6, (a["step"], k, a[k], b[k])
+
+
+def test_ppo_with_reward_model_first_ratio_is_one(models, rm_run):
+    out = models / "ppo"
+    train_rlhf.main(["--algo", "ppo", "--init", str(models / "sft"), "--reward-model", str(rm_run),
+                     "--max-steps", "2", "--batch-size", "8", "--minibatch-size", "4", "--epochs", "2",
+                     "--lr", "1e-3", "--target-kl", "1", "--out", str(out), *SMALL])
+    records, _ = check_run(out, "ppo", 2, ["reward", "score", "kl", "entropy", "pg_loss", "value_loss",
+                                           "clipfrac", "approx_kl", "approx_kl_first", "kl_coef"])
+    for r in records[1:]:
+        # old log-probs come from the training model at the sampling temperature: the first minibatch's
+        # ratio is 1 up to float rounding (approx_kl = 0.5 mean(log ratio^2))
+        assert r["approx_kl_first"] < 1e-10
+        assert r["approx_kl"] > 1e-8  # later minibatches moved: the check above can fail
+    assert records[1]["kl"] == pytest.approx(0.0, abs=1e-5)  # first rollout: policy == reference
+    assert records[2]["kl_coef"] != records[1]["kl_coef"]  # the adaptive controller moved beta
+    state = torch.load(out / "ckpt" / "state.pt", weights_only=True)
+    assert "score_head.weight" in state["trainer"]["critic"]
+
+
+@pytest.mark.parametrize("algo,extra", [("nft", []), ("rft", []), ("grpo", []), ("grpo", ["--dr-grpo", "--kl-coef", "0"])])
+def test_group_algorithms_run(models, algo, extra):
+    out = models / f"{algo}{len(extra)}"
+    train_rlhf.main(["--algo", algo, "--init", str(models / "sft"), "--reward", "rewards_for_test:has_digit",
+                     "--max-steps", "2", "--batch-size", "3", "--k", "4", "--minibatch-size", "4",
+                     "--out", str(out), *SMALL, *extra])
+    records, ck = check_run(out, algo, 2, ["reward", "accuracy", "kl", "entropy", "loss", "groups_filtered",
+                                           "samples_used"])
+    for r in records[1:]:
+        assert 0 <= r["groups_filtered"] <= 3 and r["samples_used"] <= 12
+    assert any(r["samples_used"] > 0 for r in records[1:]), "no group carried signal: the loss never ran"
+    assert torch.equal(ck.model.transformer.wte.weight, ck.model.lm_head.weight)
+
+
+def test_eos_score_is_read_at_last_real_token_and_padding_is_ignored():
+    torch.manual_seed(0)
+    rm = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=32, scalar_head=True)).eval()
+    pad, eos = 49, 48
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
+    responses = [[11, 12, eos], [13, eos], [14, 15, 16, 17, eos]]
+    seqs = pack(prompts, responses, pad)
+    assert seqs.last.tolist() == [len(p) + len(r) - 2 for p, r in zip(prompts, responses)]
+    assert (seqs.ids.gather(1, (seqs.last + 1)[:, None]) == eos).all()
+    with torch.no_grad():
+        batch = eos_scores(rm, seqs)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            alone = torch.tensor([p + r])
+            naive = rm.scores(rm(alone))[0, -1]  # the score at the final token of the unpadded row
+            assert_close(batch[i], naive, rtol=1e-5, atol=1e-6)
+        # changing what sits in the padding changes nothing
+        noisy = seqs[torch.arange(3)]
+        noisy.ids = noisy.ids.masked_fill(noisy.ids == pad, 7)
+        assert_close(eos_scores(rm, noisy), batch, rtol=0, atol=1e-6)
+        # ... but the score does depend on the EOS position's prefix (the check can fail)
+        assert not torch.allclose(batch[0], rm.scores(rm(torch.tensor([[1, 2, 3, 11, 12]])))[0, -1])
+
+
+def test_sequence_logprobs_cover_exactly_the_response():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=32, vocab_size=40, n_layer=1, n_head=2, n_embd=16))
+    seqs = pack([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_id=39)
+    logp = sequence_logprobs(m, seqs, temperature=0.7)
+    # naive: full softmax of the logits / T at each position, read at the next token
+    with torch.no_grad():
+        for i, (p, r) in enumerate([([1, 2, 3], [5, 6]), ([4], [7, 8, 9])]):
+            ids = torch.tensor([p + r])
+            lp = torch.log_softmax(m.logits(m(ids)) / 0.7, dim=-1)[0]  # (L, V)
+            want = sum(lp[len(p) - 1 + j, t].item() for j, t in enumerate(r))
+            assert logp[i].sum().item() == pytest.approx(want, abs=1e-5)
+            assert int(seqs.mask[i].sum()) == len(r)
+    assert (logp <= 0).all()
+
+
+def test_builtin_pairs_rank_by_reward(monkeypatch):
+    """build_pairs on a scripted rollout: best finished sample vs worst finished one, ties skipped."""
+    task = get_task("arith")
+    rows = task.prompts("train", 3, seed=0)
+    answers = [int(r["answer"]) for r in rows]
+    texts = [[f"The answer is {answers[0]}.", f"The answer is {answers[0] + 1}.", "no number", f"{answers[0]}"],
+             [f"The answer is {answers[1] + 2}.", "x", f"The answer is {answers[1] + 3}.", "y"],  # all wrong
+             [f"The answer is {answers[2]}.", f"The answer is {answers[2]}.", "7 + 1 = 9.",
+              f"The answer is {answers[2]}."]]
+    finished = [[True, True, True, False], [True, True, True, True], [True, True, True, True]]
+
+    class Tok:
+        pad_id, eos_id = 0, 1
+
+    def fake_rollout(model, tokenizer, chunk, k, max_new_tokens, temperature, seed):
+        flat = [t for g in texts[:len(chunk)] for t in g]
+        seqs = pack([[5, 6]] * len(flat), [[10 + i, 1] for i in range(len(flat))], 0)
+        return Rollout(seqs, [chunk[i // k] for i in range(len(flat))], flat,
+                       torch.tensor([f for g in finished[:len(chunk)] for f in g]))
+
+    monkeypatch.setattr(preferences, "sample_rollout", fake_rollout)
+    monkeypatch.setattr(preferences, "prompt_ids", lambda tok, chunk: [[5, 6]] * len(chunk))
+    pairs, records = preferences.build_pairs(None, Tok(), Reward(task.reward, "arith"), rows, 4, 8)
+    assert len(pairs) == 2  # the all-wrong group is a tie
+    assert [r["chosen"] for r in records] == [texts[0][0], texts[2][0]]
+    assert [r["rejected"] for r in records] == [texts[0][1], texts[2][2]]  # the unfinished "{answer}" is skipped
+    assert pairs[0] == ([5, 6], [10, 1], [11, 1])
+    for rec, row in zip(records, [rows[0], rows[2]]):  # re-scored independently by the verifier
+        got = task.reward([row["prompt"]] * 2, [rec["chosen"], rec["rejected"]], answer=[row["answer"]] * 2)
+        assert got == [1.0, 0.0] and rec["chosen_reward"] > rec["rejected_reward"]
+
+
+def test_reward_function_output_is_checked(models):
+    rows = [{"prompt": "q"}] * 2
+    with pytest.raises(UserError, match="returned 1 rewards for 2 completions"):
+        call_reward(__import__("rewards_for_test").wrong_length, "--reward m:f", rows, ["a", "b"])
+    with pytest.raises(UserError, match=r"returned 'high' \(reward 0\), not a number"):
+        call_reward(__import__("rewards_for_test").not_numbers, "--reward m:f", rows, ["a", "b"])
+    with pytest.raises(UserError, match="raised ValueError: arith_reward needs the 'answer' column"):
+        call_reward(get_task("arith").reward, "the arith task's reward", rows, ["a", "b"])
+    assert call_reward(lambda p, c: [1, True], "f", rows, ["a", "b"]) == [1.0, 1.0]
+
+
+def test_epoch_indices_are_permutations_of_the_data():
+    seen = [i for s in range(5) for i in epoch_indices(s, 4, 10, seed=3)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert seen[:10] != seen[10:20]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--algo", "dpo", "--init", "{base}"], "is a base model (kind 'base'): fine-tune it first with python train_sft.py"),
+    (["--algo", "rm", "--init", "{sft}", "--data", "{bad_pairs}"], "expected prompt+chosen+rejected"),
+])
+def test_bad_input_one_line_exit_2(models, argv, message):
+    bad = models / "bad_pairs.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")  # no rejected column
+    argv = [a.format(base=models / "base", sft=models / "sft", bad_pairs=bad) for a in argv]
+    r = run_script(*argv, "--out", str(models / "never"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--algo", "ppo", "--reward-model", "{sft}"], "a checkpoint of kind 'sft', not a reward model"),
+    (["--algo", "grpo", "--reward", "no_such_module:f"], "--reward no_such_module:f: cannot import no_such_module"),
+    (["--algo", "grpo", "--reward", "rewards_for_test:not_callable"], "not_callable is not callable"),
+    (["--algo", "nft", "--reward", "rewards_for_test"], "expected module:function"),
+    (["--algo", "rm", "--init", "{rm}"], "is a reward model; pass the SFT checkpoint"),
+])
+def test_bad_reward_sources_are_user_errors(models, rm_run, argv, message):
+    argv = [a.format(sft=models / "sft", rm=rm_run) for a in argv]
+    if "--init" not in argv:
+        argv += ["--init", str(models / "sft")]
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train_rlhf.main(argv + ["--out", str(models / "never"), *SMALL])
+
+
+def test_wrong_length_reward_stops_the_run(models):
+    with pytest.raises(UserError, match="rewards_for_test:wrong_length returned 1 rewards for 8 completions"):
+        train_rlhf.main(["--algo", "grpo", "--init", str(models / "sft"), "--reward", "rewards_for_test:wrong_length",
+                         "--max-steps", "1", "--batch-size", "2", "--k", "4", "--out", str(models / "wl"), *SMALL])
