@@ -52,8 +52,9 @@ from minipost.data import read_jsonl
 from minipost.evaluate import evaluate_policy, prompt_ids
 from minipost.model import GPT, GPTConfig
 from minipost.preferences import build_pairs, load_pairs, pair_sequences, reference_samples, split_pairs, write_pairs
-from minipost.rollout import (Reward, call_reward, epoch_indices, eos_scores, load_reward_function, make_reward,
+from minipost.rollout import (Reward, call_reward, epoch_indices, eos_scores, make_reward,
                               sample_kl, sample_rollout, sequence_logprobs, step_seed, token_values)
+from minipost.rewards import load_reward_fn
 from minipost.tasks import TASKS, get_task
 
 ALGOS = ("rm", "dpo", "ppo", "nft", "rft", "grpo")
@@ -63,9 +64,9 @@ DEFAULTS = {
     "rm": dict(lr=3e-4, max_steps=150, batch_size=32, k=4, n_prompts=1000),
     "dpo": dict(lr=5e-5, max_steps=150, batch_size=32, k=4, n_prompts=1000, beta=0.1),
     "ppo": dict(lr=3e-5, max_steps=60, batch_size=64, epochs=4, minibatch_size=16, beta=0.05, n_prompts=4000),
-    "nft": dict(lr=1e-4, max_steps=40, batch_size=16, k=8, epochs=1, minibatch_size=32, n_prompts=4000),
-    "rft": dict(lr=1e-4, max_steps=40, batch_size=16, k=8, epochs=1, minibatch_size=32, n_prompts=4000),
-    "grpo": dict(lr=1e-4, max_steps=40, batch_size=16, k=8, epochs=1, minibatch_size=32, n_prompts=4000),
+    "nft": dict(lr=5e-5, max_steps=80, batch_size=16, k=8, epochs=1, minibatch_size=32, n_prompts=4000),
+    "rft": dict(lr=5e-5, max_steps=80, batch_size=16, k=8, epochs=1, minibatch_size=32, n_prompts=4000),
+    "grpo": dict(lr=5e-5, max_steps=80, batch_size=16, k=8, epochs=1, minibatch_size=32, n_prompts=4000),
 }
 
 
@@ -177,7 +178,7 @@ def preference_pairs(args, sft, tokenizer, task, out):
         train, val = split_pairs(pairs, args.val_frac, args.seed)
         print(f"pairs: {len(train)} train, {len(val)} held out from {args.data} ({dropped} too long, dropped)")
         return train, val
-    reward = Reward(load_reward_function(args.reward), f"--reward {args.reward}") if args.reward else \
+    reward = Reward(load_reward_fn(args.reward), f"--reward {args.reward}") if args.reward else \
         Reward(task.reward, f"the {task.name} task's reward")
     built = {}
     for i, (split, n) in enumerate((("train", args.n_prompts), ("test", args.n_eval))):
@@ -307,7 +308,7 @@ class Policy(Trainer):
             result[f"{split}_reward"], result[f"{split}_format"] = r["reward"], r["format"]
         kl, samples = sample_kl(self.policy, self.ref, self.tok, self.splits["test"][:a.n_kl], a.max_new_tokens,
                                 a.temperature, seed=step_seed(a.seed, 10**6))
-        truth = call_reward(self.task.reward, f"the {self.task.name} task's reward", samples.rows, samples.texts)
+        truth = call_reward(self.task.reward, samples.rows, samples.texts)
         result["test_kl"], result["test_entropy"] = kl["kl"], kl["entropy"]
         result["test_sample_reward"] = sum(truth) / len(truth)  # ground truth of those --temperature samples
         tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()))

@@ -17,7 +17,6 @@ errors against a float64 run of kernels/reference.py (exit status 1 if any excee
 """
 import argparse
 import datetime
-import math
 import os
 import subprocess
 import sys

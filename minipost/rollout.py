@@ -6,18 +6,15 @@ model reads inputs = ids[:, :-1] and predicts targets = ids[:, 1:], so position 
 (log-probs, values, the mask) is about the token ids[:, j+1]. mask is 1 exactly on response targets (the
 final EOS included) and 0 on prompt and padding; targets outside the mask are passed to the kernel as -1.
 """
-import importlib
-import math
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import load_checkpoint
 from .cli import UserError
 from .engine import generate
 from .evaluate import completion_text, prompt_ids, reward_kwargs
+from .rewards import checked_rewards, load_reward_fn, same_tokenizer
+from .rewards import load_reward_model as load_rm_checkpoint
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -140,66 +137,15 @@ def sample_kl(policy, ref, tokenizer, rows, max_new_tokens, temperature=1.0, see
 
 # ------------------------------------------------------------------------------------------- rewards
 
-def load_reward_function(spec: str):
-    """--reward module:function -> the callable. The current directory is importable, as in `python -m`."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise UserError(f"--reward {spec}: expected module:function, e.g. minipost.tasks:arith_reward")
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        mod = importlib.import_module(module)
-    except Exception as e:  # any failure inside the user's module is the user's input
-        raise UserError(f"--reward {spec}: cannot import {module} ({type(e).__name__}: {_first_line(e)})")
-    fn = getattr(mod, name, None)
-    if fn is None:
-        raise UserError(f"--reward {spec}: module {module} has no attribute {name!r}")
-    if not callable(fn):
-        raise UserError(f"--reward {spec}: {name} is not callable (it is a {type(fn).__name__})")
-    return fn
-
-
-def _first_line(e):
-    s = str(e).strip()
-    return s.splitlines()[0] if s else "no message"
-
-
-def call_reward(fn, name, rows, texts) -> list[float]:
-    """fn(prompts, completions, **extra columns) -> checked list of len(texts) finite floats."""
-    try:
-        values = fn([r["prompt"] for r in rows], texts, **reward_kwargs(rows))
-    except Exception as e:
-        raise UserError(f"{name} raised {type(e).__name__}: {_first_line(e)}")
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
-        raise UserError(f"{name} returned a {type(values).__name__}, expected a list of {len(texts)} numbers")
-    if len(values) != len(texts):
-        raise UserError(f"{name} returned {len(values)} rewards for {len(texts)} completions")
-    out = []
-    for i, v in enumerate(values):
-        try:
-            if isinstance(v, (str, bytes)):
-                raise TypeError
-            v = float(v)
-        except (TypeError, ValueError):
-            raise UserError(f"{name} returned {v!r} (reward {i}), not a number")
-        if not math.isfinite(v):
-            raise UserError(f"{name} returned {v} (reward {i}), not a finite number")
-        out.append(v)
-    return out
-
-
-def same_tokenizer(a, b) -> bool:
-    return a.vocab_size == b.vocab_size and all(
-        a.enc.decode_single_token_bytes(i) == b.enc.decode_single_token_bytes(i) for i in range(a.vocab_size))
+def call_reward(fn, rows, texts) -> list[float]:
+    """A TRL-style reward of decoded completions, checked by rewards.checked_rewards (one finite number per
+    completion); the rows' extra columns (e.g. arith's `answer`) arrive as keyword lists."""
+    return checked_rewards(fn, [r["prompt"] for r in rows], texts, **reward_kwargs(rows))
 
 
 def load_reward_model(path, tokenizer, device):
-    """--reward-model CKPT: a checkpoint written by --algo rm (kind "rm", scalar head), same tokenizer."""
-    ck = load_checkpoint(path, device, flag="--reward-model")
-    kind = ck.meta.get("kind")
-    if kind != "rm" or not ck.model.config.scalar_head:
-        raise UserError(f"--reward-model {path}: a checkpoint of kind {kind!r}, not a reward model "
-                        f"(train one with: python train_rlhf.py --algo rm --init SFT_CKPT --out OUT)")
+    """--reward-model CKPT: a checkpoint written by --algo rm, with the policy's tokenizer -> frozen model."""
+    ck = load_rm_checkpoint(path, device)
     if not same_tokenizer(ck.tokenizer, tokenizer):
         raise UserError(f"--reward-model {path}: its tokenizer differs from the policy's (train the reward "
                         f"model from the same SFT checkpoint family)")
@@ -218,7 +164,7 @@ class Reward:
         """-> (N,) float32 rewards on the rollout's device."""
         if self.model is not None:
             return eos_scores(self.model, rollout.seqs)
-        values = call_reward(self.fn, self.name, rollout.rows, rollout.texts)
+        values = call_reward(self.fn, rollout.rows, rollout.texts)
         return torch.tensor(values, dtype=torch.float32, device=rollout.seqs.ids.device)
 
 
@@ -227,5 +173,5 @@ def make_reward(args, task, tokenizer, device) -> Reward:
     if getattr(args, "reward_model", None):
         return Reward(model=load_reward_model(args.reward_model, tokenizer, device), name="--reward-model")
     if getattr(args, "reward", None):
-        return Reward(load_reward_function(args.reward), f"--reward {args.reward}")
+        return Reward(load_reward_fn(args.reward), f"--reward {args.reward}")
     return Reward(task.reward, f"the {task.name} task's reward")

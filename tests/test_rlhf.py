@@ -241,13 +241,13 @@ def test_builtin_pairs_rank_by_reward(monkeypatch):
 
 def test_reward_function_output_is_checked(models):
     rows = [{"prompt": "q"}] * 2
-    with pytest.raises(UserError, match="returned 1 rewards for 2 completions"):
-        call_reward(__import__("rewards_for_test").wrong_length, "--reward m:f", rows, ["a", "b"])
-    with pytest.raises(UserError, match=r"returned 'high' \(reward 0\), not a number"):
-        call_reward(__import__("rewards_for_test").not_numbers, "--reward m:f", rows, ["a", "b"])
-    with pytest.raises(UserError, match="raised ValueError: arith_reward needs the 'answer' column"):
-        call_reward(get_task("arith").reward, "the arith task's reward", rows, ["a", "b"])
-    assert call_reward(lambda p, c: [1, True], "f", rows, ["a", "b"]) == [1.0, 1.0]
+    with pytest.raises(UserError, match="rewards_for_test:wrong_length returned 1 rewards for 2 completions"):
+        call_reward(__import__("rewards_for_test").wrong_length, rows, ["a", "b"])
+    with pytest.raises(UserError, match=r"returned 'high' \(str\) for completion 0; rewards must be numbers"):
+        call_reward(__import__("rewards_for_test").not_numbers, rows, ["a", "b"])
+    with pytest.raises(UserError, match="failed: ValueError: arith_reward needs the 'answer' column"):
+        call_reward(get_task("arith").reward, rows, ["a", "b"])
+    assert call_reward(lambda p, c: [1, True], rows, ["a", "b"]) == [1.0, 1.0]
 
 
 def test_epoch_indices_are_permutations_of_the_data():
@@ -271,10 +271,10 @@ def test_bad_input_one_line_exit_2(models, argv, message):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--algo", "ppo", "--reward-model", "{sft}"], "a checkpoint of kind 'sft', not a reward model"),
-    (["--algo", "grpo", "--reward", "no_such_module:f"], "--reward no_such_module:f: cannot import no_such_module"),
-    (["--algo", "grpo", "--reward", "rewards_for_test:not_callable"], "not_callable is not callable"),
-    (["--algo", "nft", "--reward", "rewards_for_test"], "expected module:function"),
+    (["--algo", "ppo", "--reward-model", "{sft}"], "not a reward model (kind 'sft'"),
+    (["--algo", "grpo", "--reward", "no_such_module:f"], "--reward no_such_module:f: cannot import module 'no_such_module'"),
+    (["--algo", "grpo", "--reward", "rewards_for_test:not_callable"], "'not_callable' is a int, not a function"),
+    (["--algo", "nft", "--reward", "rewards_for_test"], "expected MODULE:FUNCTION"),
     (["--algo", "rm", "--init", "{rm}"], "is a reward model; pass the SFT checkpoint"),
 ])
 def test_bad_reward_sources_are_user_errors(models, rm_run, argv, message):
