@@ -52,7 +52,7 @@ from minipost.data import read_jsonl
 from minipost.evaluate import evaluate_policy, prompt_ids
 from minipost.model import GPT, GPTConfig
 from minipost.preferences import build_pairs, load_pairs, pair_sequences, reference_samples, split_pairs, write_pairs
-from minipost.rollout import (Reward, call_reward, epoch_indices, eos_scores, make_reward,
+from minipost.rollout import (Reward, epoch_indices, eos_scores, make_reward,
                               sample_kl, sample_rollout, sequence_logprobs, step_seed, token_values)
 from minipost.rewards import load_reward_fn
 from minipost.tasks import TASKS, get_task
@@ -306,11 +306,10 @@ class Policy(Trainer):
         for split, rows in self.splits.items():
             r = evaluate_policy(self.policy, self.tok, self.task, rows, a.max_new_tokens, self.task.eval_temperature)
             result[f"{split}_reward"], result[f"{split}_format"] = r["reward"], r["format"]
-        kl, samples = sample_kl(self.policy, self.ref, self.tok, self.splits["test"][:a.n_kl], a.max_new_tokens,
-                                a.temperature, seed=step_seed(a.seed, 10**6))
-        truth = call_reward(self.task.reward, samples.rows, samples.texts)
+        kl = sample_kl(self.policy, self.ref, self.tok, self.splits["test"][:a.n_kl], a.max_new_tokens,
+                       a.temperature, seed=step_seed(a.seed, 10**6), reward_fn=self.task.reward)
         result["test_kl"], result["test_entropy"] = kl["kl"], kl["entropy"]
-        result["test_sample_reward"] = sum(truth) / len(truth)  # ground truth of those --temperature samples
+        result["test_sample_reward"] = kl["reward"]  # the task's (ground-truth) reward of those same samples
         tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()))
         return result
 

@@ -124,15 +124,19 @@ def sample_rollout(model, tokenizer, rows, k, max_new_tokens, temperature, seed)
 
 
 @torch.no_grad()
-def sample_kl(policy, ref, tokenizer, rows, max_new_tokens, temperature=1.0, seed=0):
+def sample_kl(policy, ref, tokenizer, rows, max_new_tokens, temperature=1.0, seed=0, reward_fn=None) -> dict:
     """Sequence KL(policy || ref) on the policy's own samples (one per prompt) and its token entropy:
     kl = mean over sequences of sum_t (logp_t - ref_t), both at the sampling temperature.
-    -> ({"kl", "entropy"}, the Rollout, for scoring the same samples)."""
+    With reward_fn (a TRL-style reward function), also "reward": its mean over the same samples."""
     r = sample_rollout(policy, tokenizer, rows, 1, max_new_tokens, temperature, seed)
     logp, ent = sequence_logprobs(policy, r.seqs, temperature, entropy=True)
     ref_logp = sequence_logprobs(ref, r.seqs, temperature)
-    return {"kl": ((logp - ref_logp) * r.seqs.mask).sum(1).mean().item(),
-            "entropy": ((ent * r.seqs.mask).sum() / r.seqs.mask.sum()).item()}, r
+    out = {"kl": ((logp - ref_logp) * r.seqs.mask).sum(1).mean().item(),
+           "entropy": ((ent * r.seqs.mask).sum() / r.seqs.mask.sum()).item()}
+    if reward_fn is not None:
+        values = call_reward(reward_fn, r.rows, r.texts)
+        out["reward"] = sum(values) / len(values)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- rewards

@@ -33,6 +33,9 @@ REWARD_MODULE = '''
 def has_digit(prompts, completions, **kwargs):
     return [float(any(ch.isdigit() for ch in c)) for c in completions]
 
+def digit_count(prompts, completions, **kwargs):
+    return [float(sum(ch.isdigit() for ch in c)) for c in completions]
+
 def wrong_length(prompts, completions, **kwargs):
     return [0.0]
 
@@ -108,6 +111,24 @@ def test_reward_model_runs_centres_and_loads(rm_run):
     assert ck.meta["reward_bias"] == pytest.approx(ck.model.score_head.bias.item(), abs=1e-7)
 
 
+def test_builtin_pairs_end_to_end_rank_by_the_reward(models):
+    """rm on pairs built from the SFT model's own samples: every pair's chosen response scores higher, and
+    re-scoring the written texts with the reward function gives the logged rewards."""
+    out = models / "rm-builtin"
+    train_rlhf.main(["--algo", "rm", "--init", str(models / "sft"), "--reward", "rewards_for_test:digit_count",
+                     "--n-prompts", "12", "--k", "4", "--max-steps", "2", "--batch-size", "4", "--out", str(out),
+                     *SMALL, "--max-new-tokens", "24"])
+    check_run(out, "rm", 2, ["loss", "accuracy"])
+    import rewards_for_test
+    for split in ("train", "val"):
+        records = [json.loads(line) for line in (out / f"pairs-{split}.jsonl").read_text().splitlines()]
+        assert records, split
+        for rec in records:
+            assert rec["chosen_reward"] > rec["rejected_reward"]
+            again = rewards_for_test.digit_count(None, [rec["chosen"], rec["rejected"]])
+            assert again == [rec["chosen_reward"], rec["rejected_reward"]]
+
+
 def test_dpo_runs_and_logs_implicit_rewards(models):
     out = models / "dpo"
     train_rlhf.main(["--algo", "dpo", "--init", str(models / "sft"), "--data", str(models / "pairs.jsonl"),
@@ -116,7 +137,7 @@ def test_dpo_runs_and_logs_implicit_rewards(models):
     # at step 1 the policy is the reference: every implicit reward is 0 and the loss is log 2
     assert records[1]["loss"] == pytest.approx(0.6931472, abs=1e-5)
     assert records[1]["chosen_reward"] == pytest.approx(0.0, abs=1e-6)
-    for key in ("test_reward", "test_kl", "test_entropy", "val_accuracy"):
+    for key in ("test_reward", "test_kl", "test_entropy", "test_sample_reward", "val_accuracy"):
         assert key in records[0] and key in records[-1]
     assert records[0]["test_kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 0
 
