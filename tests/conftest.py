@@ -7,4 +7,7 @@ import torch
 # set before triton is first imported; with a GPU the tests run the compiled kernels on CUDA tensors.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models: one intra-op thread is as fast, and far faster when subprocess tests share the cores
+# (two processes of two spinning OpenMP threads each on two cores run 3-10x slower). Children inherit it.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
