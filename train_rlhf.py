@@ -48,11 +48,11 @@ from minipost import losses
 from minipost.checkpoint import (find_checkpoint, load_checkpoint, load_train_state, rng_state, save_checkpoint,
                                  set_rng_state)
 from minipost.cli import MetricsLog, UserError, pick_device, run_main
-from minipost.data import read_jsonl
+from minipost.data import epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy, prompt_ids
 from minipost.model import GPT, GPTConfig
 from minipost.preferences import build_pairs, load_pairs, pair_sequences, reference_samples, split_pairs, write_pairs
-from minipost.rollout import (Reward, epoch_indices, eos_scores, make_reward,
+from minipost.rollout import (Reward, eos_scores, make_reward,
                               sample_kl, sample_rollout, sequence_logprobs, step_seed, token_values)
 from minipost.rewards import load_reward_fn
 from minipost.tasks import TASKS, get_task

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from minipost import losses
 from minipost.checkpoint import find_checkpoint, load_checkpoint, load_train_state, rng_state, save_checkpoint, set_rng_state
 from minipost.cli import MetricsLog, UserError, autocast, cosine_lr, pick_device, run_main
-from minipost.data import collate, encode_conversations, read_jsonl
+from minipost.data import collate, encode_conversations, epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy
 from minipost.tasks import TASKS, get_task
 
@@ -65,17 +65,6 @@ def parse_args(argv=None):
     if args.batch_size % args.grad_accum:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     return args
-
-
-def batch_indices(step, batch_size, n, seed):
-    """Example indices of a step: epochs are permutations seeded by (seed, epoch), so the data position is a
-    function of the step alone (resume needs no loader state)."""
-    out = []
-    for k in range(step * batch_size, (step + 1) * batch_size):
-        epoch, i = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        out.append(int(perm[i]))
-    return out
 
 
 def micro_batches(examples, indices, grad_accum, pad_id, device):
@@ -165,7 +154,7 @@ def main(argv=None):
         lr = cosine_lr(step, args.max_steps, args.lr, args.min_lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        batches = micro_batches(train, batch_indices(step, args.batch_size, len(train), args.seed),
+        batches = micro_batches(train, epoch_indices(step, args.batch_size, len(train), args.seed),
                                 args.grad_accum, tokenizer.pad_id, device)
         n_tokens = sum(m.sum() for _, _, m in batches)  # global denominator across micro-batches
         loss_sum, ce_sum, p_sum = 0.0, 0.0, 0.0

@@ -161,6 +161,17 @@ def encode_pairs(tokenizer, rows, block_size: int):
     return pairs, dropped
 
 
+def epoch_indices(step: int, size: int, n: int, seed: int) -> list[int]:
+    """Row indices of a step's batch: epochs are permutations seeded by (seed, epoch), so the position in
+    the data is a function of the step (no loader state to save)."""
+    out = []
+    for k in range(step * size, (step + 1) * size):
+        epoch, i = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
 def collate(examples, pad_id: int, device="cpu"):
     """Right-pad [(ids, mask)] -> ids (B, T) long, mask (B, T) float, where T is the longest example.
 

@@ -23,17 +23,6 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) * 100_000
 
 
-def epoch_indices(step: int, size: int, n: int, seed: int) -> list[int]:
-    """Row indices of a step's batch: epochs are permutations seeded by (seed, epoch), so the position in
-    the data is a function of the step (no loader state to save)."""
-    out = []
-    for k in range(step * size, (step + 1) * size):
-        epoch, i = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        out.append(int(perm[i]))
-    return out
-
-
 # ------------------------------------------------------------------------------------------- sequences
 
 @dataclass

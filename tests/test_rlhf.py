@@ -23,7 +23,8 @@ from minipost import preferences
 from minipost.checkpoint import load_checkpoint
 from minipost.cli import UserError, read_metrics
 from minipost.model import GPT, GPTConfig
-from minipost.rollout import Reward, Rollout, call_reward, eos_scores, epoch_indices, pack, sequence_logprobs
+from minipost.data import epoch_indices
+from minipost.rollout import Reward, Rollout, call_reward, eos_scores, pack, sequence_logprobs
 from minipost.tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
