@@ -54,13 +54,13 @@ import torch
 from tqdm import tqdm
 
 from minipost.checkpoint import load_checkpoint
-from minipost.cli import UserError, pick_device, run_main
+from minipost.cli import UserError, pick_device, run_main, task_from_flag
 from minipost.data import read_jsonl
 from minipost.engine import generate
 from minipost.evaluate import completion_text, prompt_ids
 from minipost.rewards import (checked_rewards, load_reward_fn, load_reward_model, same_tokenizer,
                               score_with_reward_model)
-from minipost.tasks import TASKS, get_task
+from minipost.tasks import TASKS
 
 
 def log(*args):
@@ -331,10 +331,7 @@ def sweep_table(results, show_proxy: bool) -> str:
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    try:
-        task = get_task(args.task)
-    except ValueError as e:
-        raise UserError(f"--task: {e}")
+    task = task_from_flag(args.task)
     ckpt = load_checkpoint(args.init, device)
     if ckpt.meta.get("kind") == "rm":
         raise UserError(f"--init {args.init} is a reward model; give a policy (base, SFT, ...) checkpoint")

@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 import kernels
 from minipost.checkpoint import find_checkpoint, load_checkpoint, load_train_state, rng_state, save_checkpoint, set_rng_state
-from minipost.cli import MetricsLog, UserError, autocast, cosine_lr, pick_device, run_main
+from minipost.cli import MetricsLog, UserError, autocast, cosine_lr, pick_device, run_main, task_from_flag
 from minipost.engine import generate
 from minipost.model import GPT, PRESETS, GPTConfig
-from minipost.tasks import TASKS, get_task
+from minipost.tasks import TASKS
 from minipost.tokenizer import train_bpe
 
 
@@ -62,10 +62,7 @@ def parse_args(argv=None):
 
 def load_documents(args) -> list[str]:
     if args.data is None:
-        try:
-            return get_task(args.task).corpus(args.corpus_docs, seed=0)  # the corpus is data: fixed seed
-        except ValueError as e:
-            raise UserError(f"--task: {e}")
+        return task_from_flag(args.task).corpus(args.corpus_docs, seed=0)  # the corpus is data: fixed seed
     path = Path(args.data)
     if not path.is_file():
         raise UserError(f"--data {path}: no such file")

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from minipost import losses
 from minipost.checkpoint import (find_checkpoint, load_checkpoint, load_train_state, rng_state, save_checkpoint,
                                  set_rng_state)
-from minipost.cli import MetricsLog, UserError, pick_device, run_main
+from minipost.cli import MetricsLog, UserError, pick_device, run_main, task_from_flag
 from minipost.data import epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy, prompt_ids
 from minipost.model import GPT, GPTConfig
@@ -55,7 +55,7 @@ from minipost.preferences import build_pairs, load_pairs, pair_sequences, refere
 from minipost.rollout import (Reward, eos_scores, make_reward,
                               sample_kl, sample_rollout, sequence_logprobs, step_seed, token_values)
 from minipost.rewards import load_reward_fn
-from minipost.tasks import TASKS, get_task
+from minipost.tasks import TASKS
 
 ALGOS = ("rm", "dpo", "ppo", "nft", "rft", "grpo")
 # Per-algorithm defaults for flags left unset, tuned so each run learns within a few CPU minutes
@@ -482,10 +482,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     out = Path(args.out)
-    try:
-        task = get_task(args.task)
-    except ValueError as e:
-        raise UserError(f"--task: {e}")
+    task = task_from_flag(args.task)
     init = load_init(args, device)
     resuming = args.resume and find_checkpoint(out) is not None
     resumed = None

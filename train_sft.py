@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from minipost import losses
 from minipost.checkpoint import find_checkpoint, load_checkpoint, load_train_state, rng_state, save_checkpoint, set_rng_state
-from minipost.cli import MetricsLog, UserError, autocast, cosine_lr, pick_device, run_main
+from minipost.cli import MetricsLog, UserError, autocast, cosine_lr, pick_device, run_main, task_from_flag
 from minipost.data import collate, encode_conversations, epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy
-from minipost.tasks import TASKS, get_task
+from minipost.tasks import TASKS
 
 LOSSES = {"sft": losses.sft_loss, "dft": losses.dft_loss}
 
@@ -101,10 +101,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     out = Path(args.out)
-    try:
-        task = get_task(args.task)
-    except ValueError as e:
-        raise UserError(f"--task: {e}")
+    task = task_from_flag(args.task)
 
     resuming = args.resume and find_checkpoint(out) is not None
     ckpt = load_checkpoint(out if resuming else args.init, flag="--resume from" if resuming else "--init")

@@ -76,6 +76,16 @@ def read_metrics(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def task_from_flag(name: str):
+    """The built-in task named by --task, or a UserError naming the choices."""
+    from .tasks import get_task
+
+    try:
+        return get_task(name)
+    except ValueError as e:
+        raise UserError(f"--task: {e}")
+
+
 def require_file(path, flag: str) -> Path:
     p = Path(path)
     if not p.is_file():
