@@ -5,10 +5,13 @@
     sentiment:  base -> SFT -> reward model -> DPO and PPO at several KL strengths -> best-of-N with the reward
                 model (scored by the hidden ground truth)
 
-Each stage calls a script's main() (train_base, train_sft, train_rlhf, sample_bon) with explicit flags, so the
-commands in OUT/report.md reproduce any single number. A rerun skips the stages whose checkpoints are
-complete and resumes a stage that was killed half way. Then every final policy is evaluated the same way
-(OUT/<task>/eval.jsonl) and the report is written from those files and the runs' metrics JSONL.
+Each stage is one script run as its own process with explicit flags (train_base, train_sft, train_rlhf,
+sample_bon, then `python -m minipost.evaluate` for every final policy), so the commands in OUT/report.md
+reproduce any single number. Stages run side by side (--jobs; on CPU two at a time, one thread each) as soon
+as the stages they read are complete; each writes OUT/<stage>/log.txt. A rerun skips the stages whose
+checkpoints (or outputs) are complete and resumes a stage that was killed half way. Every final policy gets
+the same evaluation (OUT/<task>/eval/<policy>/eval.json); the report is written from those files, the
+best-of-N sweeps and the runs' metrics JSONL.
 
 CPU:   python pipeline.py                       # the default study (see README for the time it takes)
        python pipeline.py --quick               # one to two minutes: tiny sizes, the tests run this
@@ -16,23 +19,23 @@ GPU:   python pipeline.py --device cuda --scale gpu --out out/study-gpu
 """
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
 
-import sample_bon
-import train_base
-import train_rlhf
-import train_sft
-from minipost.checkpoint import find_checkpoint, load_checkpoint
-from minipost.cli import pick_device, read_metrics, run_main
-from minipost.evaluate import evaluate_policy
+from minipost.checkpoint import find_checkpoint
+from minipost.cli import UserError, pick_device, run_main
 from minipost.report import write_report
-from minipost.rollout import sample_kl
-from minipost.tasks import get_task
 
-SCRIPTS = {"base": train_base, "sft": train_sft, "rlhf": train_rlhf, "bon": sample_bon}
+HERE = Path(__file__).resolve().parent
+# stage kind -> the command that runs it (each stage is its own process, so stages run side by side)
+SCRIPTS = {"base": ["train_base.py"], "sft": ["train_sft.py"], "rlhf": ["train_rlhf.py"], "bon": ["sample_bon.py"],
+           "eval": ["-m", "minipost.evaluate"]}
 
 
 @dataclass
@@ -45,24 +48,26 @@ class Scale:
     pref_steps: int  # rm and dpo
     n_train: int  # SFT demonstrations
     n_prompts: int  # RL prompts / preference prompts
-    n_eval: int  # prompts per evaluation split
+    n_eval: int  # prompts per split in the final evaluation of every policy (minipost.evaluate)
     sweep: str  # best-of-N values
     sweep_prompts: int
     seeds: int  # SFT / DFT seeds (the RL methods start from seed 0's SFT model)
+    curve_eval: int = 100  # prompts per split in the training scripts' own evaluations (the curves only)
     dpo_betas: tuple = (0.05, 0.1, 0.5)
     ppo_betas: tuple = (0.02, 0.05, 0.2)
     extra: dict = field(default_factory=dict)  # flags added to every call of a script, e.g. sizes
 
 
 SCALES = {
-    "quick": Scale(base_steps=40, warmup_steps=10, sft_steps=20, rl_steps=2, pref_steps=6, n_train=200, n_prompts=32, n_eval=16,
-                   sweep="1,2,4", sweep_prompts=8, seeds=1, dpo_betas=(0.1,), ppo_betas=(0.05,),
+    "quick": Scale(base_steps=40, warmup_steps=10, sft_steps=20, rl_steps=2, pref_steps=6, n_train=200, n_prompts=32,
+                   n_eval=16, curve_eval=16, sweep="1,2,4", sweep_prompts=8, seeds=1, dpo_betas=(0.1,), ppo_betas=(0.05,),
                    extra={"base": ["--corpus-docs", "2000", "--batch-size", "8", "--eval-batches", "2"],
                           "sft": ["--batch-size", "8", "--max-new-tokens", "40"],
                           "rlhf": ["--batch-size", "4", "--max-new-tokens", "40", "--n-kl", "8"],
                           "bon": ["--max-new-tokens", "40", "--time-prompts", "2"]}),
-    "cpu": Scale(base_steps=400, warmup_steps=100, sft_steps=300, rl_steps=40, pref_steps=150, n_train=4000, n_prompts=1000,
-                 n_eval=200, sweep="1,2,4,8,16", sweep_prompts=100, seeds=3),
+    # cpu: sized so the whole study takes about 10-12 minutes with two stages side by side on 2 cores
+    "cpu": Scale(base_steps=250, warmup_steps=100, sft_steps=200, rl_steps=20, pref_steps=100, n_train=4000,
+                 n_prompts=600, n_eval=200, sweep="1,2,4,8,16", sweep_prompts=100, seeds=3, ppo_betas=(0.05, 0.2)),
     "gpu": Scale(base_steps=5000, warmup_steps=200, sft_steps=1000, rl_steps=200, pref_steps=500, n_train=20000, n_prompts=4000,
                  n_eval=500, sweep="1,2,4,8,16,32,64", sweep_prompts=200, seeds=3,
                  extra={"base": ["--preset", "small", "--batch-size", "64"], "sft": ["--batch-size", "64"]}),
@@ -74,12 +79,18 @@ class Stage:
     name: str  # e.g. "arith/sft-seed0": also its directory under OUT
     script: str  # key of SCRIPTS
     argv: list
-    steps: int | None  # expected final checkpoint step; None for sample_bon (done when its output exists)
-    done_file: str = ""  # for sample_bon: the file that marks completion
+    steps: int | None  # expected final checkpoint step; None: done when done_file exists
+    done_file: str = ""  # sample_bon: its output; evaluations: eval.json
+    deps: list = field(default_factory=list)  # names of the stages whose output this one reads
 
     @property
-    def script_file(self):
-        return SCRIPTS[self.script].__name__ + ".py"
+    def init(self) -> str:
+        """The checkpoint directory a stage starts from (--init); for an evaluation, the policy it scores."""
+        return self.argv[self.argv.index("--init") + 1]
+
+    @property
+    def command(self) -> str:
+        return "python " + " ".join(SCRIPTS[self.script] + self.argv)
 
 
 def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
@@ -88,46 +99,53 @@ def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
     d = lambda name: str(out / name)  # noqa: E731
 
     def add(name, script, argv, steps=None, done_file=""):
-        argv = list(argv) + ["--device", device] + s.extra.get(script, [])
-        if script != "bon":
+        argv = [str(a) for a in list(argv) + ["--device", device] + s.extra.get(script, [])]
+        if script not in ("bon", "eval"):
             argv += ["--out", d(name)]
-        stages.append(Stage(name, script, argv, steps, done_file))
+        # a stage depends on every earlier stage whose directory appears in its flags (--init, --data, ...)
+        deps = [st.name for st in stages if any(a == d(st.name) or a.startswith(d(st.name) + "/") for a in argv)]
+        stages.append(Stage(name, script, argv, steps, done_file, deps))
 
+    # the imitation study's teacher first: a wider model, the longest chain of stages
+    tuned = s.warmup_steps + s.sft_steps
+    add("arith/teacher-base", "base", ["--task", "arith", "--preset", "wide", "--max-steps", s.base_steps],
+        s.base_steps)
+    add("arith/teacher-sft", "sft", ["--init", d("arith/teacher-base"), "--task", "arith", "--max-steps", tuned,
+        "--n-train", s.n_train, "--n-eval", s.curve_eval, "--eval-every", tuned], tuned)
     # arith: base; a short SFT warm-up teaches the chat format (DFT's p-weighted gradient cannot: from the
     # base, the format's tokens have p ~ 0); then SFT and DFT over seeds; RL from seed 0's SFT model
     add("arith/base", "base", ["--task", "arith", "--max-steps", s.base_steps], s.base_steps)
     add("arith/warmup", "sft", ["--init", d("arith/base"), "--task", "arith", "--max-steps", s.warmup_steps,
-        "--n-train", s.n_train, "--n-eval", s.n_eval, "--eval-every", s.warmup_steps], s.warmup_steps)
+        "--n-train", s.n_train, "--n-eval", s.curve_eval, "--eval-every", s.warmup_steps], s.warmup_steps)
     for seed in range(s.seeds):
         for loss in ("sft", "dft"):
             add(f"arith/{loss}-seed{seed}", "sft", ["--init", d("arith/warmup"), "--task", "arith", "--loss", loss,
-                "--seed", seed, "--max-steps", s.sft_steps, "--n-train", s.n_train, "--n-eval", s.n_eval,
+                "--seed", seed, "--max-steps", s.sft_steps, "--n-train", s.n_train, "--n-eval", s.curve_eval,
                 "--eval-every", s.sft_steps], s.sft_steps)
     sft = d("arith/sft-seed0")
     for algo in ("grpo", "nft", "rft", "ppo"):
         add(f"arith/{algo}", "rlhf", ["--algo", algo, "--init", sft, "--task", "arith", "--max-steps", s.rl_steps,
-            "--n-prompts", s.n_prompts, "--n-eval", s.n_eval, "--eval-every", s.rl_steps], s.rl_steps)
+            "--n-prompts", s.n_prompts, "--n-eval", s.curve_eval, "--n-kl", s.curve_eval, "--eval-every",
+            s.rl_steps], s.rl_steps)
     for split in ("test", "ood"):
         add(f"arith/bon-{split}", "bon", ["--init", sft, "--task", "arith", "--split", split, "--sweep", s.sweep,
             "--n-prompts", s.sweep_prompts, "--out", d(f"arith/bon-{split}")], done_file="sweep.jsonl")
-    # imitation: a wider teacher on the same data; the small base learns from the teacher's answers
-    add("arith/teacher-base", "base", ["--task", "arith", "--preset", "wide", "--max-steps", s.base_steps],
-        s.base_steps)
-    add("arith/teacher-sft", "sft", ["--init", d("arith/teacher-base"), "--task", "arith", "--max-steps",
-        s.sft_steps, "--n-train", s.n_train, "--n-eval", s.n_eval, "--eval-every", s.sft_steps], s.sft_steps)
+    # imitation: the small base learns from the teacher's answers (SFT on the same prompts); teacher,
+    # student and the SFT policy all get warmup_steps + sft_steps of fine-tuning
     add("arith/teacher-samples", "bon", ["--init", d("arith/teacher-sft"), "--task", "arith", "--split", "train",
         "--n", 1, "--temperature", 0, "--n-prompts", s.n_train, "--out", d("arith/teacher-samples")],
         done_file="bon.jsonl")
     add("arith/imitation", "sft", ["--init", d("arith/base"), "--task", "arith", "--data",
-        d("arith/teacher-samples") + "/bon.jsonl", "--max-steps", s.sft_steps, "--n-eval", s.n_eval,
-        "--eval-every", s.sft_steps], s.sft_steps)
+        d("arith/teacher-samples") + "/bon.jsonl", "--max-steps", tuned, "--n-eval", s.curve_eval, "--eval-every", tuned],
+        tuned)
 
     # sentiment: base, SFT, reward model, DPO and PPO at several strengths, best-of-N with the reward model
     add("sentiment/base", "base", ["--task", "sentiment", "--max-steps", s.base_steps], s.base_steps)
     add("sentiment/sft-seed0", "sft", ["--init", d("sentiment/base"), "--task", "sentiment", "--max-steps",
-        s.sft_steps, "--n-train", s.n_train, "--n-eval", s.n_eval, "--eval-every", s.sft_steps], s.sft_steps)
+        s.sft_steps, "--n-train", s.n_train, "--n-eval", s.curve_eval, "--eval-every", s.sft_steps], s.sft_steps)
     sft = d("sentiment/sft-seed0")
-    common = ["--init", sft, "--task", "sentiment", "--n-prompts", s.n_prompts, "--n-eval", s.n_eval]
+    common = ["--init", sft, "--task", "sentiment", "--n-prompts", s.n_prompts, "--n-eval", s.curve_eval,
+              "--n-kl", s.curve_eval]
     add("sentiment/rm", "rlhf", ["--algo", "rm", *common, "--max-steps", s.pref_steps, "--eval-every",
         s.pref_steps], s.pref_steps)
     for beta in s.dpo_betas:
@@ -139,87 +157,111 @@ def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
     add("sentiment/bon-test", "bon", ["--init", sft, "--task", "sentiment", "--split", "test", "--reward-model",
         d("sentiment/rm"), "--sweep", s.sweep, "--n-prompts", s.sweep_prompts, "--out", d("sentiment/bon-test")],
         done_file="sweep.jsonl")
-    for st in stages:
-        st.argv = [str(a) for a in st.argv]
+
+    # one identical evaluation of every final policy: reward on each split, KL to the task's seed-0 SFT model
+    for st in list(stages):
+        task, method = st.name.split("/")
+        if st.script in ("sft", "rlhf") and method not in ("rm", "warmup"):
+            add(f"{task}/eval/{method}", "eval", ["--init", d(st.name), "--task", task, "--reference",
+                d(f"{task}/sft-seed0"), "--n-eval", s.n_eval, "--seed", method.partition("-seed")[2] or 0,
+                "--out", d(f"{task}/eval/{method}") + "/eval.json"], done_file="eval.json")
     return stages
 
 
 def stage_done(stage: Stage, out: Path) -> bool:
-    if stage.steps is None:
-        return (out / stage.name / stage.done_file).is_file()
-    ckpt = find_checkpoint(out / stage.name)
-    return ckpt is not None and json.loads((ckpt / "meta.json").read_text()).get("step") == stage.steps
+    """Training: its checkpoint reached the planned step. Evaluation: eval.json is of the policy's current
+    checkpoint. sample_bon: its output file exists."""
+    if stage.steps is not None:
+        ckpt = find_checkpoint(out / stage.name)
+        return ckpt is not None and json.loads((ckpt / "meta.json").read_text()).get("step") == stage.steps
+    path = out / stage.name / stage.done_file
+    if not path.is_file():
+        return False
+    if stage.script != "eval":
+        return True
+    ckpt = find_checkpoint(stage.init)
+    return ckpt is not None and json.loads(path.read_text())["step"] == json.loads((ckpt / "meta.json").read_text())["step"]
 
 
-def run_stages(stages, out: Path, only=None):
-    t0 = time.time()
-    for i, stage in enumerate(stages, 1):
+class StageFailed(Exception):
+    pass
+
+
+def start(stage: Stage, out: Path, threads: int):
+    """Launch one stage as a process; its output (progress bars included) goes to OUT/<stage>/log.txt."""
+    log_path = out / stage.name / "log.txt"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = stage.argv + (["--resume"] if stage.steps is not None else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "TQDM_MININTERVAL": "10"}
+    env.setdefault("OMP_NUM_THREADS", str(threads))  # tiny ops: more threads than cores only slows them
+    script = SCRIPTS[stage.script]
+    cmd = [sys.executable] + ([str(HERE / script[0])] if script[0].endswith(".py") else script) + argv
+    with open(log_path, "w") as log:
+        log.write("$ " + stage.command + "\n")
+        log.flush()
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log_path
+
+
+def run_stages(stages, out: Path, jobs: int, only=None):
+    """Run every incomplete stage, up to `jobs` at a time, each as soon as the stages it reads are complete.
+    A progress line per stage with the elapsed time; a failed stage stops the run and shows its log's end."""
+    t0, todo, done = time.time(), [], set()
+    for stage in stages:
         if only and not any(stage.name.startswith(o) for o in only):
-            continue
-        prefix = f"[{i}/{len(stages)} {time.time() - t0:6.0f}s] {stage.name}"
-        if stage_done(stage, out):
-            print(f"{prefix}: complete, skipped", flush=True)
-            continue
-        print(f"{prefix}: python {stage.script_file} {' '.join(stage.argv)}", flush=True)
-        started = time.time()
-        argv = stage.argv + (["--resume"] if stage.steps is not None else [])
-        SCRIPTS[stage.script].main(argv)
-        print(f"{prefix}: done in {time.time() - started:.0f}s", flush=True)
+            done.add(stage.name) if stage_done(stage, out) else None
+        elif stage_done(stage, out):
+            print(f"[{0:5.0f}s] {stage.name}: complete, skipped", flush=True)
+            done.add(stage.name)
+        else:
+            todo.append(stage)
+    for stage in todo:
+        missing = [d for d in stage.deps if d not in done and d not in {s.name for s in todo}]
+        if missing:
+            raise UserError(f"--only: stage {stage.name} needs {', '.join(missing)} first (add it to --only)")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    running = {}  # name -> (process, log path, start time)
+    bar = tqdm(total=len(todo), desc="pipeline", unit="stage", disable=not todo)
+    try:
+        while todo or running:
+            for stage in [s for s in todo if all(d in done for d in s.deps)][:jobs - len(running)]:
+                proc, log_path = start(stage, out, threads)
+                running[stage.name] = (proc, log_path, time.time())
+                todo.remove(stage)
+                bar.write(f"[{time.time() - t0:5.0f}s] {stage.name}: started (log: {log_path})")
+            time.sleep(0.2)
+            for name, (proc, log_path, started) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                if proc.returncode != 0:
+                    tail = log_path.read_text(errors="replace").replace("\r", "\n").splitlines()[-15:]
+                    raise StageFailed(f"stage {name} failed (exit {proc.returncode}); the end of {log_path}:\n"
+                                      + "\n".join(tail))
+                done.add(name)
+                bar.update(1)
+                bar.write(f"[{time.time() - t0:5.0f}s] {name}: done in {time.time() - started:.0f}s")
+    finally:
+        for proc, _, _ in running.values():  # an error or Ctrl-C: leave no stage running unattended
+            proc.terminate()
+        bar.close()
     print(f"all stages done in {time.time() - t0:.0f}s", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------- evaluation
-
-def policies(stages, task_name):
-    """(method, seed, directory) of every trained policy of a task (not bases, reward models or teachers)."""
-    out = []
+def collect_evals(stages, out: Path) -> dict:
+    """task -> one row per evaluated policy: its eval.json plus name, method and seed for the report."""
+    evals = {}
     for st in stages:
-        task, name = st.name.split("/")
-        if task != task_name or st.script not in ("sft", "rlhf") or name in ("rm", "teacher-sft", "warmup"):
+        path = out / st.name / st.done_file
+        if st.script != "eval" or not path.is_file():
             continue
-        method, _, seed = name.partition("-seed")
-        out.append((method, int(seed or 0), st.name))
-    return out
-
-
-def evaluate_all(stages, out: Path, scale: Scale, device):
-    """One evaluation for every final policy of a task: reward on each split and KL to the SFT policy,
-    identical for all methods (OUT/<task>/eval.jsonl). Cached by (name, checkpoint step)."""
-    for task_name in ("arith", "sentiment"):
-        task = get_task(task_name)
-        path = out / task_name / "eval.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-        cached = {(r["name"], r["step"]) for r in rows}
-        reference = load_checkpoint(out / task_name / "sft-seed0", device).model.eval()
-        splits = {s: task.prompts(s, scale.n_eval, seed=1) for s in task.splits if s != "train"}
-        for method, seed, name in policies(stages, task_name) + [("teacher", 0, f"{task_name}/teacher-sft")]:
-            if find_checkpoint(out / name) is None:
-                continue
-            ck = load_checkpoint(out / name, device)
-            if (name, ck.meta["step"]) in cached:
-                continue
-            model = ck.model.eval()
-            row = {"name": name, "method": method, "seed": seed, "step": ck.meta["step"],
-                   "train_time_s": ck.meta.get("elapsed_s"), "samples": samples_used(out / name, ck.meta)}
-            for split, prompts in splits.items():
-                r = evaluate_policy(model, ck.tokenizer, task, prompts, 64, task.eval_temperature, seed=seed)
-                row[f"{split}_reward"], row[f"{split}_format"] = r["reward"], r["format"]
-            kl = sample_kl(model, reference, ck.tokenizer, splits["test"], 64, 1.0, seed=7)
-            row["kl_to_sft"], row["entropy"] = kl["kl"], kl["entropy"]
-            rows.append(row)
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"evaluated {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
-                                                     if isinstance(v, float)), flush=True)
-
-
-def samples_used(run_dir: Path, meta) -> int | None:
-    """Training samples a method consumed: demonstrations seen (SFT, DFT) or sequences it trained on as
-    logged per step by train_rlhf.py ("samples_used")."""
-    if meta.get("kind") in ("sft", "dft"):
-        return int(meta["args"]["batch_size"]) * int(meta["step"])
-    logged = [r["samples_used"] for r in read_metrics(run_dir / "metrics.jsonl") if "samples_used" in r]
-    return sum(logged) if logged else None
+        task, _, policy = st.name.split("/")
+        row = json.loads(path.read_text())
+        method, _, seed = policy.partition("-seed")
+        row.update(name=str(Path(st.init).relative_to(out)), method="teacher" if method == "teacher-sft" else method, seed=int(seed or 0),
+                   kl_to_sft=row["kl_to_ref"], samples=row["samples_used"])
+        evals.setdefault(task, []).append(row)
+    return evals
 
 
 def main(argv=None):
@@ -228,19 +270,27 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes, one to two minutes (same as --scale quick)")
     p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="stage sizes (see SCALES)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--jobs", type=int, default=None, help="stages run side by side (default: 2 on CPU, one "
+                   "thread each; 1 on CUDA)")
     p.add_argument("--only", default=None, help="comma-separated stage-name prefixes to run, e.g. arith/base")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from existing results")
     args = p.parse_args(argv)
     scale = SCALES["quick" if args.quick else args.scale]
     device = pick_device(args.device)
     out = Path(args.out)
+    jobs = args.jobs or (1 if device.type == "cuda" else min(2, os.cpu_count() or 1))
+    if jobs < 1:
+        raise UserError("--jobs must be >= 1")
     stages = plan(scale, out, device.type)
     if not args.report_only:
-        run_stages(stages, out, args.only.split(",") if args.only else None)
+        try:
+            run_stages(stages, out, jobs, args.only.split(",") if args.only else None)
+        except StageFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         if args.only:
             return
-        evaluate_all(stages, out, scale, device)
-    report = write_report(out, stages, scale)
+    report = write_report(out, stages, scale, collect_evals(stages, out))
     print(f"report: {report}")
 
 

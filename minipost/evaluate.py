@@ -46,3 +46,80 @@ def evaluate_policy(model, tokenizer, task, rows, max_new_tokens=64, temperature
     formats = task.format_ok(texts)
     return {"reward": sum(rewards) / len(rewards), "format": sum(formats) / len(formats), "n": len(rows),
             "example": texts[0]}
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+def samples_used(run_dir, meta) -> int | None:
+    """Training samples a run consumed: demonstrations seen (SFT, DFT: batch size x steps) or the sequences
+    it trained on, as logged per step by train_rlhf.py ("samples_used"); None when not logged."""
+    import json
+    from pathlib import Path
+    if meta.get("kind") in ("sft", "dft"):
+        return int(meta["args"]["batch_size"]) * int(meta["step"])
+    path = Path(run_dir) / "metrics.jsonl"
+    logged = [json.loads(line).get("samples_used") for line in path.read_text().splitlines()] if path.is_file() else []
+    logged = [v for v in logged if v is not None]
+    return sum(logged) if logged else None
+
+
+def main(argv=None):
+    """python -m minipost.evaluate --init RUN --task arith [--reference SFT_RUN]: one uniform evaluation of a
+    policy (what pipeline.py runs for every method) -> JSON on stdout or --out FILE."""
+    import argparse
+    import json
+    import time
+    from pathlib import Path
+
+    from .checkpoint import load_checkpoint
+    from .cli import UserError, pick_device, task_from_flag
+    from .rollout import sample_kl
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--init", required=True, help="policy checkpoint directory")
+    p.add_argument("--task", required=True, help="built-in task whose test splits are scored")
+    p.add_argument("--reference", default=None, help="checkpoint for the sequence KL (default: --init itself)")
+    p.add_argument("--n-eval", type=int, default=200, help="prompts per split (the same prompts for every policy)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="response budget")
+    p.add_argument("--k", type=int, default=4, help="T = 1 samples per test prompt for the KL and the sampled "
+                   "reward")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (sampled tasks; greedy ignores it)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--out", default=None, help="write the JSON row here (atomically) instead of stdout")
+    args = p.parse_args(argv)
+    if args.n_eval < 1 or args.k < 1:
+        raise UserError("--n-eval and --k must be >= 1")
+    task, device = task_from_flag(args.task), pick_device(args.device)
+    t0 = time.time()
+    ck = load_checkpoint(args.init, device, flag="--init")
+    if ck.model.config.scalar_head:
+        raise UserError(f"--init {args.init} is a reward model, not a policy")
+    ref = load_checkpoint(args.reference, device, flag="--reference") if args.reference else ck
+    model = ck.model.eval()
+    row = {"init": str(args.init), "kind": ck.meta.get("kind"), "step": ck.meta.get("step"),
+           "train_time_s": ck.meta.get("elapsed_s"), "samples_used": samples_used(args.init, ck.meta),
+           "n_eval": args.n_eval, "k": args.k}
+    splits = {s: task.prompts(s, args.n_eval, seed=1) for s in task.splits if s != "train"}
+    for split, prompts in splits.items():
+        r = evaluate_policy(model, ck.tokenizer, task, prompts, args.max_new_tokens, task.eval_temperature,
+                            seed=args.seed)
+        row[f"{split}_reward"], row[f"{split}_format"] = r["reward"], r["format"]
+    # KL to the reference and the reward of the policy's own T = 1 samples (k per test prompt): for a
+    # verifier task evaluated greedily, this shows a sharpened sampling distribution the greedy answer hides
+    kl = sample_kl(model, ref.model.eval(), ck.tokenizer, splits["test"], args.max_new_tokens, 1.0, seed=7 + args.seed,
+                   reward_fn=task.reward, k=args.k)
+    row["kl_to_ref"], row["entropy"], row["test_sample_reward"] = kl["kl"], kl["entropy"], kl["reward"]
+    row["eval_time_s"] = time.time() - t0
+    text = json.dumps(row)
+    if args.out is None:
+        print(text)
+    else:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(out)  # atomic: a killed evaluation leaves no half-written row
+
+
+if __name__ == "__main__":
+    from .cli import run_main
+    run_main(main)

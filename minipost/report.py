@@ -1,6 +1,6 @@
 """The study's report: markdown tables and PNG plots, built only from the files the stages wrote.
 
-Inputs (under the pipeline's OUT): <task>/eval.jsonl (one uniform evaluation per final policy),
+Inputs (under the pipeline's OUT): <task>/eval/<policy>/eval.json (one uniform evaluation per final policy),
 <task>/bon-*/sweep.jsonl (best-of-N sweeps), <stage>/metrics.jsonl (training curves). Every number in
 report.md is read from those files; tests/test_pipeline.py checks that they match.
 """
@@ -43,16 +43,20 @@ def by_method(rows):
     return dict(sorted(groups.items(), key=lambda kv: key(kv[0])))
 
 
-def method_table(rows, splits, reward_name):
-    cols = [f"{s} {reward_name}" for s in splits] + ["format (test)", "KL to SFT (nats/seq)", "train time (s)",
-                                                      "samples used"]
-    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+def method_table(rows, columns):
+    """columns: (header, eval key, digits). One row per method: mean ± sd over its seeds."""
+    lines = ["| method | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for method, group in by_method(rows).items():
-        cells = [fmt([r[f"{s}_reward"] for r in group]) for s in splits]
-        cells += [fmt([r["test_format"] for r in group]), fmt([r["kl_to_sft"] for r in group], 2),
-                  fmt([r["train_time_s"] for r in group], 0), fmt([r["samples"] for r in group], 0)]
+        cells = [fmt([r.get(key) for r in group], digits) for _, key, digits in columns]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+COMMON_COLUMNS = [("format (test)", "test_format", 3), ("KL to SFT (nats/seq)", "kl_to_sft", 2),
+                  ("train time (s)", "train_time_s", 0), ("samples used", "samples", 0)]
+ARITH_COLUMNS = [("test accuracy (greedy)", "test_reward", 3), ("test accuracy (T = 1 samples)", "test_sample_reward", 3),
+                 ("ood accuracy (greedy)", "ood_reward", 3)] + COMMON_COLUMNS
+SENTIMENT_COLUMNS = [("test reward (T = 1 samples)", "test_sample_reward", 3)] + COMMON_COLUMNS
 
 
 def sweep_table(sweep):
@@ -61,6 +65,18 @@ def sweep_table(sweep):
         lines.append(f"| {r['n']} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['format']:.3f} | "
                      f"{r['kl_est']:.3f} | {r['kl_bound']:.3f} | {r['gen_s_per_prompt']:.3f} |")
     return "\n".join(lines)
+
+
+def two_se_diff(p1, n1, p2, n2):
+    """Two standard errors of the difference of two accuracies measured on n1 and n2 graded answers."""
+    return 2 * math.sqrt(max(p1 * (1 - p1), 1e-12) / n1 + max(p2 * (1 - p2), 1e-12) / n2)
+
+
+def verdict(diff, noise):
+    """A claim "diff > 0" -> held / did not hold / within noise (|diff| < two standard errors)."""
+    if abs(diff) < noise:
+        return f"is within noise here (difference {diff:+.3f}, two standard errors ±{noise:.3f})"
+    return ("held" if diff > 0 else "did not hold") + f" here (difference {diff:+.3f}, two standard errors ±{noise:.3f})"
 
 
 def mean_of(rows, method, key):
@@ -83,7 +99,7 @@ def plots(out: Path, stages, evals, sweeps):
     if rows:
         fig, ax = plt.subplots(figsize=(5, 4))
         for method, marker in (("ppo", "o"), ("dpo", "s"), ("sft", "*")):
-            pts = [(r["kl_to_sft"], r["test_reward"], r["name"]) for r in rows if r["method"].startswith(method)]
+            pts = [(r["kl_to_sft"], r["test_sample_reward"], r["name"]) for r in rows if r["method"].startswith(method)]
             if pts:
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=method)
         bon = sweeps.get("sentiment/bon-test", [])
@@ -151,68 +167,88 @@ def questions(evals, sweeps):
                    "the sentiment sweep below.")
     sft_ood, dft_ood = mean_of(a, "sft", "ood_reward"), mean_of(a, "dft", "ood_reward")
     if sft_ood is not None and dft_ood is not None:
-        n = len([r for r in a if r["method"] == "sft"])
-        held = dft_ood > sft_ood
+        n_sft, n_dft = (len([r for r in a if r["method"] == m]) for m in ("sft", "dft"))
+        n_eval = a[0].get("n_eval", 1)
         out.append(f"**(2) DFT vs SFT out of distribution (Wu et al. 2025).** OOD accuracy SFT "
                    f"{fmt([r['ood_reward'] for r in a if r['method'] == 'sft'])}, DFT "
-                   f"{fmt([r['ood_reward'] for r in a if r['method'] == 'dft'])} over {n} seed(s); in distribution "
-                   f"SFT {sft:.3f}, DFT {dft:.3f}. Both continue from the same short SFT warm-up (from the raw base, "
-                   "DFT cannot learn the chat format: its weight p is ~0 on the format's tokens). The claim (DFT "
-                   "generalises better) "
-                   + ("held here." if held else "did not hold here."))
-    rl = {m: mean_of(a, m, "test_reward") for m in ("nft", "rft", "grpo", "ppo")}
-    if all(v is not None for v in rl.values()):
-        best = max(rl, key=rl.get)
-        out.append("**(3) NFT vs RFT vs GRPO (Chen et al. 2025).** Test accuracy from the same SFT policy "
-                   f"({sft:.3f}): " + ", ".join(f"{m.upper()} {v:.3f}" for m, v in rl.items()) + f". Best: {best.upper()}. "
-                   "The claim NFT >= RFT " + ("held" if rl["nft"] >= rl["rft"] else "did not hold") + " here.")
+                   f"{fmt([r['ood_reward'] for r in a if r['method'] == 'dft'])} (greedy, {n_eval} prompts per seed); "
+                   f"in distribution SFT {sft:.3f}, DFT {dft:.3f}. Both continue from the same short SFT warm-up (from "
+                   "the raw base, DFT cannot learn the chat format: its weight p is ~0 on the format's tokens). The "
+                   "claim (DFT generalises better) "
+                   + verdict(dft_ood - sft_ood, two_se_diff(sft_ood, n_eval * n_sft, dft_ood, n_eval * n_dft)) + ".")
+    rl = {m: (mean_of(a, m, "test_reward"), mean_of(a, m, "test_sample_reward")) for m in ("nft", "rft", "grpo", "ppo")}
+    start = [r for r in a if r["method"] == "sft" and r["seed"] == 0]  # the policy every RL run starts from
+    if start and all(v[0] is not None for v in rl.values()):
+        sft0, sft_sampled = start[0]["test_reward"], start[0]["test_sample_reward"]
+        n_greedy = a[0].get("n_eval", 1)
+        n_sampled = n_greedy * a[0].get("k", 1)
+        se = 2 * math.sqrt(sft0 * (1 - sft0) / n_greedy)  # two standard errors of one greedy accuracy
+        se_s = 2 * math.sqrt(sft_sampled * (1 - sft_sampled) / n_sampled)
+        best = max(rl, key=lambda m: rl[m][1])
+        nft_vs_rft = rl["nft"][1] - rl["rft"][1]
+        out.append("**(3) NFT vs RFT vs GRPO (Chen et al. 2025).** From the same SFT policy (seed 0: test accuracy "
+                   f"{sft0:.3f} greedy, {sft_sampled:.3f} with T = 1 samples), greedy / T = 1: "
+                   + ", ".join(f"{m.upper()} {g:.3f} / {t:.3f}" for m, (g, t) in rl.items())
+                   + f". Two standard errors: ±{se:.3f} greedy ({n_greedy} prompts), ±{se_s:.3f} sampled "
+                   f"({n_sampled} samples). Beyond two standard errors of the difference over SFT (T = 1): "
+                   + (", ".join(f"{m.upper()} {t - sft_sampled:+.3f}" for m, (g, t) in rl.items()
+                                if abs(t - sft_sampled) > two_se_diff(t, n_sampled, sft_sampled, n_sampled)) or "none")
+                   + f". Most sampled accuracy: {best.upper()} ({rl[best][1] - sft_sampled:+.3f} over "
+                   "SFT). The claim NFT >= RFT "
+                   + verdict(nft_vs_rft, two_se_diff(rl["nft"][1], n_sampled, rl["rft"][1], n_sampled))
+                   + " (T = 1 accuracy).")
     ppo = [r for r in s if r["method"].startswith("ppo")]
     dpo = [r for r in s if r["method"].startswith("dpo")]
     if ppo and dpo:
-        eff = lambda rs: max((r["test_reward"] - mean_of(s, "sft", "test_reward")) / max(r["kl_to_sft"], 1e-3)  # noqa: E731
+        eff = lambda rs: max((r["test_sample_reward"] - mean_of(s, "sft", "test_sample_reward"))  # noqa: E731
+                             / max(r["kl_to_sft"], 1e-3)
                              for r in rs)
         out.append("**(4) PPO vs DPO reward per KL (Rafailov et al. 2023).** Ground-truth reward and KL to SFT: "
-                   + "; ".join(f"{r['method']} {r['test_reward']:.3f} at {r['kl_to_sft']:.2f} nats" for r in ppo + dpo)
+                   + "; ".join(f"{r['method']} {r['test_sample_reward']:.3f} at {r['kl_to_sft']:.2f} nats"
+                               for r in ppo + dpo)
                    + f". Best reward gain per nat: PPO {eff(ppo):.3f}, DPO {eff(dpo):.3f}. The paper's claim (DPO "
                    "reaches a better frontier) " + ("held" if eff(dpo) > eff(ppo) else "did not hold") + " here.")
     imit, teach = [r for r in a if r["method"] == "imitation"], [r for r in a if r["method"] == "teacher"]
     if imit and teach:
         i, t = imit[0], teach[0]
+        n_eval = t.get("n_eval", 1)
+        gap = t["test_reward"] - i["test_reward"]
         out.append("**(5) Imitation (Gudibande et al. 2023).** Teacher (wider model): format "
                    f"{t['test_format']:.3f}, accuracy {t['test_reward']:.3f}; small model fine-tuned on the teacher's "
                    f"answers: format {i['test_format']:.3f}, accuracy {i['test_reward']:.3f}; small model on the true "
-                   f"demonstrations: accuracy {sft:.3f}. Style copied (format gap {t['test_format'] - i['test_format']:+.3f}), "
-                   f"capability gap {t['test_reward'] - i['test_reward']:+.3f}: the claim "
-                   + ("held" if t["test_reward"] - i["test_reward"] > abs(t["test_format"] - i["test_format"]) else
-                      "did not hold") + " here.")
+                   f"demonstrations: accuracy {sft:.3f}. Format gap teacher - imitator "
+                   f"{t['test_format'] - i['test_format']:+.3f}. The claim (the imitator copies the style but not the "
+                   "capability: accuracy gap > 0) "
+                   + verdict(gap, two_se_diff(t["test_reward"], n_eval, i["test_reward"], n_eval)) + ".")
     return out
 
 
-def write_report(out: Path, stages, scale) -> Path:
+def write_report(out: Path, stages, scale, evals: dict) -> Path:
+    """evals: task -> rows of the policies' eval.json (plus name, method, seed), as pipeline.collect_evals."""
     out = Path(out)
-    evals = {t: read_jsonl(out / t / "eval.jsonl") for t in ("arith", "sentiment")}
+    evals = {t: evals.get(t, []) for t in ("arith", "sentiment")}
     sweeps = {st.name: read_jsonl(out / st.name / "sweep.jsonl") for st in stages if st.script == "bon"}
     made = plots(out, stages, evals, sweeps)
     md = ["# minipost study report", "",
-          "Every number below is read from the files the stages wrote (eval.jsonl, sweep.jsonl, metrics.jsonl) "
+          "Every number below is read from the files the stages wrote (eval.json, sweep.jsonl, metrics.jsonl) "
           f"under `{out}`. Scale: {scale.base_steps} base steps, {scale.sft_steps} SFT steps, {scale.rl_steps} "
           f"RL rollout steps, {scale.n_eval} evaluation prompts per split, {scale.seeds} SFT/DFT seed(s).", "",
           "## Questions", ""]
     md += [q + "\n" for q in questions(evals, sweeps)]
     md += ["## arith (accuracy by the verifier; greedy answers)", "",
-           method_table(evals["arith"], ("test", "ood"), "accuracy"), ""]
+           method_table(evals["arith"], ARITH_COLUMNS), ""]
     for split in ("test", "ood"):
         if sweeps.get(f"arith/bon-{split}"):
             md += [f"Best-of-N from the SFT policy on {split}, verifier selects:", "",
                    sweep_table(sweeps[f"arith/bon-{split}"]), ""]
     md += ["## sentiment (hidden ground-truth reward of sampled continuations, T = 1)", "",
-           method_table(evals["sentiment"], ("test",), "reward"), ""]
+           method_table(evals["sentiment"], SENTIMENT_COLUMNS), ""]
     if sweeps.get("sentiment/bon-test"):
         md += ["Best-of-N from the SFT policy, the learned reward model selects, the ground truth scores:", "",
                sweep_table(sweeps["sentiment/bon-test"]), ""]
     md += ["## Plots", ""] + [f"![{m}]({m})" for m in made] + [""]
     md += ["## How each number was made", "", "Stages (each a script call; rerun one to reproduce it):", ""]
-    md += [f"- `{st.name}`: `python {st.script_file} {' '.join(st.argv)}`" for st in stages]
+    md += [f"- `{st.name}`: `{st.command}`" for st in stages]
     md += ["", "KL to SFT: mean over test prompts of the summed per-token log-ratio log pi(y_t) - log pi_SFT(y_t) "
            "on one T = 1 sample of the policy per prompt. Reward: the task's verifier (arith, greedy answer) or "
            "hidden lexicon score (sentiment, T = 1 samples). Best-of-N: the KL estimate is a plug-in from the "

@@ -113,11 +113,11 @@ def sample_rollout(model, tokenizer, rows, k, max_new_tokens, temperature, seed)
 
 
 @torch.no_grad()
-def sample_kl(policy, ref, tokenizer, rows, max_new_tokens, temperature=1.0, seed=0, reward_fn=None) -> dict:
-    """Sequence KL(policy || ref) on the policy's own samples (one per prompt) and its token entropy:
+def sample_kl(policy, ref, tokenizer, rows, max_new_tokens, temperature=1.0, seed=0, reward_fn=None, k=1) -> dict:
+    """Sequence KL(policy || ref) on the policy's own samples (k per prompt) and its token entropy:
     kl = mean over sequences of sum_t (logp_t - ref_t), both at the sampling temperature.
     With reward_fn (a TRL-style reward function), also "reward": its mean over the same samples."""
-    r = sample_rollout(policy, tokenizer, rows, 1, max_new_tokens, temperature, seed)
+    r = sample_rollout(policy, tokenizer, rows, k, max_new_tokens, temperature, seed)
     logp, ent = sequence_logprobs(policy, r.seqs, temperature, entropy=True)
     ref_logp = sequence_logprobs(ref, r.seqs, temperature)
     out = {"kl": ((logp - ref_logp) * r.seqs.mask).sum(1).mean().item(),
