@@ -52,7 +52,7 @@ class Scale:
     sweep: str  # best-of-N values
     sweep_prompts: int
     seeds: int  # SFT / DFT seeds (the RL methods start from seed 0's SFT model)
-    curve_eval: int = 100  # prompts per split in the training scripts' own evaluations (the curves only)
+    curve_eval: int = 50  # prompts per split in the training scripts' own evaluations (their logs only)
     dpo_betas: tuple = (0.05, 0.1, 0.5)
     ppo_betas: tuple = (0.02, 0.05, 0.2)
     extra: dict = field(default_factory=dict)  # flags added to every call of a script, e.g. sizes

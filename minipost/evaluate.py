@@ -51,11 +51,11 @@ def evaluate_policy(model, tokenizer, task, rows, max_new_tokens=64, temperature
 # ------------------------------------------------------------------------------------------ command line
 
 def samples_used(run_dir, meta) -> int | None:
-    """Training samples a run consumed: demonstrations seen (SFT, DFT: batch size x steps) or the sequences
-    it trained on, as logged per step by train_rlhf.py ("samples_used"); None when not logged."""
+    """Training samples a run consumed: demonstrations (SFT, DFT) or preference pairs (DPO) seen, batch size x
+    steps, or the sequences an RL run trained on, as logged per step by train_rlhf.py ("samples_used")."""
     import json
     from pathlib import Path
-    if meta.get("kind") in ("sft", "dft"):
+    if meta.get("kind") in ("sft", "dft", "dpo", "rm"):
         return int(meta["args"]["batch_size"]) * int(meta["step"])
     path = Path(run_dir) / "metrics.jsonl"
     logged = [json.loads(line).get("samples_used") for line in path.read_text().splitlines()] if path.is_file() else []

@@ -1,6 +1,5 @@
 """pipeline.py --quick end to end: every stage runs, a rerun skips them, the report's numbers are the files'."""
 import json
-import re
 
 import pytest
 
@@ -80,3 +79,19 @@ def test_a_failed_stage_stops_the_run_with_its_log(tmp_path):
     with pytest.raises(pipeline.StageFailed, match=r"(?s)arith/eval/bad failed \(exit 2\).*error: --init"):
         pipeline.run_stages([bad], tmp_path, jobs=1)
     assert (tmp_path / "arith/eval/bad/log.txt").is_file()
+
+
+def test_report_time_and_samples_come_from_the_runs_metrics(study):
+    """train time = the run's last metrics.jsonl time_s; samples = the sum of its logged samples_used (RL), or
+    batch size x steps (SFT, DFT, DPO)."""
+    evals = pipeline.collect_evals(pipeline.plan(pipeline.SCALES["quick"], study, "cpu"), study)
+    for rows in evals.values():
+        for r in rows:
+            metrics = read_jsonl(study / r["name"] / "metrics.jsonl")
+            assert r["train_time_s"] == metrics[-1]["time_s"]
+            logged = [m["samples_used"] for m in metrics if "samples_used" in m]
+            if logged:
+                assert r["samples"] == sum(logged) and r["method"] in ("grpo", "nft", "rft", "ppo", "ppo-beta0.05")
+            else:
+                meta = json.loads((study / r["name"] / "ckpt" / "meta.json").read_text())
+                assert r["samples"] == meta["args"]["batch_size"] * meta["step"]
