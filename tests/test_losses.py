@@ -157,6 +157,24 @@ def test_nft_positive_and_negative_values():
     assert_close(neg, t(0.75 * (0.0 - math.log(x2)) / 4))
 
 
+def test_nft_gradient_after_the_first_step():
+    """R != 1 (a later minibatch step): hand-derived gradients. Positive: d(-log R)/dlogp = -1. Negative:
+    l = -log max_v(x, eps), x = (1 - r R) / (1 - r), so dl/dlogp = (r R / (1 - r)) / max(x, eps) -- the clipped
+    token keeps a gradient, divided by eps instead of x. Each times w = 1 - r over the normaliser."""
+    logp, old = t([[-1.0, -1.0]], requires_grad=True), t([[-1.2, -0.9]])  # R = e^0.2 (x < eps), e^-0.1
+    r, mask = 0.25, t([[1, 1]])
+    L.nft_loss(logp, old, mask, torch.tensor([True]), t([r]), normaliser=4.0).backward()
+    assert_close(logp.grad, t([[-0.75 / 4, -0.75 / 4]]))
+    logp.grad = None
+    L.nft_loss(logp, old, mask, torch.tensor([False]), t([r]), normaliser=4.0, eps=1.0).backward()
+    expected = []
+    for log_r in (0.2, -0.1):
+        R = math.exp(log_r)
+        x = (1 - r * R) / (1 - r)
+        expected.append(0.75 / 4 * (r * R / (1 - r)) / max(x, 1.0))
+    assert_close(logp.grad, t([expected]))
+
+
 def test_nft_at_ratio_one_matches_drgrpo_gradient():
     """At R = 1, NFT's gradient equals Dr.GRPO's with binary reward and the same constant normaliser."""
     torch.manual_seed(1)
