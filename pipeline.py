@@ -7,7 +7,7 @@
 
 Each stage is one script run as its own process with explicit flags (train_base, train_sft, train_rlhf,
 sample_bon, then `python -m minipost.evaluate` for every final policy), so the commands in OUT/report.md
-reproduce any single number. Stages run side by side (--jobs; on CPU two at a time, one thread each) as soon
+reproduce any single number. Stages run side by side (--jobs; on CPU two at a time, sharing the cores) as soon
 as the stages they read are complete; each writes OUT/<stage>/log.txt. A rerun skips the stages whose
 checkpoints (or outputs) are complete and resumes a stage that was killed half way. Every final policy gets
 the same evaluation (OUT/<task>/eval/<policy>/eval.json); the report is written from those files, the
@@ -20,6 +20,7 @@ GPU:   python pipeline.py --device cuda --scale gpu --out out/study-gpu
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -179,12 +180,19 @@ def stage_done(stage: Stage, out: Path) -> bool:
         return False
     if stage.script != "eval":
         return True
-    ckpt = find_checkpoint(stage.init)
-    return ckpt is not None and json.loads(path.read_text())["step"] == json.loads((ckpt / "meta.json").read_text())["step"]
+    ckpt, row = find_checkpoint(stage.init), json.loads(path.read_text())
+    n_eval = int(stage.argv[stage.argv.index("--n-eval") + 1])
+    return ckpt is not None and row["step"] == json.loads((ckpt / "meta.json").read_text())["step"] and \
+        row.get("n_eval") == n_eval and "test_rewards" in row  # (an older eval.json has no per-prompt values)
 
 
 class StageFailed(Exception):
     pass
+
+
+def available_cores() -> int:
+    """Cores this process may run on (a container's CPU affinity, not the host's core count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def start(stage: Stage, out: Path, threads: int):
@@ -192,34 +200,46 @@ def start(stage: Stage, out: Path, threads: int):
     log_path = out / stage.name / "log.txt"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = stage.argv + (["--resume"] if stage.steps is not None else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "TQDM_MININTERVAL": "10"}
+    paths = [str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "TQDM_MININTERVAL": "10"}
     env.setdefault("OMP_NUM_THREADS", str(threads))  # tiny ops: more threads than cores only slows them
     script = SCRIPTS[stage.script]
     cmd = [sys.executable] + ([str(HERE / script[0])] if script[0].endswith(".py") else script) + argv
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         log.write("$ " + stage.command + "\n")
         log.flush()
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log_path
 
 
-def run_stages(stages, out: Path, jobs: int, only=None):
-    """Run every incomplete stage, up to `jobs` at a time, each as soon as the stages it reads are complete.
-    A progress line per stage with the elapsed time; a failed stage stops the run and shows its log's end."""
-    t0, todo, done = time.time(), [], set()
+def pending(stages, out: Path, only=None):
+    """-> (stages to run, names of complete stages). A stage also reruns when a stage it reads reruns (an
+    evaluation of a policy that is about to train further is stale even if its step matches today)."""
+    todo, done = [], set()
+    selected = [s for s in stages if not only or any(s.name.startswith(o) for o in only)]
+    if only and not selected:
+        raise UserError(f"--only {','.join(only)}: no stage name starts with that (see the report's stage list)")
     for stage in stages:
-        if only and not any(stage.name.startswith(o) for o in only):
-            done.add(stage.name) if stage_done(stage, out) else None
-        elif stage_done(stage, out):
-            print(f"[{0:5.0f}s] {stage.name}: complete, skipped", flush=True)
+        rerun_dep = any(d in {s.name for s in todo} for d in stage.deps)
+        if stage_done(stage, out) and not rerun_dep:
             done.add(stage.name)
-        else:
+        elif stage in selected:
             todo.append(stage)
     for stage in todo:
         missing = [d for d in stage.deps if d not in done and d not in {s.name for s in todo}]
         if missing:
             raise UserError(f"--only: stage {stage.name} needs {', '.join(missing)} first (add it to --only)")
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    return todo, done
+
+
+def run_stages(stages, out: Path, jobs: int, only=None):
+    """Run every incomplete stage, up to `jobs` at a time, each as soon as the stages it reads are complete.
+    A progress line per stage with the elapsed time; a failed stage stops the run and shows its log's end."""
+    t0 = time.time()
+    todo, done = pending(stages, out, only)
+    for stage in stages:
+        if stage.name in done and (not only or any(stage.name.startswith(o) for o in only)):
+            print(f"[{0:5.0f}s] {stage.name}: complete, skipped", flush=True)
+    threads = max(1, available_cores() // jobs)
     running = {}  # name -> (process, log path, start time)
     bar = tqdm(total=len(todo), desc="pipeline", unit="stage", disable=not todo)
     try:
@@ -238,14 +258,27 @@ def run_stages(stages, out: Path, jobs: int, only=None):
                     tail = log_path.read_text(errors="replace").replace("\r", "\n").splitlines()[-15:]
                     raise StageFailed(f"stage {name} failed (exit {proc.returncode}); the end of {log_path}:\n"
                                       + "\n".join(tail))
+                stage = next(s for s in stages if s.name == name)
+                if not stage_done(stage, out):  # e.g. a checkpoint already past the planned step
+                    raise StageFailed(f"stage {name} exited 0 but is not complete (expected checkpoint step "
+                                      f"{stage.steps} or {stage.done_file}); see {log_path}")
                 done.add(name)
                 bar.update(1)
                 bar.write(f"[{time.time() - t0:5.0f}s] {name}: done in {time.time() - started:.0f}s")
     finally:
-        for proc, _, _ in running.values():  # an error or Ctrl-C: leave no stage running unattended
+        for proc, _, _ in running.values():  # an error, Ctrl-C or SIGTERM: leave no stage running unattended
             proc.terminate()
+        for proc, _, _ in running.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         bar.close()
     print(f"all stages done in {time.time() - t0:.0f}s", flush=True)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def collect_evals(stages, out: Path) -> dict:
@@ -278,16 +311,20 @@ def main(argv=None):
     scale = SCALES["quick" if args.quick else args.scale]
     device = pick_device(args.device)
     out = Path(args.out)
-    jobs = args.jobs or (1 if device.type == "cuda" else min(2, os.cpu_count() or 1))
+    jobs = args.jobs or (1 if device.type == "cuda" else min(2, available_cores()))
     if jobs < 1:
         raise UserError("--jobs must be >= 1")
     stages = plan(scale, out, device.type)
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the stages too, as Ctrl-C does
     if not args.report_only:
         try:
             run_stages(stages, out, jobs, args.only.split(",") if args.only else None)
         except StageFailed as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
+        except KeyboardInterrupt:
+            print("interrupted: the running stages were stopped; rerun the same command to resume", file=sys.stderr)
+            sys.exit(130)
         if args.only:
             return
     report = write_report(out, stages, scale, collect_evals(stages, out))

@@ -40,12 +40,13 @@ def sample_completions(model, tokenizer, rows, max_new_tokens=64, temperature=0.
 
 
 def evaluate_policy(model, tokenizer, task, rows, max_new_tokens=64, temperature=0.0, batch_size=64, seed=0):
-    """Mean task reward (accuracy for arith's verifier) and format rate of one completion per prompt."""
+    """Mean task reward (accuracy for arith's verifier) and format rate of one completion per prompt
+    (+ "rewards": the per-prompt values, for paired comparisons between policies on the same prompts)."""
     texts = sample_completions(model, tokenizer, rows, max_new_tokens, temperature, 1, batch_size, seed)
     rewards = task.reward([r["prompt"] for r in rows], texts, **reward_kwargs(rows))
     formats = task.format_ok(texts)
     return {"reward": sum(rewards) / len(rewards), "format": sum(formats) / len(formats), "n": len(rows),
-            "example": texts[0]}
+            "example": texts[0], "rewards": [float(v) for v in rewards]}
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -103,11 +104,14 @@ def main(argv=None):
         r = evaluate_policy(model, ck.tokenizer, task, prompts, args.max_new_tokens, task.eval_temperature,
                             seed=args.seed)
         row[f"{split}_reward"], row[f"{split}_format"] = r["reward"], r["format"]
+        row[f"{split}_rewards"] = r["rewards"]  # per prompt, same prompts for every policy
     # KL to the reference and the reward of the policy's own T = 1 samples (k per test prompt): for a
     # verifier task evaluated greedily, this shows a sharpened sampling distribution the greedy answer hides
     kl = sample_kl(model, ref.model.eval(), ck.tokenizer, splits["test"], args.max_new_tokens, 1.0, seed=7 + args.seed,
                    reward_fn=task.reward, k=args.k)
     row["kl_to_ref"], row["entropy"], row["test_sample_reward"] = kl["kl"], kl["entropy"], kl["reward"]
+    k = args.k
+    row["test_sample_rewards"] = [sum(kl["rewards"][i:i + k]) / k for i in range(0, len(kl["rewards"]), k)]
     row["eval_time_s"] = time.time() - t0
     text = json.dumps(row)
     if args.out is None:

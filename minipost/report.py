@@ -67,16 +67,32 @@ def sweep_table(sweep):
     return "\n".join(lines)
 
 
-def two_se_diff(p1, n1, p2, n2):
-    """Two standard errors of the difference of two accuracies measured on n1 and n2 graded answers."""
-    return 2 * math.sqrt(max(p1 * (1 - p1), 1e-12) / n1 + max(p2 * (1 - p2), 1e-12) / n2)
+def per_prompt(rows, key):
+    """Per-prompt values averaged over the rows (seeds) of a method: rows[*][key] are equal-length lists."""
+    lists = [r[key] for r in rows]
+    return [sum(vals) / len(vals) for vals in zip(*lists)]
 
 
-def verdict(diff, noise):
+def noise(rows_a, rows_b, key):
+    """Two standard errors of mean(a) - mean(b), both scored on the same prompts (key: per-prompt lists):
+    paired over prompts, or from the seeds' spread when both sides have several seeds and that is larger."""
+    d = [x - y for x, y in zip(per_prompt(rows_a, key), per_prompt(rows_b, key))]
+    n = len(d)
+    sd = math.sqrt(sum((v - sum(d) / n) ** 2 for v in d) / (n - 1)) if n > 1 else 0.0
+    two_se = 2 * sd / math.sqrt(max(n, 1))
+    if len(rows_a) > 1 and len(rows_b) > 1:
+        scalar = key[:-1]  # "test_rewards" -> "test_reward"
+        va, vb = (mean_sd([r[scalar] for r in rows])[1] ** 2 / len(rows) for rows in (rows_a, rows_b))
+        two_se = max(two_se, 2 * math.sqrt(va + vb))
+    return two_se
+
+
+def verdict(diff, two_se):
     """A claim "diff > 0" -> held / did not hold / within noise (|diff| < two standard errors)."""
-    if abs(diff) < noise:
-        return f"is within noise here (difference {diff:+.3f}, two standard errors ±{noise:.3f})"
-    return ("held" if diff > 0 else "did not hold") + f" here (difference {diff:+.3f}, two standard errors ±{noise:.3f})"
+    where = f" here (difference {diff:+.3f}, two standard errors ±{two_se:.3f})"
+    if abs(diff) < two_se:
+        return "is within noise" + where
+    return ("held" if diff > 0 else "did not hold") + where
 
 
 def mean_of(rows, method, key):
@@ -148,78 +164,77 @@ def read_metrics_safe(path):
 # ------------------------------------------------------------------------------------------------ report
 
 def questions(evals, sweeps):
-    """One short paragraph per question of DESIGN.md: the measured answer and whether the claim held here."""
+    """One short paragraph per question of DESIGN.md: the measured answer and whether the claim held here.
+    Differences are called noise when below two standard errors, paired over the shared prompts."""
     a, s = evals.get("arith", []), evals.get("sentiment", [])
+    of = lambda rows, m: [r for r in rows if r["method"] == m]  # noqa: E731
+    sft_rows, dft_rows = of(a, "sft"), of(a, "dft")
+    start = [r for r in sft_rows if r["seed"] == 0]  # the policy RL and best-of-N start from
     out = []
 
-    sft, dft = mean_of(a, "sft", "test_reward"), mean_of(a, "dft", "test_reward")
     bon = {r["n"]: r["reward"] for r in sweeps.get("arith/bon-test", [])}
-    rft = mean_of(a, "rft", "test_reward")
-    if sft is not None and bon:
-        beats = [n for n, v in sorted(bon.items()) if v > sft]
-        out.append("**(1) SFT vs best-of-N (Somerstep et al. 2025).** SFT policy, one greedy answer: "
-                   f"{sft:.3f} test accuracy; RFT (fine-tuned on its own correct samples): "
-                   f"{rft if rft is not None else float('nan'):.3f}. Best-of-N from the SFT policy with the "
-                   "verifier as selector: " + ", ".join(f"N={n}: {v:.3f}" for n, v in sorted(bon.items())) + ". "
-                   + (f"Best-of-N overtakes the SFT policy from N={beats[0]}" if beats else
+    if start and bon:
+        sft0 = start[0]["test_reward"]
+        beats = [n for n, v in sorted(bon.items()) if v > sft0]
+        out.append("**(1) SFT vs best-of-N (Somerstep et al. 2025).** The SFT policy (seed 0), one greedy answer: "
+                   f"{sft0:.3f} test accuracy. Best-of-N from it with the verifier as selector: "
+                   + ", ".join(f"N={n}: {v:.3f}" for n, v in sorted(bon.items())) + ". "
+                   + (f"Best-of-N overtakes the SFT policy's greedy answer from N={beats[0]}" if beats else
                       "Best-of-N never overtakes the SFT policy at these N")
                    + ". Caveat: the verifier is an oracle selector; the claim's setting (a learned reward) is "
                    "the sentiment sweep below.")
-    sft_ood, dft_ood = mean_of(a, "sft", "ood_reward"), mean_of(a, "dft", "ood_reward")
-    if sft_ood is not None and dft_ood is not None:
-        n_sft, n_dft = (len([r for r in a if r["method"] == m]) for m in ("sft", "dft"))
-        n_eval = a[0].get("n_eval", 1)
-        out.append(f"**(2) DFT vs SFT out of distribution (Wu et al. 2025).** OOD accuracy SFT "
-                   f"{fmt([r['ood_reward'] for r in a if r['method'] == 'sft'])}, DFT "
-                   f"{fmt([r['ood_reward'] for r in a if r['method'] == 'dft'])} (greedy, {n_eval} prompts per seed); "
-                   f"in distribution SFT {sft:.3f}, DFT {dft:.3f}. Both continue from the same short SFT warm-up (from "
-                   "the raw base, DFT cannot learn the chat format: its weight p is ~0 on the format's tokens). The "
-                   "claim (DFT generalises better) "
-                   + verdict(dft_ood - sft_ood, two_se_diff(sft_ood, n_eval * n_sft, dft_ood, n_eval * n_dft)) + ".")
-    rl = {m: (mean_of(a, m, "test_reward"), mean_of(a, m, "test_sample_reward")) for m in ("nft", "rft", "grpo", "ppo")}
-    start = [r for r in a if r["method"] == "sft" and r["seed"] == 0]  # the policy every RL run starts from
-    if start and all(v[0] is not None for v in rl.values()):
-        sft0, sft_sampled = start[0]["test_reward"], start[0]["test_sample_reward"]
-        n_greedy = a[0].get("n_eval", 1)
-        n_sampled = n_greedy * a[0].get("k", 1)
-        se = 2 * math.sqrt(sft0 * (1 - sft0) / n_greedy)  # two standard errors of one greedy accuracy
-        se_s = 2 * math.sqrt(sft_sampled * (1 - sft_sampled) / n_sampled)
-        best = max(rl, key=lambda m: rl[m][1])
-        nft_vs_rft = rl["nft"][1] - rl["rft"][1]
+    if sft_rows and dft_rows:
+        sft_ood, dft_ood = mean_of(a, "sft", "ood_reward"), mean_of(a, "dft", "ood_reward")
+        out.append(f"**(2) DFT vs SFT out of distribution (Wu et al. 2025).** OOD accuracy (greedy) SFT "
+                   f"{fmt([r['ood_reward'] for r in sft_rows])}, DFT {fmt([r['ood_reward'] for r in dft_rows])}; in "
+                   f"distribution SFT {mean_of(a, 'sft', 'test_reward'):.3f}, DFT {mean_of(a, 'dft', 'test_reward'):.3f}. "
+                   "Both continue from the same short SFT warm-up (from the raw base, DFT cannot learn the chat "
+                   "format: its weight p is ~0 on the format's tokens). The claim (DFT generalises better) "
+                   + verdict(dft_ood - sft_ood, noise(dft_rows, sft_rows, "ood_rewards")) + ".")
+    rl = {m: of(a, m) for m in ("nft", "rft", "grpo", "ppo")}
+    if start and all(rl.values()):
+        s0 = start[0]
+        gains = {m: (rows[0]["test_sample_reward"] - s0["test_sample_reward"], noise(rows, start, "test_sample_rewards"))
+                 for m, rows in rl.items()}
+        best = max(gains, key=lambda m: gains[m][0])
         out.append("**(3) NFT vs RFT vs GRPO (Chen et al. 2025).** From the same SFT policy (seed 0: test accuracy "
-                   f"{sft0:.3f} greedy, {sft_sampled:.3f} with T = 1 samples), greedy / T = 1: "
-                   + ", ".join(f"{m.upper()} {g:.3f} / {t:.3f}" for m, (g, t) in rl.items())
-                   + f". Two standard errors: ±{se:.3f} greedy ({n_greedy} prompts), ±{se_s:.3f} sampled "
-                   f"({n_sampled} samples). Beyond two standard errors of the difference over SFT (T = 1): "
-                   + (", ".join(f"{m.upper()} {t - sft_sampled:+.3f}" for m, (g, t) in rl.items()
-                                if abs(t - sft_sampled) > two_se_diff(t, n_sampled, sft_sampled, n_sampled)) or "none")
-                   + f". Most sampled accuracy: {best.upper()} ({rl[best][1] - sft_sampled:+.3f} over "
-                   "SFT). The claim NFT >= RFT "
-                   + verdict(nft_vs_rft, two_se_diff(rl["nft"][1], n_sampled, rl["rft"][1], n_sampled))
-                   + " (T = 1 accuracy).")
+                   f"{s0['test_reward']:.3f} greedy, {s0['test_sample_reward']:.3f} with T = 1 samples), greedy / T = 1: "
+                   + ", ".join(f"{m.upper()} {rows[0]['test_reward']:.3f} / {rows[0]['test_sample_reward']:.3f}"
+                               for m, rows in rl.items())
+                   + ". Gain in T = 1 accuracy over SFT (± two paired standard errors): "
+                   + ", ".join(f"{m.upper()} {g:+.3f} ± {n:.3f}" for m, (g, n) in gains.items())
+                   + f". Most: {best.upper()}. The claim NFT >= RFT "
+                   + verdict(rl["nft"][0]["test_sample_reward"] - rl["rft"][0]["test_sample_reward"],
+                             noise(rl["nft"], rl["rft"], "test_sample_rewards")) + " (T = 1 accuracy).")
     ppo = [r for r in s if r["method"].startswith("ppo")]
     dpo = [r for r in s if r["method"].startswith("dpo")]
-    if ppo and dpo:
-        eff = lambda rs: max((r["test_sample_reward"] - mean_of(s, "sft", "test_sample_reward"))  # noqa: E731
-                             / max(r["kl_to_sft"], 1e-3)
-                             for r in rs)
-        out.append("**(4) PPO vs DPO reward per KL (Rafailov et al. 2023).** Ground-truth reward and KL to SFT: "
-                   + "; ".join(f"{r['method']} {r['test_sample_reward']:.3f} at {r['kl_to_sft']:.2f} nats"
-                               for r in ppo + dpo)
-                   + f". Best reward gain per nat: PPO {eff(ppo):.3f}, DPO {eff(dpo):.3f}. The paper's claim (DPO "
-                   "reaches a better frontier) " + ("held" if eff(dpo) > eff(ppo) else "did not hold") + " here.")
-    imit, teach = [r for r in a if r["method"] == "imitation"], [r for r in a if r["method"] == "teacher"]
-    if imit and teach:
+    sft_s = mean_of(s, "sft", "test_sample_reward")
+    if ppo and dpo and sft_s is not None:
+        # gain per nat only where the KL estimate is clearly above zero (a ratio over ~0 nats means nothing)
+        eff = lambda rs: max([(r["test_sample_reward"] - sft_s) / r["kl_to_sft"] for r in rs if r["kl_to_sft"] > 0.1],  # noqa: E731
+                             default=None)
+        e_ppo, e_dpo = eff(ppo), eff(dpo)
+        text = ("**(4) PPO vs DPO reward per KL (Rafailov et al. 2023).** Ground-truth reward (T = 1 samples) and KL "
+                f"to SFT (SFT itself: {sft_s:.3f}): "
+                + "; ".join(f"{r['method']} {r['test_sample_reward']:.3f} at {r['kl_to_sft']:.2f} nats" for r in ppo + dpo))
+        if e_ppo is not None and e_dpo is not None:
+            text += (f". Best reward gain per nat: PPO {e_ppo:.3f}, DPO {e_dpo:.3f}. The paper's claim (DPO reaches a "
+                     "better frontier) " + ("held" if e_dpo > e_ppo else "did not hold") + " here (one seed each; "
+                     "see the frontier plot)")
+        out.append(text + ".")
+    imit, teach = of(a, "imitation"), of(a, "teacher")
+    if imit and teach and sft_rows:
         i, t = imit[0], teach[0]
-        n_eval = t.get("n_eval", 1)
-        gap = t["test_reward"] - i["test_reward"]
+        gap, format_gap = t["test_reward"] - i["test_reward"], t["test_format"] - i["test_format"]
+        two_se = noise(teach, imit, "test_rewards")
+        copied = abs(format_gap) <= 0.05
         out.append("**(5) Imitation (Gudibande et al. 2023).** Teacher (wider model): format "
                    f"{t['test_format']:.3f}, accuracy {t['test_reward']:.3f}; small model fine-tuned on the teacher's "
                    f"answers: format {i['test_format']:.3f}, accuracy {i['test_reward']:.3f}; small model on the true "
-                   f"demonstrations: accuracy {sft:.3f}. Format gap teacher - imitator "
-                   f"{t['test_format'] - i['test_format']:+.3f}. The claim (the imitator copies the style but not the "
-                   "capability: accuracy gap > 0) "
-                   + verdict(gap, two_se_diff(t["test_reward"], n_eval, i["test_reward"], n_eval)) + ".")
+                   f"demonstrations: accuracy {mean_of(a, 'sft', 'test_reward'):.3f} (seed mean). The claim (the "
+                   "imitator copies the style, |format gap| <= 0.05, but not the capability) "
+                   + (verdict(gap, two_se) if copied else
+                      f"did not hold here: the style was not copied either (format gap {format_gap:+.3f})") + ".")
     return out
 
 
@@ -250,7 +265,7 @@ def write_report(out: Path, stages, scale, evals: dict) -> Path:
     md += ["## How each number was made", "", "Stages (each a script call; rerun one to reproduce it):", ""]
     md += [f"- `{st.name}`: `{st.command}`" for st in stages]
     md += ["", "KL to SFT: mean over test prompts of the summed per-token log-ratio log pi(y_t) - log pi_SFT(y_t) "
-           "on one T = 1 sample of the policy per prompt. Reward: the task's verifier (arith, greedy answer) or "
+           "on k T = 1 samples of the policy per prompt (k = 4 by default). Reward: the task's verifier (arith, greedy answer) or "
            "hidden lexicon score (sentiment, T = 1 samples). Best-of-N: the KL estimate is a plug-in from the "
            "sampled pool; log N - (N-1)/N is only an upper bound (Beirami et al. 2024)."]
     path = out / "report.md"

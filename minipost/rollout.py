@@ -123,8 +123,8 @@ def sample_kl(policy, ref, tokenizer, rows, max_new_tokens, temperature=1.0, see
     out = {"kl": ((logp - ref_logp) * r.seqs.mask).sum(1).mean().item(),
            "entropy": ((ent * r.seqs.mask).sum() / r.seqs.mask.sum()).item()}
     if reward_fn is not None:
-        values = call_reward(reward_fn, r.rows, r.texts)
-        out["reward"] = sum(values) / len(values)
+        values = call_reward(reward_fn, r.rows, r.texts)  # prompt-major: k consecutive values per prompt
+        out["reward"], out["rewards"] = sum(values) / len(values), values
     return out
 
 

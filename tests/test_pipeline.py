@@ -1,5 +1,6 @@
 """pipeline.py --quick end to end: every stage runs, a rerun skips them, the report's numbers are the files'."""
 import json
+import math
 
 import pytest
 
@@ -95,3 +96,44 @@ def test_report_time_and_samples_come_from_the_runs_metrics(study):
             else:
                 meta = json.loads((study / r["name"] / "ckpt" / "meta.json").read_text())
                 assert r["samples"] == meta["args"]["batch_size"] * meta["step"]
+
+
+def test_noise_is_paired_over_prompts_and_uses_seed_spread():
+    from minipost.report import noise, verdict
+    a = [{"test_rewards": [1.0, 0.0, 1.0, 1.0], "test_reward": 0.75}]
+    b = [{"test_rewards": [0.0, 0.0, 1.0, 0.0], "test_reward": 0.25}]
+    # differences 1, 0, 0, 1: sd = sqrt(4 * 0.25 / 3), two standard errors = 2 sd / sqrt(4)
+    assert abs(noise(a, b, "test_rewards") - math.sqrt(1 / 3)) < 1e-12
+    # two seeds a side: per-prompt differences are all 0.5 (paired noise 0), the seeds' spread is not:
+    # sample variance 0.125 on each side over 2 seeds -> 2 sqrt(0.125 / 2 + 0.125 / 2)
+    a2 = [{"test_rewards": [1.0, 1.0], "test_reward": 1.0}, {"test_rewards": [0.5, 0.5], "test_reward": 0.5}]
+    b2 = [{"test_rewards": [0.0, 0.0], "test_reward": 0.0}, {"test_rewards": [0.5, 0.5], "test_reward": 0.5}]
+    assert abs(noise(a2, b2, "test_rewards") - 2 * math.sqrt(0.0625 + 0.0625)) < 1e-12
+    assert verdict(0.5, 0.6).startswith("is within noise") and verdict(-0.7, 0.6).startswith("did not hold")
+    assert verdict(0.7, 0.6).startswith("held")
+
+
+def fake_checkpoint(run_dir, step):
+    ckpt = run_dir / "ckpt"
+    ckpt.mkdir(parents=True)
+    for name in ("model.pt", "config.json", "tokenizer.json"):
+        (ckpt / name).write_text("{}")
+    (ckpt / "meta.json").write_text(json.dumps({"step": step}))
+
+
+def test_an_evaluation_reruns_when_its_policy_will_train_further(tmp_path):
+    stages = [st for st in pipeline.plan(pipeline.SCALES["cpu"], tmp_path, "cpu")
+              if st.name in ("arith/sft-seed0", "arith/grpo", "arith/eval/grpo")]
+    fake_checkpoint(tmp_path / "arith/sft-seed0", pipeline.SCALES["cpu"].sft_steps)
+    fake_checkpoint(tmp_path / "arith/grpo", 2)  # an older, shorter run (e.g. --quick into the same OUT)
+    (tmp_path / "arith/eval/grpo").mkdir(parents=True)
+    (tmp_path / "arith/eval/grpo/eval.json").write_text(json.dumps(
+        {"step": 2, "n_eval": pipeline.SCALES["cpu"].n_eval, "test_rewards": []}))
+    assert pipeline.stage_done(stages[2], tmp_path)  # it does score the checkpoint that is there today ...
+    todo, done = pipeline.pending(stages, tmp_path)
+    assert [s.name for s in todo] == ["arith/grpo", "arith/eval/grpo"] and done == {"arith/sft-seed0"}  # ... rerun
+
+
+def test_only_with_no_matching_stage_is_a_user_error(tmp_path):
+    with pytest.raises(pipeline.UserError, match="--only arith/bse"):
+        pipeline.pending(pipeline.plan(pipeline.SCALES["quick"], tmp_path, "cpu"), tmp_path, ["arith/bse"])
