@@ -299,21 +299,24 @@ def collect_evals(stages, out: Path) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="out/study", help="directory of every stage and of report.md")
+    p.add_argument("--out", default=None, help="directory of every stage and of report.md (default out/study, "
+                   "out/quick with --quick: the two never share checkpoints)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one to two minutes (same as --scale quick)")
     p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="stage sizes (see SCALES)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--jobs", type=int, default=None, help="stages run side by side (default: 2 on CPU, one "
-                   "thread each; 1 on CUDA)")
+    p.add_argument("--jobs", type=int, default=None, help="stages run side by side (default: 2 on CPU, "
+                   "sharing the cores; 1 on CUDA)")
     p.add_argument("--only", default=None, help="comma-separated stage-name prefixes to run, e.g. arith/base")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from existing results")
     args = p.parse_args(argv)
     scale = SCALES["quick" if args.quick else args.scale]
     device = pick_device(args.device)
-    out = Path(args.out)
+    out = Path(args.out or ("out/quick" if args.quick or args.scale == "quick" else "out/study"))
     jobs = args.jobs or (1 if device.type == "cuda" else min(2, available_cores()))
     if jobs < 1:
         raise UserError("--jobs must be >= 1")
+    if args.report_only and not out.is_dir():
+        raise UserError(f"--report-only: {out} does not exist (run the pipeline into it first, or pass --out)")
     stages = plan(scale, out, device.type)
     signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the stages too, as Ctrl-C does
     if not args.report_only:

@@ -137,3 +137,8 @@ def test_an_evaluation_reruns_when_its_policy_will_train_further(tmp_path):
 def test_only_with_no_matching_stage_is_a_user_error(tmp_path):
     with pytest.raises(pipeline.UserError, match="--only arith/bse"):
         pipeline.pending(pipeline.plan(pipeline.SCALES["quick"], tmp_path, "cpu"), tmp_path, ["arith/bse"])
+
+
+def test_report_only_without_results_is_a_user_error(tmp_path):
+    with pytest.raises(pipeline.UserError, match="--report-only"):
+        pipeline.main(["--report-only", "--out", str(tmp_path / "none"), "--device", "cpu"])
