@@ -212,9 +212,10 @@ def start(stage: Stage, out: Path, threads: int):
 
 
 def pending(stages, out: Path, only=None):
-    """-> (stages to run, names of complete stages). A stage also reruns when a stage it reads reruns (an
-    evaluation of a policy that is about to train further is stale even if its step matches today)."""
-    todo, done = [], set()
+    """-> (stages to run, names of complete stages, the complete stages --only selects). A stage also reruns
+    when a stage it reads reruns (an evaluation of a policy about to train further is stale even if its step
+    matches today)."""
+    todo, done, skipped = [], set(), []
     selected = [s for s in stages if not only or any(s.name.startswith(o) for o in only)]
     if only and not selected:
         raise UserError(f"--only {','.join(only)}: no stage name starts with that (see the report's stage list)")
@@ -222,23 +223,24 @@ def pending(stages, out: Path, only=None):
         rerun_dep = any(d in {s.name for s in todo} for d in stage.deps)
         if stage_done(stage, out) and not rerun_dep:
             done.add(stage.name)
+            if stage in selected:
+                skipped.append(stage)
         elif stage in selected:
             todo.append(stage)
     for stage in todo:
         missing = [d for d in stage.deps if d not in done and d not in {s.name for s in todo}]
         if missing:
             raise UserError(f"--only: stage {stage.name} needs {', '.join(missing)} first (add it to --only)")
-    return todo, done
+    return todo, done, skipped
 
 
 def run_stages(stages, out: Path, jobs: int, only=None):
     """Run every incomplete stage, up to `jobs` at a time, each as soon as the stages it reads are complete.
     A progress line per stage with the elapsed time; a failed stage stops the run and shows its log's end."""
     t0 = time.time()
-    todo, done = pending(stages, out, only)
-    for stage in stages:
-        if stage.name in done and (not only or any(stage.name.startswith(o) for o in only)):
-            print(f"[{0:5.0f}s] {stage.name}: complete, skipped", flush=True)
+    todo, done, skipped = pending(stages, out, only)
+    for stage in skipped:
+        print(f"[{0:5.0f}s] {stage.name}: complete, skipped", flush=True)
     threads = max(1, available_cores() // jobs)
     running = {}  # name -> (process, log path, start time)
     bar = tqdm(total=len(todo), desc="pipeline", unit="stage", disable=not todo)

@@ -1,6 +1,13 @@
 """Scoring a policy on a task split: batched generation through the engine, then the task's reward."""
+import argparse
+import json
+import time
+from pathlib import Path
+
 import torch
 
+from .checkpoint import load_checkpoint
+from .cli import UserError, pick_device, run_main, task_from_flag
 from .engine import generate
 
 
@@ -54,8 +61,6 @@ def evaluate_policy(model, tokenizer, task, rows, max_new_tokens=64, temperature
 def samples_used(run_dir, meta) -> int | None:
     """Training samples a run consumed: demonstrations (SFT, DFT) or preference pairs (DPO) seen, batch size x
     steps, or the sequences an RL run trained on, as logged per step by train_rlhf.py ("samples_used")."""
-    import json
-    from pathlib import Path
     if meta.get("kind") in ("sft", "dft", "dpo", "rm"):
         return int(meta["args"]["batch_size"]) * int(meta["step"])
     path = Path(run_dir) / "metrics.jsonl"
@@ -67,14 +72,7 @@ def samples_used(run_dir, meta) -> int | None:
 def main(argv=None):
     """python -m minipost.evaluate --init RUN --task arith [--reference SFT_RUN]: one uniform evaluation of a
     policy (what pipeline.py runs for every method) -> JSON on stdout or --out FILE."""
-    import argparse
-    import json
-    import time
-    from pathlib import Path
-
-    from .checkpoint import load_checkpoint
-    from .cli import UserError, pick_device, task_from_flag
-    from .rollout import sample_kl
+    from .rollout import sample_kl  # here: rollout itself imports this module
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--init", required=True, help="policy checkpoint directory")
     p.add_argument("--task", required=True, help="built-in task whose test splits are scored")
@@ -125,5 +123,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .cli import run_main
     run_main(main)

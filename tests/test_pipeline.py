@@ -130,7 +130,7 @@ def test_an_evaluation_reruns_when_its_policy_will_train_further(tmp_path):
     (tmp_path / "arith/eval/grpo/eval.json").write_text(json.dumps(
         {"step": 2, "n_eval": pipeline.SCALES["cpu"].n_eval, "test_rewards": []}))
     assert pipeline.stage_done(stages[2], tmp_path)  # it does score the checkpoint that is there today ...
-    todo, done = pipeline.pending(stages, tmp_path)
+    todo, done, _ = pipeline.pending(stages, tmp_path)
     assert [s.name for s in todo] == ["arith/grpo", "arith/eval/grpo"] and done == {"arith/sft-seed0"}  # ... rerun
 
 
