@@ -1,7 +1,7 @@
 """The whole study on the built-in tasks: every method, one report (OUT/report.md + PNG plots).
 
     arith:      base -> SFT, DFT (several seeds) -> GRPO, NFT, RFT, PPO (verifier reward) -> best-of-N sweeps;
-                imitation: a wider teacher's answers -> SFT of the small base on them
+                imitation: a smaller model fine-tuned on the SFT policy's answers, and on the true demonstrations
     sentiment:  base -> SFT -> reward model -> DPO and PPO at several KL strengths -> best-of-N with the reward
                 model (scored by the hidden ground truth)
 
@@ -54,24 +54,27 @@ class Scale:
     sweep_prompts: int
     seeds: int  # SFT / DFT seeds (the RL methods start from seed 0's SFT model)
     curve_eval: int = 50  # prompts per split in the training scripts' own evaluations (their logs only)
+    preset: str = "tiny"  # model.PRESETS shape of every policy
+    student_preset: str = "micro"  # the smaller model of the imitation study (the SFT policy is its teacher)
     dpo_betas: tuple = (0.05, 0.1, 0.5)
     ppo_betas: tuple = (0.02, 0.05, 0.2)
     extra: dict = field(default_factory=dict)  # flags added to every call of a script, e.g. sizes
 
 
 SCALES = {
-    "quick": Scale(base_steps=40, warmup_steps=10, sft_steps=20, rl_steps=2, pref_steps=6, n_train=200, n_prompts=32,
+    "quick": Scale(base_steps=40, warmup_steps=10, sft_steps=40, rl_steps=2, pref_steps=6, n_train=200, n_prompts=32,
                    n_eval=16, curve_eval=16, sweep="1,2,4", sweep_prompts=8, seeds=1, dpo_betas=(0.1,), ppo_betas=(0.05,),
                    extra={"base": ["--corpus-docs", "2000", "--batch-size", "8", "--eval-batches", "2"],
                           "sft": ["--batch-size", "8", "--max-new-tokens", "40"],
                           "rlhf": ["--batch-size", "4", "--max-new-tokens", "40", "--n-kl", "8"],
                           "bon": ["--max-new-tokens", "40", "--time-prompts", "2"]}),
-    # cpu: sized so the whole study takes about 10-12 minutes with two stages side by side on 2 cores
-    "cpu": Scale(base_steps=250, warmup_steps=100, sft_steps=200, rl_steps=20, pref_steps=100, n_train=4000,
-                 n_prompts=600, n_eval=200, sweep="1,2,4,8,16", sweep_prompts=100, seeds=3, ppo_betas=(0.05, 0.2)),
+    # cpu: sized so the whole study takes about 10 minutes with two stages side by side on 2 cores
+    "cpu": Scale(base_steps=200, warmup_steps=100, sft_steps=200, rl_steps=18, pref_steps=60, n_train=4000,
+                 n_prompts=600, n_eval=200, curve_eval=16, sweep="1,2,4,8,16", sweep_prompts=100, seeds=3,
+                 ppo_betas=(0.05, 0.2)),
     "gpu": Scale(base_steps=5000, warmup_steps=200, sft_steps=1000, rl_steps=200, pref_steps=500, n_train=20000, n_prompts=4000,
-                 n_eval=500, sweep="1,2,4,8,16,32,64", sweep_prompts=200, seeds=3,
-                 extra={"base": ["--preset", "small", "--batch-size", "64"], "sft": ["--batch-size", "64"]}),
+                 n_eval=500, sweep="1,2,4,8,16,32,64", sweep_prompts=200, seeds=3, preset="small", student_preset="tiny",
+                 extra={"base": ["--batch-size", "64"], "sft": ["--batch-size", "64"]}),
 }
 
 
@@ -107,15 +110,10 @@ def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
         deps = [st.name for st in stages if any(a == d(st.name) or a.startswith(d(st.name) + "/") for a in argv)]
         stages.append(Stage(name, script, argv, steps, done_file, deps))
 
-    # the imitation study's teacher first: a wider model, the longest chain of stages
-    tuned = s.warmup_steps + s.sft_steps
-    add("arith/teacher-base", "base", ["--task", "arith", "--preset", "wide", "--max-steps", s.base_steps],
-        s.base_steps)
-    add("arith/teacher-sft", "sft", ["--init", d("arith/teacher-base"), "--task", "arith", "--max-steps", tuned,
-        "--n-train", s.n_train, "--n-eval", s.curve_eval, "--eval-every", tuned], tuned)
     # arith: base; a short SFT warm-up teaches the chat format (DFT's p-weighted gradient cannot: from the
     # base, the format's tokens have p ~ 0); then SFT and DFT over seeds; RL from seed 0's SFT model
-    add("arith/base", "base", ["--task", "arith", "--max-steps", s.base_steps], s.base_steps)
+    tuned = s.warmup_steps + s.sft_steps
+    add("arith/base", "base", ["--task", "arith", "--preset", s.preset, "--max-steps", s.base_steps], s.base_steps)
     add("arith/warmup", "sft", ["--init", d("arith/base"), "--task", "arith", "--max-steps", s.warmup_steps,
         "--n-train", s.n_train, "--n-eval", s.curve_eval, "--eval-every", s.warmup_steps], s.warmup_steps)
     for seed in range(s.seeds):
@@ -131,17 +129,22 @@ def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
     for split in ("test", "ood"):
         add(f"arith/bon-{split}", "bon", ["--init", sft, "--task", "arith", "--split", split, "--sweep", s.sweep,
             "--n-prompts", s.sweep_prompts, "--out", d(f"arith/bon-{split}")], done_file="sweep.jsonl")
-    # imitation: the small base learns from the teacher's answers (SFT on the same prompts); teacher,
-    # student and the SFT policy all get warmup_steps + sft_steps of fine-tuning
-    add("arith/teacher-samples", "bon", ["--init", d("arith/teacher-sft"), "--task", "arith", "--split", "train",
-        "--n", 1, "--temperature", 0, "--n-prompts", s.n_train, "--out", d("arith/teacher-samples")],
-        done_file="bon.jsonl")
-    add("arith/imitation", "sft", ["--init", d("arith/base"), "--task", "arith", "--data",
-        d("arith/teacher-samples") + "/bon.jsonl", "--max-steps", tuned, "--n-eval", s.curve_eval, "--eval-every", tuned],
-        tuned)
+    # imitation (Gudibande et al.): the SFT policy (seed 0) is the teacher; a smaller model is fine-tuned on its
+    # greedy answers to the SFT prompts, and the same smaller model on the true demonstrations, as many steps as
+    # the teacher had (warm-up + SFT)
+    add("arith/student-base", "base", ["--task", "arith", "--preset", s.student_preset, "--max-steps",
+        s.base_steps], s.base_steps)
+    add("arith/student-sft", "sft", ["--init", d("arith/student-base"), "--task", "arith", "--max-steps", tuned,
+        "--n-train", s.n_train, "--n-eval", s.curve_eval, "--eval-every", tuned], tuned)
+    add("arith/teacher-samples", "bon", ["--init", sft, "--task", "arith", "--split", "train", "--n", 1,
+        "--temperature", 0, "--n-prompts", s.n_train, "--out", d("arith/teacher-samples")], done_file="bon.jsonl")
+    add("arith/imitation", "sft", ["--init", d("arith/student-base"), "--task", "arith", "--data",
+        d("arith/teacher-samples") + "/bon.jsonl", "--max-steps", tuned, "--n-eval", s.curve_eval, "--eval-every",
+        tuned], tuned)
 
     # sentiment: base, SFT, reward model, DPO and PPO at several strengths, best-of-N with the reward model
-    add("sentiment/base", "base", ["--task", "sentiment", "--max-steps", s.base_steps], s.base_steps)
+    add("sentiment/base", "base", ["--task", "sentiment", "--preset", s.preset, "--max-steps", s.base_steps],
+        s.base_steps)
     add("sentiment/sft-seed0", "sft", ["--init", d("sentiment/base"), "--task", "sentiment", "--max-steps",
         s.sft_steps, "--n-train", s.n_train, "--n-eval", s.curve_eval, "--eval-every", s.sft_steps], s.sft_steps)
     sft = d("sentiment/sft-seed0")
@@ -149,9 +152,11 @@ def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
               "--n-kl", s.curve_eval]
     add("sentiment/rm", "rlhf", ["--algo", "rm", *common, "--max-steps", s.pref_steps, "--eval-every",
         s.pref_steps], s.pref_steps)
+    rm_pairs = d("sentiment/rm")  # the pairs the reward model was built from: every DPO run trains on the same
     for beta in s.dpo_betas:
-        add(f"sentiment/dpo-beta{beta}", "rlhf", ["--algo", "dpo", *common, "--beta", beta, "--max-steps",
-            s.pref_steps, "--eval-every", s.pref_steps], s.pref_steps)
+        add(f"sentiment/dpo-beta{beta}", "rlhf", ["--algo", "dpo", *common, "--data", rm_pairs + "/pairs-train.jsonl",
+            "--val-data", rm_pairs + "/pairs-val.jsonl", "--beta", beta, "--max-steps", s.pref_steps,
+            "--eval-every", s.pref_steps], s.pref_steps)
     for beta in s.ppo_betas:
         add(f"sentiment/ppo-beta{beta}", "rlhf", ["--algo", "ppo", *common, "--reward-model", d("sentiment/rm"),
             "--beta", beta, "--max-steps", s.rl_steps, "--eval-every", s.rl_steps], s.rl_steps)
@@ -293,7 +298,7 @@ def collect_evals(stages, out: Path) -> dict:
         task, _, policy = st.name.split("/")
         row = json.loads(path.read_text())
         method, _, seed = policy.partition("-seed")
-        row.update(name=str(Path(st.init).relative_to(out)), method="teacher" if method == "teacher-sft" else method, seed=int(seed or 0),
+        row.update(name=str(Path(st.init).relative_to(out)), method=method, seed=int(seed or 0),
                    kl_to_sft=row["kl_to_ref"], samples=row["samples_used"])
         evals.setdefault(task, []).append(row)
     return evals

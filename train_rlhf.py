@@ -92,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=None, help="samples per prompt: for the built-in pairs (default 4) "
                    "or per rollout group (nft/rft/grpo, default 8)")
     p.add_argument("--val-frac", type=float, default=0.1, help="--data pairs held out for accuracy")
+    p.add_argument("--val-data", default=None, help="rm/dpo: held-out pairs from this JSONL instead (all of --data "
+                   "then trains), e.g. another run's OUT/pairs-val.jsonl beside its OUT/pairs-train.jsonl")
     p.add_argument("--n-eval", type=int, default=200, help="prompts per evaluation split")
     p.add_argument("--n-kl", type=int, default=200, help="test prompts sampled at --temperature for the "
                    "evaluation's KL, entropy and sample reward")
@@ -141,6 +143,8 @@ def parse_args(argv=None):
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 (log-probs are taken at the sampling temperature)")
+    if args.val_data and not (args.data and args.algo in ("rm", "dpo")):
+        raise UserError("--val-data needs --data and --algo rm or dpo (it holds out preference pairs)")
     if args.reward_model and args.algo in ("rm", "dpo"):
         raise UserError(f"--reward-model is for ppo, nft, rft and grpo, not --algo {args.algo}")
     return args
@@ -178,8 +182,13 @@ def preference_pairs(args, sft, tokenizer, task, out):
     to OUT/pairs-train.jsonl and OUT/pairs-val.jsonl for inspection and reuse with --data)."""
     if args.data:
         pairs, dropped = load_pairs(args.data, tokenizer, sft.config.block_size)
-        train, val = split_pairs(pairs, args.val_frac, args.seed)
-        print(f"pairs: {len(train)} train, {len(val)} held out from {args.data} ({dropped} too long, dropped)")
+        if args.val_data:  # e.g. a built-in run's pairs-train.jsonl / pairs-val.jsonl, reused as they were
+            train, (val, dropped_val) = pairs, load_pairs(args.val_data, tokenizer, sft.config.block_size, "--val-data")
+            dropped += dropped_val
+        else:
+            train, val = split_pairs(pairs, args.val_frac, args.seed)
+        print(f"pairs: {len(train)} train, {len(val)} held out from {args.val_data or args.data} "
+              f"({dropped} too long, dropped)")
         return train, val
     reward = Reward(load_reward_fn(args.reward), f"--reward {args.reward}") if args.reward else \
         Reward(task.reward, f"the {task.name} task's reward")

@@ -3,10 +3,13 @@
 Prompts of different lengths are left-padded to one length P, so every row writes its next token into the
 same cache slot; a key mask hides the padding and per-row positions count only real tokens, which makes
 each row's result the same as generating it alone. N samples of one prompt share one prefill: the prompt's
-cache is computed once and fanned out (repeat_interleave) before decoding.
+cache is computed once and fanned out (repeat_interleave) before decoding. Rows that have finished (EOS) leave
+the batch whenever a quarter of it has finished, so one long answer does not make every row keep decoding.
 
-Sampling is seeded per row: output row r (prompt r // N, sample r % N) draws from its own generator seeded
-with seed + r, so a row's tokens do not depend on the rest of the batch.
+Sampling is seeded per row: output row r (prompt r // N, sample r % N) draws its uniforms from its own CPU
+generator seeded with seed + r (u_t for step t), so a row's tokens depend neither on the rest of the batch nor
+on the device. A token is picked by inverse CDF (the first whose cumulative probability exceeds u_t), one
+vectorised op for the whole batch instead of a torch.multinomial call per row.
 """
 from dataclasses import dataclass
 
@@ -47,12 +50,12 @@ class KVCache:
         mask = mask | (k_slot == q_slot)  # a padding query sees itself, so its softmax is never empty (NaN)
         return mask[:, None]
 
-    def fan_out(self, n):
-        """Repeat every row n times (one prefill, n continuations)."""
-        self.k = self.k.repeat_interleave(n, dim=1)
-        self.v = self.v.repeat_interleave(n, dim=1)
+    def select(self, rows):
+        """Keep batch rows `rows` (an index tensor, repeats allowed): fanning a prefill out to n samples, or
+        dropping finished rows."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
         if self.key_valid is not None:
-            self.key_valid = self.key_valid.repeat_interleave(n, dim=0)
+            self.key_valid = self.key_valid[rows]
 
 
 @dataclass
@@ -83,8 +86,9 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 
-def sample_next(logits, generators, temperature=1.0, top_k=None, top_p=None):
-    """Pick one token per row -> (tokens (B,), logprobs (B,)). logits (B, V) float32, raw.
+def sample_next(logits, uniforms=None, temperature=1.0, top_k=None, top_p=None):
+    """Pick one token per row -> (tokens (B,), logprobs (B,)). logits (B, V) float32, raw; uniforms (B,) in
+    [0, 1), one per row (unused when greedy).
 
     The returned log-prob is under softmax(logits / temperature) before top-k / top-p, the distribution the
     trainers recompute; greedy (temperature 0) reports it at temperature 1.
@@ -95,8 +99,14 @@ def sample_next(logits, generators, temperature=1.0, top_k=None, top_p=None):
     else:
         scaled = logits / temperature
         logprobs = torch.log_softmax(scaled, dim=-1)  # (B, V)
-        probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)  # (B, V)
-        tokens = torch.stack([torch.multinomial(probs[r], 1, generator=g)[0] for r, g in enumerate(generators)])
+        probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1).double()  # (B, V)
+        cdf = probs.cumsum(dim=-1)  # (B, V), float64 so that u resolves even tiny probabilities
+        # right=True: the first token whose cdf exceeds u * total; a zero-probability token (a flat step of
+        # the cdf) can never be that token
+        target = uniforms.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]  # (B, 1)
+        tokens = torch.searchsorted(cdf, target, right=True)[:, 0]
+        last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)  # (B,) last token with p > 0
+        tokens = torch.minimum(tokens, last)  # u * total rounding up to total (a 2^-53 event)
     return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
 
 
@@ -131,27 +141,36 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
     cache = KVCache(config, B0, P + max_new_tokens, device, dtype, key_valid)
     hidden = model(ids.to(device), pos.to(device), cache)  # (B0, P, C): one prefill per prompt
     cache.length = P
-    cache.fan_out(num_samples)
+    cache.select(torch.arange(B0, device=device).repeat_interleave(num_samples))  # one prefill, n continuations
     logits = model.logits(hidden[:, -1]).repeat_interleave(num_samples, dim=0)  # (B, V) float32
     next_pos = (pos[:, -1] + 1).repeat_interleave(num_samples).to(device)  # (B,)
 
     B = B0 * num_samples
-    generators = [torch.Generator(device=device).manual_seed(seed + r) for r in range(B)]
+    uniforms = None  # (B, max_new_tokens): row r's stream, from a CPU generator seeded with seed + r
+    if temperature != 0:
+        uniforms = torch.stack([torch.rand(max_new_tokens, dtype=torch.float64,
+                                           generator=torch.Generator().manual_seed(seed + r)) for r in range(B)])
+        uniforms = uniforms.to(device)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     mask = torch.zeros(B, max_new_tokens, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    live = torch.arange(B, device=device)  # (b,): the output row of each row still in the batch
     for t in range(max_new_tokens):
-        tok, lp = sample_next(logits, generators, temperature, top_k, top_p)
-        alive = ~finished
-        tokens[:, t] = torch.where(alive, tok, pad_id)
-        logprobs[:, t] = torch.where(alive, lp, 0.0)
-        mask[:, t] = alive.float()
-        finished |= alive & (tok == eos_id)
-        if bool(finished.all()) or t == max_new_tokens - 1:
+        tok, lp = sample_next(logits, None if uniforms is None else uniforms[live, t], temperature, top_k, top_p)
+        alive = ~finished[live]  # (b,): a row that finished earlier may still sit in the batch; ignore it
+        rows = live[alive]
+        tokens[rows, t], logprobs[rows, t], mask[rows, t] = tok[alive], lp[alive], 1.0
+        finished[rows] = tok[alive] == eos_id
+        going = ~finished[live]  # (b,)
+        n_going = int(going.sum())
+        if n_going == 0 or t == max_new_tokens - 1:
             break
-        # finished rows keep decoding (their outputs are ignored) so the batch stays one tensor
-        hidden = model(tokens[:, t:t + 1], next_pos[:, None], cache)  # (B, 1, C)
+        if n_going <= 0.75 * len(live):  # drop the finished rows (a cache copy, so not at every step)
+            keep = going.nonzero()[:, 0]
+            cache.select(keep)
+            live, tok, next_pos = live[keep], tok[keep], next_pos[keep]
+        hidden = model(tok[:, None], next_pos[:, None], cache)  # (b, 1, C)
         cache.length += 1
         next_pos += 1
         logits = model.logits(hidden[:, -1])

@@ -9,6 +9,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .cli import UserError, pick_device, run_main, task_from_flag
 from .engine import generate
+from .rewards import same_tokenizer
 
 
 def prompt_ids(tokenizer, rows) -> list[list[int]]:
@@ -93,6 +94,8 @@ def main(argv=None):
     if ck.model.config.scalar_head:
         raise UserError(f"--init {args.init} is a reward model, not a policy")
     ref = load_checkpoint(args.reference, device, flag="--reference") if args.reference else ck
+    if not same_tokenizer(ck.tokenizer, ref.tokenizer):  # the KL compares the two models' ids token by token
+        raise UserError(f"--reference {args.reference}: its tokenizer differs from --init {args.init}'s")
     model = ck.model.eval()
     row = {"init": str(args.init), "kind": ck.meta.get("kind"), "step": ck.meta.get("step"),
            "train_time_s": ck.meta.get("elapsed_s"), "samples_used": samples_used(args.init, ck.meta),

@@ -39,8 +39,8 @@ class GPTConfig:
 
 # vocab_size is set from the tokenizer; block_size may be overridden per run
 PRESETS = {
+    "micro": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),  # ~0.2M: the CPU imitation study's student
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),  # ~0.9M with a small vocab: the CPU default
-    "wide": dict(n_layer=6, n_head=6, n_embd=192, block_size=128),  # ~2.8M: the imitation study's teacher
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # ~11M: a quick GPU run
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M

@@ -3,7 +3,8 @@
 Built-in pairs follow the DPO paper's sentiment experiment: sample K >= 2 responses per task prompt from
 the SFT model, score them with the task's ground-truth reward, and pair the best with the worst when the
 best is strictly better (for arith's 0/1 verifier: one correct and one wrong sample). Only responses that
-ended with EOS are used, so a reward model always reads a real EOS token.
+ended with EOS are used, so a reward model always reads a real EOS token, and only non-empty ones, so the
+written pairs file reads back with --data.
 """
 import json
 from pathlib import Path
@@ -35,7 +36,8 @@ def build_pairs(model, tokenizer, reward, rows, k, max_new_tokens, temperature=1
         ids = r.seqs.ids.tolist()
         prompts = prompt_ids(tokenizer, chunk)
         for g, row in enumerate(chunk):
-            done = [i for i in range(k) if bool(r.finished[g * k + i])]
+            # finished with EOS and not blank (a blank answer could not be read back from the pairs file)
+            done = [i for i in range(k) if bool(r.finished[g * k + i]) and r.texts[g * k + i].strip()]
             if len(done) < 2:
                 continue
             best = max(done, key=lambda i: scores[g][i])  # first of equals: deterministic
@@ -54,12 +56,12 @@ def build_pairs(model, tokenizer, reward, rows, k, max_new_tokens, temperature=1
     return pairs, records
 
 
-def load_pairs(path, tokenizer, block_size):
+def load_pairs(path, tokenizer, block_size, flag="--data"):
     """--data JSONL with prompt/chosen/rejected (strings or message lists) -> pairs as in build_pairs."""
     rows, _, _ = read_jsonl(path, expect=("preference",))
     pairs, dropped = encode_pairs(tokenizer, rows, block_size)
     if not pairs:
-        raise UserError(f"--data {path}: every pair is longer than the model's context ({block_size} tokens)")
+        raise UserError(f"{flag} {path}: every pair is longer than the model's context ({block_size} tokens)")
     return pairs, dropped
 
 

@@ -65,10 +65,28 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, devi
     return Sequences(ids.to(device), mask.to(device))
 
 
-def sequence_logprobs(model, seqs: Sequences, temperature=1.0, entropy=False):
+def sequence_logprobs(model, seqs: Sequences, temperature=1.0, entropy=False, chunk=128):
     """Teacher-forced log-probs of the response tokens under softmax(logits / temperature):
-    logp (N, T-1), 0 off the mask [, entropy (N, T-1) of the same distribution, 0 off the mask]."""
-    return model.token_logprobs(seqs.inputs, seqs.targets, temperature, return_entropy=entropy)
+    logp (N, T-1), 0 off the mask [, entropy (N, T-1) of the same distribution, 0 off the mask].
+
+    Rows go through the model `chunk` at a time sorted by length, each chunk cut to its longest row: one
+    long sample no longer makes every row pay for its padding (nor does a big batch hold all its logits).
+    """
+    N, T1 = seqs.mask.shape
+    need = seqs.last + 1  # (N,) target positions a row needs, through its last response token
+    order = need.argsort(descending=True)
+    logp = seqs.mask.new_zeros(N, T1)
+    ent = seqs.mask.new_zeros(N, T1) if entropy else None
+    for start in range(0, N, chunk):
+        rows = order[start:start + chunk]
+        L = int(need[rows].max())
+        part = Sequences(seqs.ids[rows, :L + 1], seqs.mask[rows, :L])
+        out = model.token_logprobs(part.inputs, part.targets, temperature, return_entropy=entropy)
+        if entropy:
+            logp[rows, :L], ent[rows, :L] = out
+        else:
+            logp[rows, :L] = out
+    return (logp, ent) if entropy else logp
 
 
 def eos_scores(model, seqs: Sequences):

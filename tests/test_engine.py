@@ -19,12 +19,13 @@ def tiny_model(seed=0):
 @torch.no_grad()
 def naive_generate(model, prompt, max_new, seed, temperature=1.0, top_k=None, top_p=None):
     """No cache, no padding: forward over the full sequence at every step; same per-row sampling rule."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # one uniform per step from the row's own stream
     seq, out, lps = list(prompt), [], []
     for _ in range(min(max_new, model.config.block_size - len(prompt))):
         hidden = model(torch.tensor([seq]))
         logits = model.logits(hidden[:, -1])
-        tok, lp = sample_next(logits, [gen], temperature, top_k, top_p)
+        u = torch.rand(1, dtype=torch.float64, generator=gen) if temperature else None
+        tok, lp = sample_next(logits, u, temperature, top_k, top_p)
         out.append(int(tok)), lps.append(float(lp))
         seq.append(int(tok))
         if int(tok) == EOS:
@@ -94,6 +95,34 @@ def test_filter_logits_by_hand():
     assert kept == [True, False, True, False]  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: two tokens kept
     kept = torch.isfinite(filter_logits(logits, top_p=0.5))[0].tolist()
     assert kept == [True, False, False, False]
+
+
+def test_sample_next_inverse_cdf_by_hand():
+    """probs (0.1, 0, 0.6, 0.3): cdf (0.1, 0.1, 0.7, 1.0); u picks the first token whose cdf exceeds u, so the
+    zero-probability token 1 (a flat step of the cdf) is never picked, not even for u right at 0.1."""
+    logits = torch.log(torch.tensor([[0.1, 0.0, 0.6, 0.3]])).expand(6, 4)
+    u = torch.tensor([0.0, 0.0999, 0.1001, 0.6999, 0.7001, 1 - 1e-12], dtype=torch.float64)
+    tokens, logp = sample_next(logits, u, temperature=1.0)
+    assert tokens.tolist() == [0, 0, 2, 2, 3, 3]
+    near = torch.linspace(0.0999, 0.1001, 2001, dtype=torch.float64)
+    assert 1 not in sample_next(logits[:1].expand(2001, 4), near)[0].tolist()
+    torch.testing.assert_close(logp, torch.log(torch.tensor([0.1, 0.1, 0.6, 0.6, 0.3, 0.3])))
+    # top_k=2 keeps tokens 2 and 3 (renormalised 2/3, 1/3); the log-prob stays the unfiltered one
+    tokens, logp = sample_next(logits, u, temperature=1.0, top_k=2)
+    assert tokens.tolist() == [2, 2, 2, 3, 3, 3]
+    torch.testing.assert_close(logp, torch.log(torch.tensor([0.6, 0.6, 0.6, 0.3, 0.3, 0.3])))
+
+
+def test_sampling_frequencies_match_softmax():
+    """4000 rows of one distribution, one uniform each: the token counts agree with softmax(logits / T)
+    within 4 standard deviations of a binomial count."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 7).expand(4000, 7) * 2
+    u = torch.rand(4000, dtype=torch.float64)
+    tokens, _ = sample_next(logits, u, temperature=0.7)
+    p = torch.softmax(logits[0] / 0.7, dim=-1).double()
+    counts = torch.bincount(tokens, minlength=7).double()
+    assert ((counts - 4000 * p).abs() <= 4 * (4000 * p * (1 - p)).sqrt() + 1).all()
 
 
 def test_bad_prompts():

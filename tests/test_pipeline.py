@@ -66,7 +66,10 @@ def test_eval_rows_are_sane(study):
 def test_plan_dependencies_follow_the_flags(tmp_path):
     stages = {st.name: st for st in pipeline.plan(pipeline.SCALES["cpu"], tmp_path, "cpu")}
     assert stages["arith/base"].deps == []
-    assert stages["arith/imitation"].deps == ["arith/base", "arith/teacher-samples"]
+    assert stages["arith/imitation"].deps == ["arith/student-base", "arith/teacher-samples"]
+    assert stages["arith/teacher-samples"].deps == ["arith/sft-seed0"]  # the SFT policy is the teacher
+    # every DPO run trains on the reward model's pairs
+    assert set(stages["sentiment/dpo-beta0.1"].deps) == {"sentiment/sft-seed0", "sentiment/rm"}
     assert set(stages["arith/eval/grpo"].deps) == {"arith/sft-seed0", "arith/grpo"}
     assert stages["arith/eval/grpo"].init == str(tmp_path / "arith/grpo")
     assert set(stages["sentiment/ppo-beta0.2"].deps) == {"sentiment/sft-seed0", "sentiment/rm"}
@@ -111,6 +114,18 @@ def test_noise_is_paired_over_prompts_and_uses_seed_spread():
     assert abs(noise(a2, b2, "test_rewards") - 2 * math.sqrt(0.0625 + 0.0625)) < 1e-12
     assert verdict(0.5, 0.6).startswith("is within noise") and verdict(-0.7, 0.6).startswith("did not hold")
     assert verdict(0.7, 0.6).startswith("held")
+
+
+def test_best_of_n_overtakes_only_beyond_two_standard_errors():
+    """SFT greedy 0.2 on 100 prompts (binomial variance 0.0016). N=1 at 0.21 (se 0.01) is within
+    2 sqrt(0.0001 + 0.0016) = 0.082; N=2 at 0.30 (se 0.02) is 0.1 ahead, beyond 2 sqrt(0.0004 + 0.0016) = 0.089."""
+    from minipost.report import questions
+    sft = {"method": "sft", "seed": 0, "test_reward": 0.2, "n_eval": 100}
+    sweep = [{"n": 1, "reward": 0.21, "reward_se": 0.01}, {"n": 2, "reward": 0.30, "reward_se": 0.02}]
+    (q1,) = questions({"arith": [sft]}, {"arith/bon-test": sweep})
+    assert "(by more than two standard errors) from N=2." in q1
+    (q1,) = questions({"arith": [sft]}, {"arith/bon-test": sweep[:1]})
+    assert "never clearly overtakes" in q1
 
 
 def fake_checkpoint(run_dir, step):

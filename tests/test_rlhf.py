@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--n-eval", "4", "--n-kl", "4", "--max-new-tokens", "12", "--warmup", "1"]
 
 REWARD_MODULE = '''
-def has_digit(prompts, completions, **kwargs):
-    return [float(any(ch.isdigit() for ch in c)) for c in completions]
+def odd_length(prompts, completions, **kwargs):  # 0/1 and varied: most groups of samples carry signal
+    return [float(len(c) % 2) for c in completions]
 
 def digit_count(prompts, completions, **kwargs):
     return [float(sum(ch.isdigit() for ch in c)) for c in completions]
@@ -126,8 +126,11 @@ def test_builtin_pairs_end_to_end_rank_by_the_reward(models):
         assert records, split
         for rec in records:
             assert rec["chosen_reward"] > rec["rejected_reward"]
+            assert rec["chosen"].strip() and rec["rejected"].strip()  # blank answers are never paired
             again = rewards_for_test.digit_count(None, [rec["chosen"], rec["rejected"]])
             assert again == [rec["chosen_reward"], rec["rejected_reward"]]
+        ck = load_checkpoint(models / "sft")  # the written file reads back as --data
+        assert preferences.load_pairs(out / f"pairs-{split}.jsonl", ck.tokenizer, 10_000)[0]
 
 
 def test_dpo_runs_and_logs_implicit_rewards(models):
@@ -141,6 +144,23 @@ def test_dpo_runs_and_logs_implicit_rewards(models):
     for key in ("test_reward", "test_kl", "test_entropy", "test_sample_reward", "val_accuracy"):
         assert key in records[0] and key in records[-1]
     assert records[0]["test_kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 0
+
+
+def test_val_data_holds_out_its_own_pairs(models, capsys):
+    """--val-data: every --data pair trains and the held-out pairs are exactly the other file's (how the
+    pipeline shares one set of built pairs between the reward model and every DPO run)."""
+    lines = (models / "pairs.jsonl").read_text().splitlines()
+    val = models / "val-pairs.jsonl"
+    val.write_text("\n".join(lines[:3]) + "\n")
+    train_rlhf.main(["--algo", "dpo", "--init", str(models / "sft"), "--data", str(models / "pairs.jsonl"),
+                     "--val-data", str(val), "--max-steps", "1", "--batch-size", "4", "--out",
+                     str(models / "dpo-val"), *SMALL])
+    ck = load_checkpoint(models / "sft")
+    # every pair that fits the tiny context: split_pairs would have held some of --data out instead
+    n_train = len(preferences.load_pairs(models / "pairs.jsonl", ck.tokenizer, ck.model.config.block_size)[0])
+    n_val = len(preferences.load_pairs(val, ck.tokenizer, ck.model.config.block_size)[0])
+    assert n_val >= 1
+    assert f"pairs: {n_train} train, {n_val} held out from {val}" in capsys.readouterr().out
 
 
 def test_dpo_resume_reproduces_uninterrupted_run(models):
@@ -179,7 +199,7 @@ def test_ppo_with_reward_model_first_ratio_is_one(models, rm_run):
 @pytest.mark.parametrize("algo,extra", [("nft", []), ("rft", []), ("grpo", []), ("grpo", ["--dr-grpo", "--kl-coef", "0"])])
 def test_group_algorithms_run(models, algo, extra):
     out = models / f"{algo}{len(extra)}"
-    train_rlhf.main(["--algo", algo, "--init", str(models / "sft"), "--reward", "rewards_for_test:has_digit",
+    train_rlhf.main(["--algo", algo, "--init", str(models / "sft"), "--reward", "rewards_for_test:odd_length",
                      "--max-steps", "2", "--batch-size", "3", "--k", "4", "--minibatch-size", "4",
                      "--out", str(out), *SMALL, *extra])
     records, ck = check_run(out, algo, 2, ["reward", "accuracy", "kl", "entropy", "loss", "groups_filtered",
@@ -281,6 +301,7 @@ def test_epoch_indices_are_permutations_of_the_data():
 @pytest.mark.parametrize("argv,message", [
     (["--algo", "dpo", "--init", "{base}"], "is a base model (kind 'base'): fine-tune it first with python train_sft.py"),
     (["--algo", "rm", "--init", "{sft}", "--data", "{bad_pairs}"], "expected prompt+chosen+rejected"),
+    (["--algo", "dpo", "--init", "{sft}", "--val-data", "{bad_pairs}"], "--val-data needs --data"),
 ])
 def test_bad_input_one_line_exit_2(models, argv, message):
     bad = models / "bad_pairs.jsonl"
