@@ -137,7 +137,8 @@ def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
     add("arith/student-sft", "sft", ["--init", d("arith/student-base"), "--task", "arith", "--max-steps", tuned,
         "--n-train", s.n_train, "--n-eval", s.curve_eval, "--eval-every", tuned], tuned)
     add("arith/teacher-samples", "bon", ["--init", sft, "--task", "arith", "--split", "train", "--n", 1,
-        "--temperature", 0, "--n-prompts", s.n_train, "--out", d("arith/teacher-samples")], done_file="bon.jsonl")
+        "--temperature", 0, "--n-prompts", s.n_train, "--finished-only", "--out", d("arith/teacher-samples")],
+        done_file="bon.jsonl")
     add("arith/imitation", "sft", ["--init", d("arith/student-base"), "--task", "arith", "--data",
         d("arith/teacher-samples") + "/bon.jsonl", "--max-steps", tuned, "--n-eval", s.curve_eval, "--eval-every",
         tuned], tuned)

@@ -101,6 +101,8 @@ def parse_args(argv=None):
     # Logging
     p.add_argument("--out", default=None, help="output directory: OUT/bon.jsonl, or OUT/sweep.jsonl with "
                    "--sweep (default out/bon; --prompt prints to stdout unless --out is given)")
+    p.add_argument("--finished-only", action="store_true", help="leave out prompts whose chosen completion did "
+                   "not end with EOS or is blank (bon.jsonl as SFT data: python train_sft.py --data OUT/bon.jsonl)")
     p.add_argument("--keep-all", action="store_true", help="also write every candidate with its score "
                    "(with --sweep: the pool, to OUT/pool.jsonl)")
     p.add_argument("--time-prompts", type=int, default=8, help="--sweep: prompts timed per N")
@@ -364,9 +366,12 @@ def main(argv=None):
         scores = score(expanded, [p for p in prompts for _ in range(n)], comps, texts)
         best = select_best(scores, n)
 
-    records = []
+    records, skipped = [], 0
     for i, row in enumerate(rows):
         k = i * n + best[i]
+        if args.finished_only and not (finished[k] and texts[k].strip()):
+            skipped += 1  # cut off by the budget, or blank: not a demonstration to train on
+            continue
         rec = {"prompt": row["prompt"], "completion": texts[k], "score": scores[k], "index": best[i],
                "finished": finished[k]}
         if args.keep_all:
@@ -374,12 +379,16 @@ def main(argv=None):
                                  for j in range(i * n, (i + 1) * n)]
         rec.update({c: v for c, v in row.items() if c not in rec})  # e.g. arith's answer, kept for later use
         records.append(rec)
+    if not records:
+        raise UserError(f"--finished-only: none of the {len(rows)} chosen completions ended with EOS (raise "
+                        "--max-new-tokens, or is --init an SFT model?)")
     lines = "".join(json.dumps(r) + "\n" for r in records)
     if to_stdout:
         sys.stdout.write(lines)
     else:
         (out / "bon.jsonl").write_text(lines)
-        log(f"wrote {len(records)} chosen completions to {out / 'bon.jsonl'}")
+        log(f"wrote {len(records)} chosen completions to {out / 'bon.jsonl'}"
+            + (f" ({skipped} unfinished or blank, left out)" if args.finished_only else ""))
     if score is not None:
         log(f"best-of-{n} by {selector}: mean score {sum(r['score'] for r in records) / len(records):.4f} "
             f"(all candidates: {sum(scores) / len(scores):.4f})")

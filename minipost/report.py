@@ -182,8 +182,9 @@ def questions(evals, sweeps):
         out.append("**(1) SFT vs best-of-N (Somerstep et al. 2025).** The SFT policy (seed 0), one greedy answer: "
                    f"{sft0:.3f} test accuracy. Best-of-N from it with the verifier as selector: "
                    + ", ".join(f"N={n}: {v:.3f}" for n, v in sorted(bon.items())) + ". "
-                   + (f"Best-of-N overtakes the SFT policy's greedy answer (by more than two standard errors) "
-                      f"from N={beats[0]}" if beats else "Best-of-N never clearly overtakes the SFT policy at these N")
+                   + ("Best-of-N is ahead of the SFT policy's greedy answer by more than two standard errors at "
+                      + ", ".join(f"N={n}" for n in beats) if beats else
+                      "Best-of-N never clearly overtakes the SFT policy at these N")
                    + ". Caveat: the verifier is an oracle selector; the claim's setting (a learned reward) is "
                    "the sentiment sweep below.")
     if sft_rows and dft_rows:

@@ -75,17 +75,19 @@ def sequence_logprobs(model, seqs: Sequences, temperature=1.0, entropy=False, ch
     N, T1 = seqs.mask.shape
     need = seqs.last + 1  # (N,) target positions a row needs, through its last response token
     order = need.argsort(descending=True)
-    logp = seqs.mask.new_zeros(N, T1)
-    ent = seqs.mask.new_zeros(N, T1) if entropy else None
+    logp = ent = None
     for start in range(0, N, chunk):
         rows = order[start:start + chunk]
         L = int(need[rows].max())
         part = Sequences(seqs.ids[rows, :L + 1], seqs.mask[rows, :L])
         out = model.token_logprobs(part.inputs, part.targets, temperature, return_entropy=entropy)
+        lp, en = out if entropy else (out, None)
+        if logp is None:  # the kernel's dtype (float32, or float64 for a float64 model)
+            logp = lp.new_zeros(N, T1)
+            ent = lp.new_zeros(N, T1) if entropy else None
+        logp[rows, :L] = lp
         if entropy:
-            logp[rows, :L], ent[rows, :L] = out
-        else:
-            logp[rows, :L] = out
+            ent[rows, :L] = en
     return (logp, ent) if entropy else logp
 
 

@@ -124,6 +124,23 @@ def test_n1_is_plain_sampling(work, tok, capsys):
     assert [r["answer"] for r in recs] == [r["answer"] for r in rows]  # extra columns are kept
 
 
+def test_finished_only_leaves_out_unfinished_and_blank_answers(work, tok):
+    """--finished-only (bon.jsonl as SFT data): exactly the records of the plain run whose completion ended
+    with EOS and is not blank, in order."""
+    policy = tiny_gpt(tok, 0)
+    with torch.no_grad():  # a long EOS embedding: EOS logits swing far either way, so some rows end early
+        policy.transformer.wte.weight[tok.eos_id] *= 40
+    save_checkpoint(work / "eos-policy", policy, tok, {"kind": "sft", "script": "test"})
+    common = ["--init", str(work / "eos-policy"), "--n", "1", "--n-prompts", "12", "--max-new-tokens", "6",
+              "--seed", "1", "--device", "cpu"]
+    sample_bon.main(common + ["--out", str(work / "all")])
+    sample_bon.main(common + ["--finished-only", "--out", str(work / "finished")])
+    everything = read_jsonl(work / "all" / "bon.jsonl")
+    kept = read_jsonl(work / "finished" / "bon.jsonl")
+    assert kept == [r for r in everything if r["finished"] and r["completion"].strip()]
+    assert 0 < len(kept) < len(everything)  # this setup has both kinds
+
+
 def test_reward_function_selection_end_to_end(work, rewards_importable):
     out = work / "fn"
     sample_bon.main(["--init", str(work / "policy"), "--n", "4", "--n-prompts", "3", "--max-new-tokens", "10",

@@ -123,7 +123,7 @@ def test_best_of_n_overtakes_only_beyond_two_standard_errors():
     sft = {"method": "sft", "seed": 0, "test_reward": 0.2, "n_eval": 100}
     sweep = [{"n": 1, "reward": 0.21, "reward_se": 0.01}, {"n": 2, "reward": 0.30, "reward_se": 0.02}]
     (q1,) = questions({"arith": [sft]}, {"arith/bon-test": sweep})
-    assert "(by more than two standard errors) from N=2." in q1
+    assert "by more than two standard errors at N=2." in q1
     (q1,) = questions({"arith": [sft]}, {"arith/bon-test": sweep[:1]})
     assert "never clearly overtakes" in q1
 
