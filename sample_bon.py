@@ -54,12 +54,10 @@ import torch
 from tqdm import tqdm
 
 from minipost.checkpoint import load_checkpoint
-from minipost.cli import UserError, pick_device, run_main, task_from_flag
+from minipost.cli import UserError, pick_device, require_positive, run_main, task_from_flag
 from minipost.data import read_jsonl
-from minipost.engine import generate
-from minipost.evaluate import completion_text, prompt_ids
-from minipost.rewards import (checked_rewards, load_reward_fn, load_reward_model, same_tokenizer,
-                              score_with_reward_model)
+from minipost.rewards import call_reward, make_reward
+from minipost.rollout import completion_text, prompt_ids, sample_candidates
 from minipost.tasks import TASKS
 
 
@@ -109,18 +107,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     args.sweep = parse_sweep(args.sweep) if args.sweep is not None else None
-    for flag in ("n", "pool_factor", "max_new_tokens", "batch_size", "time_prompts"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.n_prompts is not None and args.n_prompts < 1:
-        raise UserError("--n-prompts must be >= 1")
+    require_positive(args, "n", "pool_factor", "max_new_tokens", "batch_size", "time_prompts", "n_prompts", "top_k")
     if args.temperature < 0:
         raise UserError("--temperature must be >= 0")
     largest = max(args.sweep) if args.sweep else args.n
     if args.temperature == 0 and largest > 1:
         raise UserError("--temperature 0 is greedy: all N candidates would be the same completion")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError("--top-k must be >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
     if args.reward and args.reward_model:
@@ -170,47 +162,6 @@ def load_prompts(args, task) -> list[dict]:
         return task.prompts(args.split, args.n_prompts or 100, seed=0)
     except ValueError as e:
         raise UserError(f"--split: {e}")
-
-
-def columns(rows: list[dict]) -> dict:
-    """Extra columns of the rows, as lists, for a TRL-style reward function (e.g. arith's `answer`)."""
-    keys = [k for k in rows[0] if k != "prompt"]
-    return {k: [r.get(k) for r in rows] for k in keys}
-
-
-def make_scorer(args, task, tokenizer, device):
-    """The selection score -> (description, score(rows, prompt_ids, completion_ids, texts) -> list[float]);
-    all four lists have one entry per candidate."""
-    if args.reward_model:
-        rm = load_reward_model(args.reward_model, device)
-        if not same_tokenizer(rm.tokenizer, tokenizer):
-            raise UserError(f"--reward-model {args.reward_model}: its tokenizer differs from --init {args.init}'s")
-
-        def score(rows, prompts, completions, texts):
-            return score_with_reward_model(rm.model, tokenizer, prompts, completions, args.batch_size).tolist()
-        return f"reward model {args.reward_model}", score
-
-    fn = load_reward_fn(args.reward) if args.reward else task.reward
-
-    def score(rows, prompts, completions, texts):
-        return checked_rewards(fn, [r["prompt"] for r in rows], texts, **columns(rows))
-    return args.reward or f"{task.name} reward", score
-
-
-@torch.no_grad()
-def sample_candidates(model, tokenizer, prompts: list[list[int]], n: int, max_new_tokens: int,
-                      temperature: float = 1.0, top_k=None, top_p=None, batch_size: int = 64, seed: int = 0):
-    """n completions per prompt -> (completions [ids], finished [bool]), prompt-major: entry i*n + j is sample
-    j of prompt i, drawn with seed + i*n + j. Each generate call takes batch_size // n prompts (at least one)
-    and prefills each prompt once before fanning its cache out to the n samples."""
-    per_call = max(1, batch_size // n)
-    completions, finished = [], []
-    for start in tqdm(range(0, len(prompts), per_call), desc=f"sampling x{n}", leave=False, disable=None):
-        g = generate(model, prompts[start:start + per_call], max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
-                     temperature, top_k, top_p, num_samples=n, seed=seed + start * n)
-        completions += g.completions()
-        finished += g.finished.tolist()
-    return completions, finished
 
 
 def select_best(scores: list[float], n: int) -> list[int]:
@@ -263,19 +214,18 @@ def kl_bound(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def run_sweep(args, model, tokenizer, task, rows, prompts, score, selector, out: Path):
+def run_sweep(args, model, tokenizer, task, rows, prompts, reward, out: Path):
     P, M = len(rows), max(args.sweep) * args.pool_factor
-    log(f"sweep: {P} prompts, pool of {M} samples per prompt (T={args.temperature}), selected by {selector}")
+    log(f"sweep: {P} prompts, pool of {M} samples per prompt (T={args.temperature}), selected by {reward.name}")
     t0 = time.time()
     comps, finished = sample_candidates(model, tokenizer, prompts, M, args.max_new_tokens, args.temperature,
                                         args.top_k, args.top_p, args.batch_size, args.seed)
     pool_s = time.time() - t0
     texts = [completion_text(tokenizer, c) for c in comps]
     expanded = [r for r in rows for _ in range(M)]
-    proxy = score(expanded, [p for p in prompts for _ in range(M)], comps, texts)
+    proxy = reward(expanded, [p for p in prompts for _ in range(M)], comps, texts).tolist()
     # the ground truth is the task's reward, whatever selects
-    gold = proxy if args.reward is None and args.reward_model is None else \
-        checked_rewards(task.reward, [r["prompt"] for r in expanded], texts, **columns(expanded))
+    gold = proxy if args.reward is None and args.reward_model is None else call_reward(task.reward, expanded, texts)
     fmt = [float(f) for f in task.format_ok(texts)]
     log(f"pool sampled in {pool_s:.1f}s ({pool_s / P:.2f}s per prompt), scored in {time.time() - t0 - pool_s:.1f}s")
     if args.keep_all:
@@ -304,7 +254,7 @@ def run_sweep(args, model, tokenizer, task, rows, prompts, score, selector, out:
         results.append({"n": n, "reward": mean["reward"], "reward_se": math.sqrt(var / P), "format": mean["format"],
                         "proxy": mean["proxy"], "kl_bound": kl_bound(n), "kl_est": mean["kl_est"],
                         "gen_s_per_prompt": gen_s, "n_prompts": P, "pool": M, "task": task.name,
-                        "split": args.data or args.split, "selector": selector, "temperature": args.temperature})
+                        "split": args.data or args.split, "selector": reward.name, "temperature": args.temperature})
     with open(out / "sweep.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
     log(f"wrote {out / 'sweep.jsonl'}")
@@ -347,23 +297,23 @@ def main(argv=None):
             raise UserError(f"prompt {i + 1} is {len(p)} tokens: no room to generate in a context of {block}")
     # --n 1 on a bare --prompt is plain sampling: nothing to select, so no default score is needed
     explicit = args.reward or args.reward_model
-    selector, score = (make_scorer(args, task, tokenizer, device) if explicit or args.prompt is None or args.n > 1
-                       else (None, None))
+    reward = (make_reward(task, tokenizer, device, args.reward, args.reward_model, args.batch_size)
+              if explicit or args.prompt is None or args.n > 1 else None)
     to_stdout = args.prompt is not None and args.out is None
     out = Path(args.out or "out/bon")
     if not to_stdout:
         out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
-        return run_sweep(args, model, tokenizer, task, rows, prompts, score, selector, out)
+        return run_sweep(args, model, tokenizer, task, rows, prompts, reward, out)
 
     n = args.n
     comps, finished = sample_candidates(model, tokenizer, prompts, n, args.max_new_tokens, args.temperature,
                                         args.top_k, args.top_p, args.batch_size, args.seed)
     texts = [completion_text(tokenizer, c) for c in comps]
     scores, best = [None] * len(comps), [0] * len(rows)
-    if score is not None:
+    if reward is not None:
         expanded = [r for r in rows for _ in range(n)]
-        scores = score(expanded, [p for p in prompts for _ in range(n)], comps, texts)
+        scores = reward(expanded, [p for p in prompts for _ in range(n)], comps, texts).tolist()
         best = select_best(scores, n)
 
     records, skipped = [], 0
@@ -389,8 +339,8 @@ def main(argv=None):
         (out / "bon.jsonl").write_text(lines)
         log(f"wrote {len(records)} chosen completions to {out / 'bon.jsonl'}"
             + (f" ({skipped} unfinished or blank, left out)" if args.finished_only else ""))
-    if score is not None:
-        log(f"best-of-{n} by {selector}: mean score {sum(r['score'] for r in records) / len(records):.4f} "
+    if reward is not None:
+        log(f"best-of-{n} by {reward.name}: mean score {sum(r['score'] for r in records) / len(records):.4f} "
             f"(all candidates: {sum(scores) / len(scores):.4f})")
     return records
 

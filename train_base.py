@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import kernels
 from minipost.checkpoint import find_checkpoint, load_checkpoint, load_train_state, rng_state, save_checkpoint, set_rng_state
-from minipost.cli import MetricsLog, UserError, autocast, cosine_lr, pick_device, run_main, task_from_flag
+from minipost.cli import (MetricsLog, UserError, autocast, cosine_lr, pick_device, require_positive, run_main,
+                          task_from_flag)
 from minipost.engine import generate
 from minipost.model import GPT, PRESETS, GPTConfig
 from minipost.tasks import TASKS
@@ -54,9 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt if it exists")
     args = p.parse_args(argv)
-    for flag in ("max_steps", "batch_size", "eval_every", "ckpt_every", "eval_batches"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    require_positive(args, "max_steps", "batch_size", "eval_every", "ckpt_every", "eval_batches")
     return args
 
 
@@ -93,10 +91,8 @@ def get_batch(stream, batch_size, block_size, generator):
 
 
 def lm_loss(model, x, y):
-    """Mean next-token cross-entropy through the fused log-prob op (no (B*T, V) logits on GPU)."""
-    hidden = model(x)  # (B, T, C)
-    B, T, C = hidden.shape
-    return -kernels.token_logprobs(hidden.reshape(B * T, C), model.lm_head.weight, y.reshape(B * T)).mean()
+    """Mean next-token cross-entropy, x and y (B, T), through the fused log-prob op (no (B*T, V) logits on GPU)."""
+    return -model.teacher_forced_logprobs(x, y).mean()
 
 
 @torch.no_grad()

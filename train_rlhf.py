@@ -1,8 +1,14 @@
 """Post-training from an SFT checkpoint: reward model, DPO, PPO, NFT, RFT and GRPO on one log-prob core.
 
-Every log-prob goes through model.token_logprobs (kernels.token_logprobs); every sample through the engine
-(minipost.engine.generate); every objective is one function of minipost/losses.py (formulas in
-ALGORITHMS.md). Dropout is off everywhere (all models stay in eval mode); reference models are frozen.
+Every log-prob goes through model.teacher_forced_logprobs (kernels.token_logprobs); every sample through the
+engine (minipost.engine.generate); every objective is one function of minipost/losses.py (formulas, sources
+and pitfalls in docs/algorithms.md); every reward through minipost/rewards.py. Dropout is off everywhere
+(all models stay in eval mode); reference models are frozen.
+
+The file reads top to bottom: flags, the plumbing every algorithm calls (loading, the frozen reference,
+evaluation, the loop's logging and checkpoints), then one function per family -- train_reward_model,
+train_dpo, train_ppo, train_group (NFT, RFT, GRPO) -- each set-up -> loop (rollout, score, loss, step, log,
+checkpoint).
 
   --algo rm    Bradley-Terry reward model: scalar head on the EOS hidden state, trunk from --init
   --algo dpo   DPO / conservative DPO (--label-smoothing) / IPO (--ipo) against the frozen --init model
@@ -40,6 +46,7 @@ GPU: the same with --device cuda and larger --batch-size / --max-new-tokens.
 import argparse
 import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,29 +55,38 @@ from tqdm import tqdm
 from minipost import losses
 from minipost.checkpoint import (find_checkpoint, load_checkpoint, load_train_state, rng_state, save_checkpoint,
                                  set_rng_state)
-from minipost.cli import MetricsLog, UserError, pick_device, run_main, task_from_flag
+from minipost.cli import MetricsLog, UserError, pick_device, require_positive, run_main, task_from_flag
 from minipost.data import epoch_indices, read_jsonl
-from minipost.evaluate import evaluate_policy, prompt_ids
+from minipost.evaluate import evaluate_policy
 from minipost.model import GPT, GPTConfig
-from minipost.preferences import build_pairs, load_pairs, pair_sequences, reference_samples, split_pairs, write_pairs
-from minipost.rollout import (Reward, eos_scores, make_reward,
-                              sample_kl, sample_rollout, sequence_logprobs, step_seed, token_values)
-from minipost.rewards import load_reward_fn
+from minipost.preferences import (build_pairs, load_pairs, pair_accuracy, pair_logprob_sums, pair_sequences,
+                                  reference_samples, split_pairs, write_pairs)
+from minipost.rewards import eos_scores, make_reward
+from minipost.rollout import prompt_ids, sample_kl, sample_rollout, sequence_logprobs, step_seed, token_values
 from minipost.tasks import TASKS
 
 ALGOS = ("rm", "dpo", "ppo", "nft", "rft", "grpo")
-# Per-algorithm defaults for flags left unset, tuned so each run learns within a few CPU minutes
-# (tiny model, 2 cores). batch_size counts pairs (rm, dpo) or prompts (ppo: 1 sample each; nft/rft/grpo: K).
-# nft/rft/grpo on arith: 32 prompts x 8 samples, two gradient steps per rollout batch. With 16 prompts a step,
-# or lr 3e-4, greedy test accuracy fell below the SFT model's (noisy updates that fit the batch's problems).
-DEFAULTS = {
-    "rm": dict(lr=3e-4, max_steps=150, batch_size=32, k=4, n_prompts=1000),
-    "dpo": dict(lr=5e-5, max_steps=150, batch_size=32, k=4, n_prompts=1000, beta=0.1),
-    "ppo": dict(lr=3e-5, max_steps=60, batch_size=64, epochs=4, minibatch_size=16, beta=0.05, n_prompts=4000),
-    "nft": dict(lr=1e-4, max_steps=25, batch_size=32, k=8, epochs=1, minibatch_size=128, n_prompts=4000),
-    "rft": dict(lr=1e-4, max_steps=25, batch_size=32, k=8, epochs=1, minibatch_size=128, n_prompts=4000),
-    "grpo": dict(lr=1e-4, max_steps=25, batch_size=32, k=8, epochs=1, minibatch_size=128, n_prompts=4000),
+# The defaults that differ between algorithms, stated here once (each flag's help lists them; parse_args applies
+# them). Tuned so each run learns within a few CPU minutes (tiny model, 2 cores). batch_size counts pairs (rm,
+# dpo) or prompts (ppo: 1 sample each; nft/rft/grpo: k each). nft/rft/grpo on arith: 32 prompts x 8 samples,
+# one gradient step per rollout batch; with 16 prompts a step, or lr 3e-4, greedy test accuracy fell below the
+# SFT model's (noisy updates that fit the batch's problems).
+GROUP = dict(lr=1e-4, max_steps=25, batch_size=32, n_prompts=4000, k=8, epochs=1, minibatch_size=128)
+ALGO_DEFAULTS = {
+    "rm": dict(lr=3e-4, max_steps=150, batch_size=32, n_prompts=1000, k=4),
+    "dpo": dict(lr=5e-5, max_steps=150, batch_size=32, n_prompts=1000, k=4, beta=0.1),
+    "ppo": dict(lr=3e-5, max_steps=60, batch_size=64, n_prompts=4000, epochs=4, minibatch_size=16, beta=0.05),
+    "nft": GROUP, "rft": GROUP, "grpo": GROUP,
 }
+
+
+def per_algo(flag: str) -> str:
+    """The help text's list of a flag's per-algorithm defaults, read from ALGO_DEFAULTS."""
+    algos_of = {}
+    for algo, defaults in ALGO_DEFAULTS.items():
+        if flag in defaults:
+            algos_of.setdefault(defaults[flag], []).append(algo)
+    return "default " + ", ".join(f"{'/'.join(algos)} {value:g}" for value, algos in algos_of.items())
 
 
 def parse_args(argv=None):
@@ -88,9 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="rm/dpo: JSONL pairs (prompt/chosen/rejected); ppo/nft/rft/grpo: "
                    "JSONL prompts (prompt + columns for the reward). The task still provides evaluation")
     p.add_argument("--n-prompts", type=int, default=None, help="task train prompts to build pairs from (rm, "
-                   "dpo) or to sample rollouts from (default per algo)")
-    p.add_argument("--k", type=int, default=None, help="samples per prompt: for the built-in pairs (default 4) "
-                   "or per rollout group (nft/rft/grpo, default 8)")
+                   f"dpo) or to sample rollouts from; {per_algo('n_prompts')}")
+    p.add_argument("--k", type=int, default=None, help="samples per prompt: for the built-in pairs (rm, dpo) or "
+                   f"per rollout group (nft/rft/grpo); {per_algo('k')}")
     p.add_argument("--val-frac", type=float, default=0.1, help="--data pairs held out for accuracy")
     p.add_argument("--val-data", default=None, help="rm/dpo: held-out pairs from this JSONL instead (all of --data "
                    "then trains), e.g. another run's OUT/pairs-val.jsonl beside its OUT/pairs-train.jsonl")
@@ -101,17 +117,22 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts and pairs; "
                    "old, new and reference log-probs use the same one")
     # Optimisation
-    p.add_argument("--max-steps", type=int, default=None, help="training steps (rollout batches for RL)")
-    p.add_argument("--batch-size", type=int, default=None, help="pairs (rm, dpo) or prompts (RL) per step")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (AdamW, constant after warm-up)")
+    p.add_argument("--max-steps", type=int, default=None, help=f"training steps (rollout batches for RL); "
+                   f"{per_algo('max_steps')}")
+    p.add_argument("--batch-size", type=int, default=None, help=f"pairs (rm, dpo) or prompts (RL) per step; "
+                   f"{per_algo('batch_size')}")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (AdamW, constant after warm-up); "
+                   f"{per_algo('lr')}")
     p.add_argument("--warmup", type=int, default=5, help="linear warm-up steps")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip each model's gradient norm (0: off)")
-    p.add_argument("--beta", type=float, default=None, help="dpo: beta (0.1); ppo: initial KL coefficient (0.05)")
+    p.add_argument("--beta", type=float, default=None, help=f"dpo: beta; ppo: initial KL coefficient; "
+                   f"{per_algo('beta')}")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="dpo: conservative DPO epsilon")
-    p.add_argument("--ipo", action="store_true", help="dpo: IPO loss on length-averaged log-probs")
+    p.add_argument("--ipo", action="store_true", help="dpo: IPO loss on length-averaged log-probs (TRL's variant)")
     p.add_argument("--center-coef", type=float, default=0.0, help="rm: weight of the centring term mean((rc+rr)^2)")
-    p.add_argument("--epochs", type=int, default=None, help="RL: passes over each rollout batch (ppo 4, else 1)")
-    p.add_argument("--minibatch-size", type=int, default=None, help="RL: sequences per gradient step")
+    p.add_argument("--epochs", type=int, default=None, help=f"RL: passes over each rollout batch; {per_algo('epochs')}")
+    p.add_argument("--minibatch-size", type=int, default=None, help="RL: sequences per gradient step (nft/grpo: "
+                   f"also the constant normaliser's row count); {per_algo('minibatch_size')}")
     p.add_argument("--clip", type=float, default=0.2, help="RL: ratio clip (and ppo value clip)")
     p.add_argument("--vf-coef", type=float, default=0.1, help="ppo: value loss coefficient")
     p.add_argument("--gae-lambda", type=float, default=0.95, help="ppo: GAE lambda (gamma is 1)")
@@ -126,29 +147,32 @@ def parse_args(argv=None):
     # Logging
     p.add_argument("--out", default=None, help="checkpoint directory (OUT/ckpt) and OUT/metrics.jsonl "
                    "(default out/ALGO)")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default max-steps/4)")
-    p.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (default eval-every)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: a quarter "
+                   "of --max-steps, rounded up, so the fourth lands on the last step)")
+    p.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (default --eval-every)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt if it exists")
     args = p.parse_args(argv)
-    for key, value in {"epochs": 4 if args.algo == "ppo" else 1, "k": 8, "minibatch_size": 32, "beta": 0.1,
-                       **DEFAULTS[args.algo]}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+
+    for flag, value in ALGO_DEFAULTS[args.algo].items():  # the per-algorithm defaults, applied here only
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
     args.out = args.out or f"out/{args.algo}"
-    args.eval_every = args.eval_every or -(-args.max_steps // 4)  # ceil: the 4th lands on the last step
+    require_positive(args, "max_steps", "batch_size", "k", "n_prompts", "n_eval", "n_kl", "max_new_tokens", "epochs",
+                     "minibatch_size", "eval_every", "ckpt_every", "warmup")
+    args.eval_every = args.eval_every or -(-args.max_steps // 4)
     args.ckpt_every = args.ckpt_every or args.eval_every
-    for flag in ("max_steps", "batch_size", "k", "n_prompts", "n_eval", "n_kl", "max_new_tokens", "epochs",
-                 "minibatch_size", "eval_every", "ckpt_every", "warmup"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 (log-probs are taken at the sampling temperature)")
     if args.val_data and not (args.data and args.algo in ("rm", "dpo")):
         raise UserError("--val-data needs --data and --algo rm or dpo (it holds out preference pairs)")
     if args.reward_model and args.algo in ("rm", "dpo"):
         raise UserError(f"--reward-model is for ppo, nft, rft and grpo, not --algo {args.algo}")
+    if args.reward_model and args.reward:
+        raise UserError("choose one of --reward and --reward-model")
     return args
 
+
+# ------------------------------------------------------------------------------------ shared plumbing
 
 def load_init(args, device):
     """--init must be a policy: SFT (or DFT, or another post-trained policy), not a base or a reward model."""
@@ -162,12 +186,33 @@ def load_init(args, device):
     return ck
 
 
+def load_resumed(args, out, device):
+    """--resume: OUT/ckpt of a run of the same --algo, or None (with a line saying so) when there is none."""
+    if not args.resume:
+        return None
+    if find_checkpoint(out) is None:
+        print(f"--resume: no checkpoint in {out / 'ckpt'} yet, starting from step 0")
+        return None
+    resumed = load_checkpoint(out, device, flag="--resume from")
+    if resumed.meta.get("kind") != args.algo:
+        raise UserError(f"--resume: {resumed.path} holds a {resumed.meta.get('kind')!r} run, not --algo {args.algo}")
+    return resumed
+
+
 def frozen_copy(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
+def scalar_model(model):
+    """A copy of model's trunk with a fresh scalar head (reward model, PPO critic); dropout off."""
+    out = GPT(GPTConfig(**{**model.config.to_dict(), "scalar_head": True, "dropout": 0.0}))
+    missing, _ = out.load_state_dict(model.state_dict(), strict=False)
+    assert sorted(missing) == ["score_head.bias", "score_head.weight"], missing
+    return out
+
+
 def clip_and_step(opt, loss, models, grad_clip):
-    """One optimizer step on loss; each model's gradient norm clipped on its own. -> the policy's norm."""
+    """One optimizer step on loss; each model's gradient norm clipped on its own. -> the first model's norm."""
     loss.backward()
     norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), grad_clip or float("inf")) for m in models]
     opt.step()
@@ -175,23 +220,21 @@ def clip_and_step(opt, loss, models, grad_clip):
     return norms[0].item()
 
 
-# ------------------------------------------------------------------------------------ preference pairs
-
 def preference_pairs(args, sft, tokenizer, task, out):
     """(train, held-out) pairs: --data, or the built-in pairs from the SFT model's samples (also written
     to OUT/pairs-train.jsonl and OUT/pairs-val.jsonl for inspection and reuse with --data)."""
+    block = sft.config.block_size
     if args.data:
-        pairs, dropped = load_pairs(args.data, tokenizer, sft.config.block_size)
+        pairs, dropped = load_pairs(args.data, tokenizer, block)
         if args.val_data:  # e.g. a built-in run's pairs-train.jsonl / pairs-val.jsonl, reused as they were
-            train, (val, dropped_val) = pairs, load_pairs(args.val_data, tokenizer, sft.config.block_size, "--val-data")
+            train, (val, dropped_val) = pairs, load_pairs(args.val_data, tokenizer, block, "--val-data")
             dropped += dropped_val
         else:
             train, val = split_pairs(pairs, args.val_frac, args.seed)
         print(f"pairs: {len(train)} train, {len(val)} held out from {args.val_data or args.data} "
               f"({dropped} too long, dropped)")
         return train, val
-    reward = Reward(load_reward_fn(args.reward), f"--reward {args.reward}") if args.reward else \
-        Reward(task.reward, f"the {task.name} task's reward")
+    reward = make_reward(task, tokenizer, next(sft.parameters()).device, args.reward)
     built = {}
     for i, (split, n) in enumerate((("train", args.n_prompts), ("test", args.n_eval))):
         t0 = time.time()
@@ -206,289 +249,325 @@ def preference_pairs(args, sft, tokenizer, task, out):
     return built["train"], built["test"]
 
 
-def pair_accuracy(r_chosen, r_rejected):
-    """Fraction of pairs ranked right, a tie counting half (at step 0 DPO's implicit rewards all tie at 0)."""
-    return ((r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()).mean().item()
+def prompt_pool(args, tokenizer, task, block):
+    """RL prompts: --data rows (those that leave room for a response) or the task's train prompts."""
+    if not args.data:
+        return task.prompts("train", args.n_prompts, seed=0)
+    rows, _, _ = read_jsonl(args.data, expect=("prompt",))
+    rows = [r for r, ids in zip(rows, prompt_ids(tokenizer, rows)) if len(ids) < block - 1]
+    if not rows:
+        raise UserError(f"--data {args.data}: every prompt fills the model's context ({block} tokens)")
+    return rows
 
 
-def pair_logprob_sums(model, pairs, pad_id, device, average=False, chunk=64):
-    """Summed (or, for IPO, length-averaged) response log-probs -> (chosen (P,), rejected (P,))."""
-    out = []
-    for s in range(0, len(pairs), chunk):
-        seqs = pair_sequences(pairs[s:s + chunk], pad_id, device)
-        total = sequence_logprobs(model, seqs).sum(1)  # (2P,) off-mask entries are 0
-        out.append((total / seqs.mask.sum(1) if average else total).view(2, -1))
-    both = torch.cat(out, dim=1)  # (2, P)
-    return both[0], both[1]
+def policy_evaluation(args, policy, ref, tokenizer, task):
+    """-> evaluate(step) -> metrics of a policy: the task's reward and format rate on each split (greedy or
+    T = 1, as the task evaluates), and KL to the reference, entropy and task reward of its own test samples
+    at --temperature."""
+    splits = {s: task.prompts(s, args.n_eval, seed=0) for s in task.splits if s != "train"}
 
-
-# ------------------------------------------------------------------------------------ the algorithms
-
-class Trainer:
-    """One algorithm: .models (the first is checkpointed), .step(step, opt) -> metrics, .evaluate(step) ->
-    metrics; state() / load_state() carry extra resume state, before_save() adds checkpoint metadata."""
-    models: list
-
-    def state(self):
-        return {}
-
-    def load_state(self, state):
-        pass
-
-    def before_save(self):
-        return {}
-
-
-class RewardModel(Trainer):
-    """Bradley-Terry on pairs; r(x, y) = score_head(hidden state at y's EOS). The head starts at std
-    1/sqrt(C+1), bias 0 (GPTConfig.scalar_head); every checkpoint first centres the bias so that the SFT
-    model's own samples score 0 on average."""
-
-    def __init__(self, args, init, resumed, task, device, out):
-        self.args, self.tok = args, init.tokenizer
-        self.train, self.val = preference_pairs(args, init.model, self.tok, task, out)
-        prompts = list(dict.fromkeys(tuple(p) for p, _, _ in self.train))[:256]  # distinct prompts
-        self.reference = reference_samples(init.model, self.tok, [list(p) for p in prompts], args.max_new_tokens,
-                                           seed=step_seed(args.seed, 2))
-        if resumed is not None:
-            self.model = resumed.model
-        else:
-            torch.manual_seed(args.seed)
-            self.model = GPT(GPTConfig(**{**init.model.config.to_dict(), "scalar_head": True, "dropout": 0.0}))
-            missing, _ = self.model.load_state_dict(init.model.state_dict(), strict=False)
-            assert sorted(missing) == ["score_head.bias", "score_head.weight"], missing
-        self.model.to(device).eval()
-        self.models = [self.model]
-
-    def scores(self, pairs):
-        seqs = pair_sequences(pairs, self.tok.pad_id, self.model.transformer.wte.weight.device)
-        r = eos_scores(self.model, seqs)  # (2P,)
-        return r[:len(pairs)], r[len(pairs):]
-
-    def step(self, step, opt):
-        a = self.args
-        rc, rr = self.scores([self.train[i] for i in epoch_indices(step, a.batch_size, len(self.train), a.seed)])
-        loss = losses.bradley_terry_loss(rc, rr, a.center_coef)
-        grad_norm = clip_and_step(opt, loss, self.models, a.grad_clip)
-        return {"loss": loss.item(), "accuracy": pair_accuracy(rc, rr), "margin": (rc - rr).mean().item(),
-                "grad_norm": grad_norm}
-
-    @torch.no_grad()
-    def evaluate(self, step):
-        rc, rr = zip(*(self.scores(self.val[s:s + 64]) for s in range(0, len(self.val), 64)))
-        rc, rr = torch.cat(rc), torch.cat(rr)
-        result = {"val_accuracy": pair_accuracy(rc, rr),
-                  "val_loss": losses.bradley_terry_loss(rc, rr).item()}
-        tqdm.write(f"step {step}: held-out pair accuracy {result['val_accuracy']:.3f}")
-        return result
-
-    @torch.no_grad()
-    def before_save(self):
-        """Shift the bias so the SFT samples' mean reward is 0; the differences the loss sees are unchanged."""
-        mean = torch.cat([eos_scores(self.model, self.reference[s:s + 64])
-                          for s in range(0, len(self.reference), 64)]).mean()
-        self.model.score_head.bias -= mean
-        return {"reward_bias": self.model.score_head.bias.item(), "centred_on": len(self.reference)}
-
-
-class Policy(Trainer):
-    """What every policy algorithm shares: the policy, its frozen reference (the --init model) and the
-    evaluation (task reward on each split at the task's temperature; KL and entropy on test samples)."""
-
-    def __init__(self, args, init, resumed, task, device):
-        self.args, self.task, self.tok = args, task, init.tokenizer
-        self.ref = frozen_copy(init.model).to(device)
-        self.policy = (resumed.model if resumed is not None else init.model).to(device).eval()
-        self.models = [self.policy]
-        self.splits = {s: task.prompts(s, args.n_eval, seed=0) for s in task.splits if s != "train"}
-
-    def prompt_pool(self):
-        """RL prompts: --data rows (those that leave room for a response) or the task's train prompts."""
-        a, block = self.args, self.policy.config.block_size
-        if not a.data:
-            return self.task.prompts("train", a.n_prompts, seed=0)
-        rows, _, _ = read_jsonl(a.data, expect=("prompt",))
-        rows = [r for r, ids in zip(rows, prompt_ids(self.tok, rows)) if len(ids) < block - 1]
-        if not rows:
-            raise UserError(f"--data {a.data}: every prompt fills the model's context ({block} tokens)")
-        return rows
-
-    def evaluate(self, step):
-        a, result = self.args, {}
-        for split, rows in self.splits.items():
-            r = evaluate_policy(self.policy, self.tok, self.task, rows, a.max_new_tokens, self.task.eval_temperature)
+    def evaluate(step):
+        result = {}
+        for split, rows in splits.items():
+            r = evaluate_policy(policy, tokenizer, task, rows, args.max_new_tokens, task.eval_temperature)
             result[f"{split}_reward"], result[f"{split}_format"] = r["reward"], r["format"]
-        kl = sample_kl(self.policy, self.ref, self.tok, self.splits["test"][:a.n_kl], a.max_new_tokens,
-                       a.temperature, seed=step_seed(a.seed, 10**6), reward_fn=self.task.reward)
+        kl = sample_kl(policy, ref, tokenizer, splits["test"][:args.n_kl], args.max_new_tokens, args.temperature,
+                       seed=step_seed(args.seed, 10**6), reward_fn=task.reward)
         result["test_kl"], result["test_entropy"] = kl["kl"], kl["entropy"]
         result["test_sample_reward"] = kl["reward"]  # the task's (ground-truth) reward of those same samples
         tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()))
         return result
+    return evaluate
 
 
-class DPO(Policy):
-    """h = [logp(y_w) - logp(y_l)] - [ref(y_w) - ref(y_l)] with SUMMED response log-probs (IPO: averaged);
-    reference log-probs precomputed once (the reference is frozen). Chosen and rejected share one forward."""
+@dataclass
+class Run:
+    """The loop plumbing every family shares: optimizer, metrics log, clock, progress bar."""
+    args: argparse.Namespace
+    out: Path
+    tokenizer: object
+    opt: torch.optim.Optimizer
+    metrics: MetricsLog
+    start_step: int
+    elapsed: float  # training seconds of the run before this process (resume)
+    t_start: float = 0.0
+    t_step: float = 0.0
+    lr: float = 0.0
+    bar: tqdm | None = None
 
-    def __init__(self, args, init, resumed, task, device, out):
-        super().__init__(args, init, resumed, task, device)
-        self.train, self.val = preference_pairs(args, self.ref, self.tok, task, out)
-        with torch.no_grad():
-            self.ref_train = pair_logprob_sums(self.ref, self.train, self.tok.pad_id, device, args.ipo)
-            self.ref_val = pair_logprob_sums(self.ref, self.val, self.tok.pad_id, device, args.ipo)
 
-    def loss(self, pi_c, pi_r, ref_c, ref_r):
-        if self.args.ipo:
-            return losses.ipo_loss(pi_c, pi_r, ref_c, ref_r, self.args.beta)
-        return losses.dpo_loss(pi_c, pi_r, ref_c, ref_r, self.args.beta, self.args.label_smoothing)
+def start_run(args, out, models, tokenizer, resumed):
+    """AdamW over the trained models (one param group each) and, when resuming, the optimizer, RNG and step
+    of the checkpoint -> (Run, the family's own saved state or None)."""
+    opt = torch.optim.AdamW([{"params": m.parameters()} for m in models], lr=args.lr, betas=(0.9, 0.95),
+                            weight_decay=0.0)
+    start_step, elapsed, family_state = 0, 0.0, None
+    if resumed is not None:
+        state = load_train_state(resumed.path)
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start_step, elapsed, family_state = state["step"], state["elapsed"], state["trainer"]
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resumed is not None else None)
+    return Run(args, out, tokenizer, opt, metrics, start_step, elapsed), family_state
 
-    def step(self, step, opt):
-        a = self.args
-        idx = epoch_indices(step, a.batch_size, len(self.train), a.seed)
-        seqs = pair_sequences([self.train[i] for i in idx], self.tok.pad_id, self.ref_train[0].device)
-        logp, ent = sequence_logprobs(self.policy, seqs, entropy=True)  # (2P, T-1)
-        total = logp.sum(1) / (seqs.mask.sum(1) if a.ipo else 1)
-        pi_c, pi_r = total.view(2, -1)
-        loss, (rc, rr) = self.loss(pi_c, pi_r, self.ref_train[0][idx], self.ref_train[1][idx])
-        grad_norm = clip_and_step(opt, loss, self.models, a.grad_clip)
-        return {"loss": loss.item(), "accuracy": pair_accuracy(rc, rr), "margin": (rc - rr).mean().item(),
-                "chosen_reward": rc.mean().item(), "rejected_reward": rr.mean().item(),
-                "entropy": ((ent * seqs.mask).sum() / seqs.mask.sum()).item(), "grad_norm": grad_norm}
+
+def training_steps(run, evaluate):
+    """Yields the step numbers still to run, under a progress bar, with the warm-up LR set. A fresh run
+    first logs step 0: the starting point (the SFT model; an untrained head for rm) on the same evaluation."""
+    a = run.args
+    if run.start_step == 0:
+        run.metrics.log(step=0, **evaluate(0))
+    run.t_start = time.time()
+    run.bar = tqdm(range(run.start_step, a.max_steps), initial=run.start_step, total=a.max_steps, desc=a.algo)
+    for step in run.bar:
+        run.lr = a.lr * min(1.0, (step + 1) / a.warmup)
+        for group in run.opt.param_groups:
+            group["lr"] = run.lr
+        run.t_step = time.time()
+        yield step
+
+
+def end_step(run, step, logs, evaluate, model, save_state=dict, save_meta=dict):
+    """Log a finished step; evaluate and checkpoint `model` (+ save_state() for --resume, save_meta() for
+    meta.json) every --eval-every / --ckpt-every steps and at the last."""
+    a = run.args
+    last = {"step": step + 1, **logs, "lr": run.lr, "step_time_s": time.time() - run.t_step}
+    done = step + 1 == a.max_steps
+    if (step + 1) % a.eval_every == 0 or done:
+        last.update(evaluate(step + 1))
+    last["time_s"] = run.elapsed + time.time() - run.t_start
+    run.metrics.log(**last)
+    run.bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "reward", "accuracy", "kl") if k in last})
+    if (step + 1) % a.ckpt_every == 0 or done:
+        meta = {"script": "train_rlhf.py", "kind": a.algo, "args": vars(a), "step": step + 1, "init": str(a.init),
+                "elapsed_s": last["time_s"], **save_meta(), "metrics": last}
+        save_checkpoint(run.out, model, run.tokenizer, meta, {"optimizer": run.opt.state_dict(), "rng": rng_state(),
+                                                              "step": step + 1, "elapsed": last["time_s"],
+                                                              "trainer": save_state()})
+
+
+# ------------------------------------------------------------------------------------ reward model
+
+def train_reward_model(args, init, resumed, task, device, out):
+    """Bradley-Terry on preference pairs: r(x, y) = score_head(hidden state at y's EOS) (rewards.eos_scores),
+    L = -log sigmoid(r_chosen - r_rejected). The head starts at std 1/sqrt(C+1), bias 0; before every
+    checkpoint the bias is shifted so that the SFT model's own samples score 0 on average."""
+    tok = init.tokenizer
+    train, val = preference_pairs(args, init.model, tok, task, out)
+    prompts = list(dict.fromkeys(tuple(p) for p, _, _ in train))[:256]  # distinct prompts
+    reference = reference_samples(init.model, tok, [list(p) for p in prompts], args.max_new_tokens,
+                                  seed=step_seed(args.seed, 2))
+    if resumed is not None:
+        model = resumed.model
+    else:
+        torch.manual_seed(args.seed)
+        model = scalar_model(init.model)
+    model.to(device).eval()
+    run, _ = start_run(args, out, [model], tok, resumed)
+
+    def scores(pairs):  # -> r_chosen (P,), r_rejected (P,)
+        seqs = pair_sequences(pairs, tok.pad_id, device)
+        r = eos_scores(model, seqs.ids, seqs.last + 1)  # (2P,)
+        return r[:len(pairs)], r[len(pairs):]
 
     @torch.no_grad()
-    def evaluate(self, step):
-        pi_c, pi_r = pair_logprob_sums(self.policy, self.val, self.tok.pad_id, self.ref_val[0].device, self.args.ipo)
-        _, (rc, rr) = self.loss(pi_c, pi_r, *self.ref_val)
-        return {"val_accuracy": pair_accuracy(rc, rr), **super().evaluate(step)}
+    def evaluate(step):
+        rc, rr = (torch.cat(part) for part in zip(*(scores(val[s:s + 64]) for s in range(0, len(val), 64))))
+        result = {"val_accuracy": pair_accuracy(rc, rr), "val_loss": losses.bradley_terry_loss(rc, rr).item()}
+        tqdm.write(f"step {step}: held-out pair accuracy {result['val_accuracy']:.3f}")
+        return result
+
+    @torch.no_grad()
+    def centre_bias():
+        """Shift the bias so the SFT samples' mean reward is 0; the differences the loss sees are unchanged."""
+        chunks = [reference[s:s + 64] for s in range(0, len(reference), 64)]
+        mean = torch.cat([eos_scores(model, c.ids, c.last + 1) for c in chunks]).mean()
+        model.score_head.bias -= mean
+        return {"reward_bias": model.score_head.bias.item(), "centred_on": len(reference)}
+
+    for step in training_steps(run, evaluate):
+        rc, rr = scores([train[i] for i in epoch_indices(step, args.batch_size, len(train), args.seed)])
+        loss = losses.bradley_terry_loss(rc, rr, args.center_coef)
+        grad_norm = clip_and_step(run.opt, loss, [model], args.grad_clip)
+        logs = {"loss": loss.item(), "accuracy": pair_accuracy(rc, rr), "margin": (rc - rr).mean().item(),
+                "grad_norm": grad_norm}
+        end_step(run, step, logs, evaluate, model, save_meta=centre_bias)
 
 
-class PPO(Policy):
-    """PPO-RLHF (lm-human-preferences; Huang et al. 2024). Critic: a separate GPT with a scalar head, a copy
-    of the reward model when --reward-model is given, else a copy of the policy trunk with a zero head."""
+# ------------------------------------------------------------------------------------ DPO
 
-    def __init__(self, args, init, resumed, task, device, out):
-        super().__init__(args, init, resumed, task, device)
-        self.reward = make_reward(args, task, self.tok, device)
-        self.pool = self.prompt_pool()
-        if self.reward.model is not None:
-            self.critic = copy.deepcopy(self.reward.model).requires_grad_(True)
-        else:
-            self.critic = GPT(GPTConfig(**{**init.model.config.to_dict(), "scalar_head": True, "dropout": 0.0}))
-            self.critic.load_state_dict(init.model.state_dict(), strict=False)
-            torch.nn.init.zeros_(self.critic.score_head.weight)
-        self.critic.to(device).eval()
-        self.models = [self.policy, self.critic]
-        self.kl_coef = args.beta  # adapted in place with --target-kl; saved with the resume state
+def train_dpo(args, init, resumed, task, device, out):
+    """DPO / conservative DPO / IPO against the frozen --init model: h = [logp(y_w) - logp(y_l)] -
+    [ref(y_w) - ref(y_l)] with SUMMED response log-probs (IPO: length-averaged). The reference's log-probs
+    are computed once; chosen and rejected share one forward."""
+    tok = init.tokenizer
+    ref = frozen_copy(init.model).to(device)
+    policy = (resumed.model if resumed is not None else init.model).to(device).eval()
+    evaluate_policy_run = policy_evaluation(args, policy, ref, tok, task)
+    train, val = preference_pairs(args, ref, tok, task, out)
+    with torch.no_grad():
+        ref_train = pair_logprob_sums(ref, train, tok.pad_id, device, args.ipo)  # (chosen (P,), rejected (P,))
+        ref_val = pair_logprob_sums(ref, val, tok.pad_id, device, args.ipo)
+    run, _ = start_run(args, out, [policy], tok, resumed)
 
-    def state(self):
-        return {"critic": self.critic.state_dict(), "kl_coef": self.kl_coef}
+    def preference_loss(pi_c, pi_r, ref_c, ref_r):  # -> loss, (implicit rewards of chosen, of rejected)
+        if args.ipo:
+            return losses.ipo_loss(pi_c, pi_r, ref_c, ref_r, args.beta)
+        return losses.dpo_loss(pi_c, pi_r, ref_c, ref_r, args.beta, args.label_smoothing)
 
-    def load_state(self, state):
-        self.critic.load_state_dict(state["critic"])
-        self.kl_coef = state["kl_coef"]
+    @torch.no_grad()
+    def evaluate(step):
+        _, (rc, rr) = preference_loss(*pair_logprob_sums(policy, val, tok.pad_id, device, args.ipo), *ref_val)
+        return {"val_accuracy": pair_accuracy(rc, rr), **evaluate_policy_run(step)}
 
-    def step(self, step, opt):
-        a, T = self.args, self.args.temperature
-        rows = [self.pool[i] for i in epoch_indices(step, a.batch_size, len(self.pool), a.seed)]
-        r = sample_rollout(self.policy, self.tok, rows, 1, a.max_new_tokens, T, step_seed(a.seed, step))
-        seqs, mask, N = r.seqs, r.seqs.mask, len(rows)
+    for step in training_steps(run, evaluate):
+        idx = epoch_indices(step, args.batch_size, len(train), args.seed)
+        seqs = pair_sequences([train[i] for i in idx], tok.pad_id, device)  # P chosen rows, then P rejected
+        logp, ent = sequence_logprobs(policy, seqs, entropy=True)  # (2P, T-1)
+        total = logp.sum(1) / (seqs.mask.sum(1) if args.ipo else 1)  # (2P,)
+        pi_c, pi_r = total.view(2, -1)
+        loss, (rc, rr) = preference_loss(pi_c, pi_r, ref_train[0][idx], ref_train[1][idx])
+        grad_norm = clip_and_step(run.opt, loss, [policy], args.grad_clip)
+        logs = {"loss": loss.item(), "accuracy": pair_accuracy(rc, rr), "margin": (rc - rr).mean().item(),
+                "chosen_reward": rc.mean().item(), "rejected_reward": rr.mean().item(),
+                "entropy": losses.token_mean(ent, seqs.mask).item(), "grad_norm": grad_norm}
+        end_step(run, step, logs, evaluate, policy)
+
+
+# ------------------------------------------------------------------------------------ PPO
+
+def train_ppo(args, init, resumed, task, device, out):
+    """PPO-RLHF (lm-human-preferences; Huang et al. 2024). The critic is a separate GPT with a scalar head:
+    a copy of the reward model when --reward-model is given, else the policy trunk with a zero head."""
+    tok, temperature = init.tokenizer, args.temperature
+    ref = frozen_copy(init.model).to(device)
+    policy = (resumed.model if resumed is not None else init.model).to(device).eval()
+    evaluate = policy_evaluation(args, policy, ref, tok, task)
+    reward = make_reward(task, tok, device, args.reward, args.reward_model)
+    pool = prompt_pool(args, tok, task, policy.config.block_size)
+    if reward.model is not None:
+        critic = copy.deepcopy(reward.model).requires_grad_(True)
+    else:
+        critic = scalar_model(init.model)
+        torch.nn.init.zeros_(critic.score_head.weight)
+    critic.to(device).eval()
+    run, state = start_run(args, out, [policy, critic], tok, resumed)
+    kl_coef = args.beta if state is None else state["kl_coef"]  # adapted with --target-kl
+    if state is not None:
+        critic.load_state_dict(state["critic"])
+
+    for step in training_steps(run, evaluate):
+        # rollout: one response per prompt
+        rows = [pool[i] for i in epoch_indices(step, args.batch_size, len(pool), args.seed)]
+        r = sample_rollout(policy, tok, rows, 1, args.max_new_tokens, temperature, step_seed(args.seed, step))
+        seqs, mask, N = r.seqs, r.seqs.mask, len(rows)  # mask (N, T-1)
         with torch.no_grad():
-            # old log-probs recomputed by the training model at the sampling temperature: ratio 1 at first
-            old_logp, ent = sequence_logprobs(self.policy, seqs, T, entropy=True)  # (N, T-1)
-            ref_logp = sequence_logprobs(self.ref, seqs, T)
-            old_values = token_values(self.critic, seqs)
-            raw = self.reward(r)
-            score = torch.where(r.finished, raw, torch.full_like(raw, -1.0))  # no EOS: score := -1
-            kl = losses.kl_k1(old_logp, ref_logp) * mask  # (N, T-1)
-            rewards = -self.kl_coef * kl
-            rewards[torch.arange(N, device=mask.device), seqs.last] += score  # the score arrives with the EOS token
-            adv, returns = losses.gae(rewards, old_values, mask, 1.0, a.gae_lambda)
+            # old log-probs recomputed by the training model at the sampling temperature: the first ratio is 1
+            old_logp, ent = sequence_logprobs(policy, seqs, temperature, entropy=True)  # (N, T-1)
+            ref_logp = sequence_logprobs(ref, seqs, temperature)
+            old_values = token_values(critic, seqs)  # (N, T-1)
+            raw = r.score(reward)  # (N,)
+            rewards, score, kl = losses.ppo_token_rewards(raw, r.finished, old_logp, ref_logp, mask, seqs.last,
+                                                          kl_coef)  # (N, T-1): -kl_coef k1, + score at the EOS
+            adv, returns = losses.gae(rewards, old_values, mask, 1.0, args.gae_lambda)
             adv = losses.whiten(adv, mask)
-        logs = []
-        for epoch in range(a.epochs):
-            perm = torch.randperm(N, generator=torch.Generator().manual_seed(step_seed(a.seed, step) + epoch))
-            for mb in perm.to(mask.device).split(a.minibatch_size):
-                logp = sequence_logprobs(self.policy, seqs[mb], T)
-                pg, clipfrac, approx_kl = losses.ppo_policy_loss(logp, old_logp[mb], adv[mb], mask[mb], a.clip)
-                vf = losses.ppo_value_loss(token_values(self.critic, seqs[mb]), old_values[mb], returns[mb],
-                                           mask[mb], a.clip)
-                clip_and_step(opt, pg + a.vf_coef * vf, self.models, a.grad_clip)
-                logs.append([pg.item(), vf.item(), clipfrac.item(), approx_kl.item()])
-        seq_kl = kl.sum(1).mean().item()
-        kl_coef = self.kl_coef
-        if a.target_kl:  # adaptive controller (Ziegler et al. 2019)
-            e = min(max(seq_kl / a.target_kl - 1, -0.2), 0.2)
-            self.kl_coef *= 1 + e * N / a.kl_horizon
-        pg, vf, clipfrac, approx_kl = torch.tensor(logs).mean(0).tolist()
-        return {"loss": pg + a.vf_coef * vf, "reward": raw.mean().item(), "score": score.mean().item(),
-                "kl": seq_kl, "entropy": ((ent * mask).sum() / mask.sum()).item(), "pg_loss": pg, "value_loss": vf,
-                "clipfrac": clipfrac, "approx_kl": approx_kl, "approx_kl_first": logs[0][3], "kl_coef": kl_coef,
+        # epochs x minibatches of the clipped policy loss + the clipped value loss
+        minibatch_logs = []
+        for epoch in range(args.epochs):
+            perm = torch.randperm(N, generator=torch.Generator().manual_seed(step_seed(args.seed, step) + epoch))
+            for mb in perm.to(mask.device).split(args.minibatch_size):
+                logp = sequence_logprobs(policy, seqs[mb], temperature)
+                pg, clipfrac, approx_kl = losses.ppo_policy_loss(logp, old_logp[mb], adv[mb], mask[mb], args.clip)
+                vf = losses.ppo_value_loss(token_values(critic, seqs[mb]), old_values[mb], returns[mb], mask[mb],
+                                           args.clip)
+                clip_and_step(run.opt, pg + args.vf_coef * vf, [policy, critic], args.grad_clip)
+                minibatch_logs.append([pg.item(), vf.item(), clipfrac.item(), approx_kl.item()])
+        seq_kl, used_coef = kl.sum(1).mean().item(), kl_coef
+        if args.target_kl:  # adaptive controller (Ziegler et al. 2019)
+            e = min(max(seq_kl / args.target_kl - 1, -0.2), 0.2)
+            kl_coef *= 1 + e * N / args.kl_horizon
+        pg, vf, clipfrac, approx_kl = torch.tensor(minibatch_logs).mean(0).tolist()
+        logs = {"loss": pg + args.vf_coef * vf, "reward": raw.mean().item(), "score": score.mean().item(),
+                "kl": seq_kl, "entropy": losses.token_mean(ent, mask).item(), "pg_loss": pg, "value_loss": vf,
+                "clipfrac": clipfrac, "approx_kl": approx_kl, "approx_kl_first": minibatch_logs[0][3], "kl_coef": used_coef,
                 "finished": r.finished.float().mean().item(), "samples_used": N}
+        end_step(run, step, logs, evaluate, policy,
+                 save_state=lambda: {"critic": critic.state_dict(), "kl_coef": kl_coef})
 
 
-class GroupRL(Policy):
+# ------------------------------------------------------------------------------------ NFT, RFT, GRPO
+
+def train_group(args, init, resumed, task, device, out):
     """K samples per prompt, then NFT, RFT or GRPO on the groups that carry signal.
 
-    NFT / RFT: reward > 0.5 counts as correct; r_q = group accuracy clamped to [0.02, 0.98]; groups all
-    right or all wrong are dropped; RFT also drops the wrong samples. Normaliser C = minibatch-size *
-    max-new-tokens, a constant. GRPO: groups with all-equal rewards are dropped; grpo_loss averages each
-    sequence's tokens, then the sequences (DeepSeekMath); --dr-grpo uses dr_grpo_loss (token sum /
-    (sequences * max-new-tokens)) and no std division. Several gradient steps per rollout batch
-    (epochs x minibatches): after the first, R = pi / pi_old != 1.
+    NFT / RFT: reward > 0.5 counts as correct; r_q = the group's accuracy clamped to [0.02, 0.98]; groups
+    all right or all wrong are dropped; RFT also drops the wrong samples. GRPO: groups whose rewards are all
+    equal are dropped; grpo_loss averages each sequence's tokens, then the sequences (DeepSeekMath);
+    --dr-grpo divides advantages by nothing and the token sum by a constant. NFT and Dr.GRPO share that
+    constant, C = minibatch-size x max-new-tokens, so at R = 1 they have the same gradient on every
+    minibatch, a partial last one included. --epochs x minibatches of gradient steps per rollout batch:
+    after the first, R = pi / pi_old != 1.
     """
+    tok, temperature, K = init.tokenizer, args.temperature, args.k
+    ref = frozen_copy(init.model).to(device)
+    policy = (resumed.model if resumed is not None else init.model).to(device).eval()
+    evaluate = policy_evaluation(args, policy, ref, tok, task)
+    reward = make_reward(task, tok, device, args.reward, args.reward_model)
+    pool = prompt_pool(args, tok, task, policy.config.block_size)
+    run, _ = start_run(args, out, [policy], tok, resumed)
+    C = args.minibatch_size * args.max_new_tokens  # NFT's and Dr.GRPO's constant normaliser
 
-    def __init__(self, args, init, resumed, task, device, out):
-        super().__init__(args, init, resumed, task, device)
-        self.reward = make_reward(args, task, self.tok, device)
-        self.pool = self.prompt_pool()
-
-    def step(self, step, opt):
-        a, T, K = self.args, self.args.temperature, self.args.k
-        rows = [self.pool[i] for i in epoch_indices(step, a.batch_size, len(self.pool), a.seed)]
-        r = sample_rollout(self.policy, self.tok, rows, K, a.max_new_tokens, T, step_seed(a.seed, step))
-        seqs, mask = r.seqs, r.seqs.mask
-        rewards = self.reward(r).view(-1, K)  # (G, K)
-        correct = rewards > 0.5
-        if a.algo == "grpo":
-            keep_group = rewards.max(1).values > rewards.min(1).values
-            adv = losses.group_advantages(rewards, scale=not a.dr_grpo).view(-1)  # (N,)
+    for step in training_steps(run, evaluate):
+        # rollout: K responses per prompt, prompt-major (row i answers prompt i // K)
+        rows = [pool[i] for i in epoch_indices(step, args.batch_size, len(pool), args.seed)]
+        r = sample_rollout(policy, tok, rows, K, args.max_new_tokens, temperature, step_seed(args.seed, step))
+        seqs, mask = r.seqs, r.seqs.mask  # mask (N, T-1), N = G * K
+        rewards = r.score(reward).view(-1, K)  # (G, K)
+        correct = (rewards > 0.5).view(-1)  # (N,)
+        # which samples carry signal, and what each objective needs of its group
+        if args.algo == "grpo":
+            keep_group = rewards.max(1).values > rewards.min(1).values  # (G,)
+            adv = losses.group_advantages(rewards, scale=not args.dr_grpo).view(-1)  # (N,)
+            keep = keep_group.repeat_interleave(K)
         else:
-            r_q = correct.float().mean(1)  # (G,)
+            r_q = correct.view(-1, K).float().mean(1)  # (G,) group accuracy
             keep_group = (r_q > 0) & (r_q < 1)
             r_q = r_q.clamp(0.02, 0.98).repeat_interleave(K)  # (N,)
-        keep = keep_group.repeat_interleave(K)
-        if a.algo == "rft":
-            keep &= correct.view(-1)  # learn only from the correct samples
+            keep = keep_group.repeat_interleave(K)
+            if args.algo == "rft":
+                keep &= correct  # rejection sampling: learn from the correct samples only
         with torch.no_grad():
-            old_logp, ent = sequence_logprobs(self.policy, seqs, T, entropy=True)  # (N, T-1)
-            ref_logp = sequence_logprobs(self.ref, seqs, T)  # for the KL term and the logged KL
+            old_logp, ent = sequence_logprobs(policy, seqs, temperature, entropy=True)  # (N, T-1)
+            ref_logp = sequence_logprobs(ref, seqs, temperature)  # for the KL term and the logged KL
         idx = keep.nonzero()[:, 0]
         used = []
-        for epoch in range(a.epochs if len(idx) else 0):
-            perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(step_seed(a.seed, step) + epoch))
-            for mb in idx[perm.to(idx.device)].split(a.minibatch_size):
-                logp = sequence_logprobs(self.policy, seqs[mb], T)
-                if a.algo != "grpo":
-                    loss = losses.nft_loss(logp, old_logp[mb], mask[mb], correct.view(-1)[mb], r_q[mb],
-                                           normaliser=a.minibatch_size * a.max_new_tokens)
-                elif a.dr_grpo:
-                    loss = losses.dr_grpo_loss(logp, old_logp[mb], ref_logp[mb], adv[mb], mask[mb],
-                                               a.max_new_tokens, a.clip, a.kl_coef)
+        for epoch in range(args.epochs if len(idx) else 0):
+            perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(step_seed(args.seed, step) + epoch))
+            for mb in idx[perm.to(idx.device)].split(args.minibatch_size):
+                logp = sequence_logprobs(policy, seqs[mb], temperature)
+                if args.algo != "grpo":
+                    loss = losses.nft_loss(logp, old_logp[mb], mask[mb], correct[mb], r_q[mb], normaliser=C)
+                elif args.dr_grpo:
+                    loss = losses.dr_grpo_loss(logp, old_logp[mb], ref_logp[mb], adv[mb], mask[mb], C, args.clip,
+                                               args.kl_coef)
                 else:
-                    loss = losses.grpo_loss(logp, old_logp[mb], ref_logp[mb], adv[mb], mask[mb], a.clip, a.kl_coef)
-                clip_and_step(opt, loss, self.models, a.grad_clip)
+                    loss = losses.grpo_loss(logp, old_logp[mb], ref_logp[mb], adv[mb], mask[mb], args.clip,
+                                            args.kl_coef)
+                clip_and_step(run.opt, loss, [policy], args.grad_clip)
                 used.append(loss.item())
-        return {"reward": rewards.mean().item(), "accuracy": correct.float().mean().item(),
+        logs = {"reward": rewards.mean().item(), "accuracy": correct.float().mean().item(),
                 "kl": ((old_logp - ref_logp) * mask).sum(1).mean().item(),
-                "entropy": ((ent * mask).sum() / mask.sum()).item(),
-                "loss": sum(used) / len(used) if used else 0.0, "groups_filtered": int((~keep_group).sum()),
-                "samples_used": int(len(idx)), "finished": r.finished.float().mean().item()}
+                "entropy": losses.token_mean(ent, mask).item(), "loss": sum(used) / len(used) if used else 0.0,
+                "groups_filtered": int((~keep_group).sum()), "samples_used": int(len(idx)),
+                "finished": r.finished.float().mean().item()}
+        end_step(run, step, logs, evaluate, policy)
 
 
-TRAINERS = {"rm": RewardModel, "dpo": DPO, "ppo": PPO, "nft": GroupRL, "rft": GroupRL, "grpo": GroupRL}
+# ------------------------------------------------------------------------------------ main
 
+TRAIN = {"rm": train_reward_model, "dpo": train_dpo, "ppo": train_ppo, "nft": train_group, "rft": train_group,
+         "grpo": train_group}
 
-# ------------------------------------------------------------------------------------ the loop
 
 def main(argv=None):
     args = parse_args(argv)
@@ -496,50 +575,9 @@ def main(argv=None):
     out = Path(args.out)
     task = task_from_flag(args.task)
     init = load_init(args, device)
-    resuming = args.resume and find_checkpoint(out) is not None
-    resumed = None
-    if resuming:
-        resumed = load_checkpoint(out, device, flag="--resume from")
-        if resumed.meta.get("kind") != args.algo:
-            raise UserError(f"--resume: {resumed.path} holds a {resumed.meta.get('kind')!r} run, "
-                            f"not --algo {args.algo}")
+    resumed = load_resumed(args, out, device)
     torch.manual_seed(args.seed)
-    trainer = TRAINERS[args.algo](args, init, resumed, task, device, out)
-
-    opt = torch.optim.AdamW([{"params": m.parameters()} for m in trainer.models], lr=args.lr,
-                            betas=(0.9, 0.95), weight_decay=0.0)
-    start_step, elapsed = 0, 0.0
-    if resuming:
-        state = load_train_state(resumed.path)
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        trainer.load_state(state["trainer"])
-        start_step, elapsed = state["step"], state["elapsed"]
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resuming else None)
-    if start_step == 0:
-        metrics.log(step=0, **trainer.evaluate(0))  # the starting point: the SFT model (an untrained head for rm)
-
-    t_start = time.time()
-    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc=args.algo)
-    for step in bar:
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        t0 = time.time()
-        last = {"step": step + 1, **trainer.step(step, opt), "lr": lr, "step_time_s": time.time() - t0}
-        done = step + 1 == args.max_steps
-        if (step + 1) % args.eval_every == 0 or done:
-            last.update(trainer.evaluate(step + 1))
-        last["time_s"] = elapsed + time.time() - t_start
-        metrics.log(**last)
-        bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "reward", "accuracy", "kl") if k in last})
-        if (step + 1) % args.ckpt_every == 0 or done:
-            meta = {"script": "train_rlhf.py", "kind": args.algo, "args": vars(args), "step": step + 1,
-                    "init": str(args.init), "elapsed_s": last["time_s"], **trainer.before_save()}
-            meta["metrics"] = last
-            save_checkpoint(out, trainer.models[0], init.tokenizer, meta,
-                            {"optimizer": opt.state_dict(), "rng": rng_state(), "step": step + 1,
-                             "elapsed": last["time_s"], "trainer": trainer.state()})
+    TRAIN[args.algo](args, init, resumed, task, device, out)
     print(f"done: checkpoint in {out / 'ckpt'}")
 
 

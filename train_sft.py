@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from minipost import losses
 from minipost.checkpoint import find_checkpoint, load_checkpoint, load_train_state, rng_state, save_checkpoint, set_rng_state
-from minipost.cli import MetricsLog, UserError, autocast, cosine_lr, pick_device, run_main, task_from_flag
+from minipost.cli import (MetricsLog, UserError, autocast, cosine_lr, pick_device, require_positive, run_main,
+                          task_from_flag)
 from minipost.data import collate, encode_conversations, epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy
 from minipost.tasks import TASKS
@@ -59,9 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt if it exists")
     args = p.parse_args(argv)
-    for flag in ("max_steps", "batch_size", "grad_accum", "eval_every", "ckpt_every", "n_train", "n_eval"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    require_positive(args, "max_steps", "batch_size", "grad_accum", "eval_every", "ckpt_every", "n_train", "n_eval",
+                     "max_new_tokens")
     if args.batch_size % args.grad_accum:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     return args
@@ -77,9 +77,9 @@ def micro_batches(examples, indices, grad_accum, pad_id, device):
     return out
 
 
-def token_logprobs(model, inputs, targets, mask):
-    """logp (B, T) of targets; masked-out targets are passed as -1 so the kernel skips them."""
-    return model.token_logprobs(inputs, targets.masked_fill(mask == 0, -1))
+def masked_logprobs(model, inputs, targets, mask):
+    """logp (B, T) of targets, 0 off the mask: masked-out targets are passed as -1 so the kernel skips them."""
+    return model.teacher_forced_logprobs(inputs, targets.masked_fill(mask == 0, -1))
 
 
 @torch.no_grad()
@@ -90,7 +90,7 @@ def validation_loss(model, examples, pad_id, device, batch_size=64):
     for start in range(0, len(examples), batch_size):
         ids, mask = collate(examples[start:start + batch_size], pad_id, device)
         with autocast(device):
-            logp = token_logprobs(model, ids[:, :-1], ids[:, 1:], mask[:, 1:])
+            logp = masked_logprobs(model, ids[:, :-1], ids[:, 1:], mask[:, 1:])
         total += -(logp * mask[:, 1:]).sum().item()
         count += mask[:, 1:].sum().item()
     model.train()
@@ -157,7 +157,7 @@ def main(argv=None):
         loss_sum, ce_sum, p_sum = 0.0, 0.0, 0.0
         for inputs, targets, mask in batches:
             with autocast(device):
-                logp = token_logprobs(model, inputs, targets, mask)
+                logp = masked_logprobs(model, inputs, targets, mask)
             loss = loss_fn(logp, mask, n_tokens)
             loss.backward()
             loss_sum += loss.item()

@@ -1,4 +1,4 @@
-"""Plumbing every script shares: user-facing errors, device and seeds, the metrics log, the LR schedule.
+"""Plumbing every script shares: user-facing errors and flag checks, the device, the metrics log, the LR schedule.
 
 A user's mistake (a missing file, a bad flag value, a malformed row) raises UserError; `run_main` turns it
 into one line on stderr and exit code 2, never a traceback. Bugs still raise normally.
@@ -22,6 +22,15 @@ def run_main(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def require_positive(args, *flags):
+    """UserError unless each named integer flag (argparse dest, e.g. "max_steps") is >= 1. A flag left at
+    None (optional, unset) passes."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
 
 
 def pick_device(flag: str) -> torch.device:
@@ -84,15 +93,3 @@ def task_from_flag(name: str):
         return get_task(name)
     except ValueError as e:
         raise UserError(f"--task: {e}")
-
-
-def require_file(path, flag: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{flag} {path}: no such file")
-    return p
-
-
-def seed_everything(seed: int, rank: int = 0):
-    """One seed per run; each rank derives its own so data and dropout differ across ranks."""
-    torch.manual_seed(seed + 1000 * rank)

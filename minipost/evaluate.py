@@ -7,51 +7,24 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint
-from .cli import UserError, pick_device, run_main, task_from_flag
-from .engine import generate
-from .rewards import same_tokenizer
+from .cli import UserError, pick_device, require_positive, run_main, task_from_flag
+from .rewards import call_reward, same_tokenizer
+from .rollout import completion_text, prompt_ids, sample_candidates, sample_kl
 
 
-def prompt_ids(tokenizer, rows) -> list[list[int]]:
-    """Rows with a `prompt` column (string or messages) -> rendered prompts ending in <|assistant|>."""
-    return [tokenizer.render_prompt([{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str)
-                                    else r["prompt"]) for r in rows]
-
-
-def completion_text(tokenizer, ids: list[int]) -> str:
-    """Decode a completion, without its closing <|end|>."""
-    if ids and ids[-1] == tokenizer.eos_id:
-        ids = ids[:-1]
-    return tokenizer.decode(ids)
-
-
-def reward_kwargs(rows) -> dict:
-    """Extra dataset columns, as lists, for a TRL-style reward function (e.g. arith's `answer`)."""
-    keys = [k for k in rows[0] if k != "prompt"]
-    return {k: [r[k] for r in rows] for k in keys}
-
-
-@torch.no_grad()
 def sample_completions(model, tokenizer, rows, max_new_tokens=64, temperature=0.0, num_samples=1,
-                       batch_size=64, seed=0):
-    """Generate for every prompt row -> (texts, Generation per batch). Row order: prompt-major."""
-    was_training = model.training
-    model.eval()
-    prompts = prompt_ids(tokenizer, rows)
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        g = generate(model, prompts[start:start + batch_size], max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
-                     temperature=temperature, num_samples=num_samples, seed=seed + start * num_samples)
-        texts.extend(completion_text(tokenizer, c) for c in g.completions())
-    model.train(was_training)
-    return texts
+                       batch_size=64, seed=0) -> list[str]:
+    """Decoded completions for every prompt row (rollout.sample_candidates), prompt-major."""
+    ids, _ = sample_candidates(model, tokenizer, prompt_ids(tokenizer, rows), num_samples, max_new_tokens,
+                               temperature, batch_size=batch_size * num_samples, seed=seed)
+    return [completion_text(tokenizer, c) for c in ids]
 
 
 def evaluate_policy(model, tokenizer, task, rows, max_new_tokens=64, temperature=0.0, batch_size=64, seed=0):
     """Mean task reward (accuracy for arith's verifier) and format rate of one completion per prompt
     (+ "rewards": the per-prompt values, for paired comparisons between policies on the same prompts)."""
     texts = sample_completions(model, tokenizer, rows, max_new_tokens, temperature, 1, batch_size, seed)
-    rewards = task.reward([r["prompt"] for r in rows], texts, **reward_kwargs(rows))
+    rewards = call_reward(task.reward, rows, texts)
     formats = task.format_ok(texts)
     return {"reward": sum(rewards) / len(rewards), "format": sum(formats) / len(formats), "n": len(rows),
             "example": texts[0], "rewards": [float(v) for v in rewards]}
@@ -73,7 +46,6 @@ def samples_used(run_dir, meta) -> int | None:
 def main(argv=None):
     """python -m minipost.evaluate --init RUN --task arith [--reference SFT_RUN]: one uniform evaluation of a
     policy (what pipeline.py runs for every method) -> JSON on stdout or --out FILE."""
-    from .rollout import sample_kl  # here: rollout itself imports this module
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--init", required=True, help="policy checkpoint directory")
     p.add_argument("--task", required=True, help="built-in task whose test splits are scored")
@@ -86,8 +58,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--out", default=None, help="write the JSON row here (atomically) instead of stdout")
     args = p.parse_args(argv)
-    if args.n_eval < 1 or args.k < 1:
-        raise UserError("--n-eval and --k must be >= 1")
+    require_positive(args, "n_eval", "k", "max_new_tokens")
     task, device = task_from_flag(args.task), pick_device(args.device)
     t0 = time.time()
     ck = load_checkpoint(args.init, device, flag="--init")

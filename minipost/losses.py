@@ -1,6 +1,6 @@
 """Every objective in minipost, each a short pure function over per-token log-probs and masks.
 
-Conventions (ALGORITHMS.md): tensors are (B, T) over response positions; logp[b, t] = log pi(y_t | x, y_<t)
+Conventions (docs/algorithms.md): tensors are (B, T) over response positions; logp[b, t] = log pi(y_t | x, y_<t)
 in float32; mask[b, t] = 1 on response tokens (the final EOS included), 0 on prompt and padding.
 "token mean" = sum(l * m) / sum(m) over the whole batch. sg() = stop-gradient (.detach()).
 The denominators are written out: they are part of each algorithm.
@@ -20,14 +20,20 @@ def token_mean(x, mask):
 
 # ----------------------------------------------------------------------------------------------- SFT / DFT
 
-def sft_loss(logp, mask, n_tokens=None):
-    """Cross-entropy on demonstrations: L = -sum(logp_t * m_t) / N.
+def trained_tokens(mask, n_tokens=None):
+    """The SFT/DFT denominator N: sum(m) of this batch, or n_tokens = the trained-token count of the whole
+    global batch when a step is split into micro-batches. At least 1, so a batch with no trained token
+    gives loss 0 (and zero gradient), not 0/0 = NaN."""
+    return (mask.sum() if n_tokens is None else torch.as_tensor(n_tokens)).clamp(min=1)
 
-    N = sum(m) of this batch, or n_tokens = the trained-token count of the whole global batch when the step
-    is split into micro-batches (gradient accumulation must not average per-micro-batch means).
+
+def sft_loss(logp, mask, n_tokens=None):
+    """Cross-entropy on demonstrations: L = -sum(logp_t * m_t) / N, N = trained_tokens(mask, n_tokens).
+
+    Under gradient accumulation N is the global batch's token count: averaging per-micro-batch means
+    would weight the tokens of short micro-batches more.
     """
-    n = mask.sum() if n_tokens is None else n_tokens
-    return -masked_sum(logp, mask) / n
+    return -masked_sum(logp, mask) / trained_tokens(mask, n_tokens)
 
 
 def dft_loss(logp, mask, n_tokens=None):
@@ -35,8 +41,7 @@ def dft_loss(logp, mask, n_tokens=None):
 
     The weight is detached: the gradient is p * grad(log p) (= grad p), not grad(p log p).
     """
-    n = mask.sum() if n_tokens is None else n_tokens
-    return -masked_sum(logp.exp().detach() * logp, mask) / n
+    return -masked_sum(logp.exp().detach() * logp, mask) / trained_tokens(mask, n_tokens)
 
 
 # ------------------------------------------------------------------------------------------- reward model
@@ -64,8 +69,12 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, label_s
 
 
 def ipo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1):
-    """IPO (Azar et al. 2023): L = mean( (h' - 1/(2 beta))^2 ), h' built from LENGTH-AVERAGED log-probs
-    (the caller passes sum(logp)/len for each response). Returns (loss, implicit rewards as in dpo_loss)."""
+    """IPO (Azar et al. 2023): L = mean( (h' - 1/(2 beta))^2 ), h' = [pi_c - pi_r] - [ref_c - ref_r].
+
+    minipost follows TRL's variant: the caller passes LENGTH-AVERAGED log-probs (sum(logp) / len for each
+    response). Azar et al. define h' on whole-sequence log-probabilities (the sums, as in DPO); averaging
+    changes the scale of h' and with it which beta is sensible. Returns (loss, implicit rewards as in dpo_loss).
+    """
     h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
     rewards = (beta * (pi_chosen - ref_chosen).detach(), beta * (pi_rejected - ref_rejected).detach())
     return ((h - 1 / (2 * beta)) ** 2).mean(), rewards
@@ -82,6 +91,22 @@ def kl_k3(logp, ref_logp):
     """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, low variance)."""
     d = ref_logp - logp
     return d.exp() - d - 1
+
+
+def ppo_token_rewards(score, finished, logp, ref_logp, mask, last, kl_coef):
+    """PPO-RLHF's per-token reward (lm-human-preferences): r_t = -kl_coef * k1(logp_t, ref_t) on response
+    tokens, plus the sequence's score on its last response token (the EOS it was scored at). A response
+    that did not finish with EOS within the budget scores -1 instead (the missing-EOS penalty).
+
+    score (N,) reward of each response; finished (N,) bool; logp, ref_logp, mask (N, T) at the sampling
+    temperature; last (N,) index of each row's last response token.
+    Returns (rewards (N, T), score after the penalty (N,), kl (N, T) = k1 * mask).
+    """
+    score = torch.where(finished, score, torch.full_like(score, -1.0))
+    kl = kl_k1(logp, ref_logp) * mask
+    rewards = -kl_coef * kl
+    rewards[torch.arange(len(score), device=rewards.device), last] += score
+    return rewards, score, kl
 
 
 def whiten(x, mask, shift_mean=True):
@@ -153,13 +178,14 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip=0.2, kl_coef=0.0)
     return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
 
 
-def dr_grpo_loss(logp, old_logp, ref_logp, advantages, mask, max_len, clip=0.2, kl_coef=0.0):
-    """Dr.GRPO (arXiv 2503.20783): the same per-token terms, L = sum_t l_t m_t / (B * max_len), a constant
-    denominator, so long and short responses are not reweighted by their length."""
+def dr_grpo_loss(logp, old_logp, ref_logp, advantages, mask, normaliser, clip=0.2, kl_coef=0.0):
+    """Dr.GRPO (arXiv 2503.20783): the same per-token terms, L = sum_t l_t m_t / normaliser with a constant
+    normaliser (train_rlhf.py: minibatch size x max new tokens, the same C as nft_loss), so neither a long
+    response nor a short, partial last minibatch reweights the tokens."""
     per_token, _ = clipped_surrogate(logp, old_logp, advantages[:, None], clip)
     if kl_coef:
         per_token = per_token + kl_coef * kl_k3(logp, ref_logp)
-    return masked_sum(per_token, mask) / (logp.shape[0] * max_len)
+    return masked_sum(per_token, mask) / normaliser
 
 
 # ----------------------------------------------------------------------------------------------- NFT / RFT

@@ -119,7 +119,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if config.scalar_head:  # reward-model head init: std 1/sqrt(C+1), bias 0 (ALGORITHMS.md)
+        if config.scalar_head:  # reward-model head init: std 1/sqrt(C+1), bias 0 (docs/algorithms.md)
             nn.init.normal_(self.score_head.weight, std=1 / math.sqrt(config.n_embd + 1))
             nn.init.zeros_(self.score_head.bias)
 
@@ -153,7 +153,7 @@ class GPT(nn.Module):
         """Scalar head on every position: hidden (B, T, C) -> (B, T) float32."""
         return self.score_head(hidden).squeeze(-1).float()
 
-    def token_logprobs(self, inputs, targets, temperature=1.0, return_entropy=False):
+    def teacher_forced_logprobs(self, inputs, targets, temperature=1.0, return_entropy=False):
         """Teacher-forced log-probs: inputs, targets (B, T) -> logp (B, T) float32 [, entropy (B, T)].
 
         logp[:, t] = log softmax(h_t W^T / temperature)[targets[:, t]] where h_t is the hidden state after

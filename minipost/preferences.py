@@ -14,12 +14,11 @@ import torch
 from .cli import UserError
 from .data import encode_pairs, read_jsonl
 from .engine import generate
-from .evaluate import prompt_ids
-from .rollout import pack, sample_rollout
+from .rollout import pack, prompt_ids, sample_rollout, sequence_logprobs
 
 
 def build_pairs(model, tokenizer, reward, rows, k, max_new_tokens, temperature=1.0, seed=0, batch_prompts=64):
-    """Sample k responses per prompt row, rank them by `reward` (a rollout.Reward) and keep (best, worst).
+    """Sample k responses per prompt row, rank them by `reward` (a rewards.Reward) and keep (best, worst).
 
     Returns (pairs, records): pairs [(prompt_ids, chosen_ids, rejected_ids)], responses ending in EOS;
     records [{"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"}] the same pairs as text.
@@ -32,7 +31,7 @@ def build_pairs(model, tokenizer, reward, rows, k, max_new_tokens, temperature=1
         # the engine seeds row r with seed + r: offsetting by the global row index makes the samples
         # independent of batch_prompts
         r = sample_rollout(model, tokenizer, chunk, k, max_new_tokens, temperature, seed + start * k)
-        scores = reward(r).view(len(chunk), k).tolist()  # (G, K)
+        scores = r.score(reward).view(len(chunk), k).tolist()  # (G, K)
         ids = r.seqs.ids.tolist()
         prompts = prompt_ids(tokenizer, chunk)
         for g, row in enumerate(chunk):
@@ -86,6 +85,22 @@ def pair_sequences(pairs, pad_id, device="cpu"):
     prompts = [p for p, _, _ in pairs] * 2
     responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
     return pack(prompts, responses, pad_id, device)
+
+
+def pair_logprob_sums(model, pairs, pad_id, device, average=False, chunk=64):
+    """Summed (or, for IPO, length-averaged) response log-probs -> (chosen (P,), rejected (P,))."""
+    out = []
+    for s in range(0, len(pairs), chunk):
+        seqs = pair_sequences(pairs[s:s + chunk], pad_id, device)
+        total = sequence_logprobs(model, seqs).sum(1)  # (2P,) off-mask entries are 0
+        out.append((total / seqs.mask.sum(1) if average else total).view(2, -1))
+    both = torch.cat(out, dim=1)  # (2, P)
+    return both[0], both[1]
+
+
+def pair_accuracy(r_chosen, r_rejected):
+    """Fraction of pairs ranked right, a tie counting half (at step 0 DPO's implicit rewards all tie at 0)."""
+    return ((r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()).mean().item()
 
 
 @torch.no_grad()

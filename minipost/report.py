@@ -164,8 +164,8 @@ def read_metrics_safe(path):
 # ------------------------------------------------------------------------------------------------ report
 
 def questions(evals, sweeps):
-    """One short paragraph per question of DESIGN.md: the measured answer and whether the claim held here.
-    Differences are called noise when below two standard errors, paired over the shared prompts."""
+    """One short paragraph per question of the study (README, "The study"): the measured answer and whether
+    the claim held here. Differences are called noise when below two standard errors, paired over the shared prompts."""
     a, s = evals.get("arith", []), evals.get("sentiment", [])
     of = lambda rows, m: [r for r in rows if r["method"] == m]  # noqa: E731
     sft_rows, dft_rows = of(a, "sft"), of(a, "dft")

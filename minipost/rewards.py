@@ -1,6 +1,11 @@
-"""Reward sources for best-of-N and RL: a Python reward function, or a reward-model checkpoint.
+"""Reward sources, in one place, for every script that scores completions: RL (train_rlhf.py), the
+preference pairs of the reward model and DPO, best-of-N (sample_bon.py) and evaluation.
 
-The API (what sample_bon.py and train_rlhf.py use):
+A source is one of three things, chosen by make_reward:
+    --reward-model CKPT     a reward model (train_rlhf.py --algo rm): its scalar head read at the EOS token
+    --reward module:fn      a TRL-style function f(prompts, completions, **columns) -> list[float]
+    (neither)               the built-in task's own reward (arith's verifier, sentiment's hidden lexicon)
+and is called the same way whatever it is: reward(rows, prompt_ids, completion_ids, texts) -> (N,) scores.
 
     load_reward_fn(spec) -> fn
         "module:function" (or "module:Class.method") -> the callable. The module is imported the normal way,
@@ -11,15 +16,18 @@ The API (what sample_bon.py and train_rlhf.py use):
         Calls fn(prompts, completions, **columns) (the TRL convention: extra dataset columns arrive as lists)
         and checks that it returns one finite number per completion; a UserError naming the function if not.
         ValueError / TypeError / KeyError raised inside fn (a missing column, a bad signature) become
-        UserErrors too.
-    load_reward_model(path, device, flag="--reward-model") -> Checkpoint
-        A checkpoint whose meta["kind"] == "rm" and whose model has the scalar head; UserError otherwise.
-    score_with_reward_model(rm_model, tokenizer, prompt_ids, completion_ids, batch_size=64) -> (B,) float32
-        r_b = score_head(h_b[last]) where h_b are the final hidden states of prompt_ids[b] + completion_ids[b]
-        and `last` is the position of its last real token: the completion's EOS (<|end|>), or, for a
-        completion cut off by the length budget, its last token. Sequences are batched with right padding,
-        which a causal model never attends to, so a score does not depend on its batch. The tensor is on the
-        reward model's device.
+        UserErrors too. call_reward(fn, rows, texts) does the same from prompt rows (reward_columns(rows)).
+    load_reward_model(path, tokenizer, device) -> frozen GPT
+        A checkpoint whose meta["kind"] == "rm", whose model has the scalar head and whose tokenizer is the
+        policy's; UserError otherwise.
+    eos_scores(model, ids, last) -> (N,) float32
+        THE reward-model score, used for training it, for PPO and for best-of-N alike: score_head(h[last])
+        where h are the final hidden states of the right-padded rows ids (N, T) and last (N,) is the position
+        of each row's last real token: the completion's EOS (<|end|>), or, for a completion cut off by the
+        length budget, its last token. A causal model never attends to the right padding, so a score does
+        not depend on its batch. bf16 autocast on CUDA, float32 on CPU.
+    score_with_reward_model(model, tokenizer, prompt_ids, completion_ids, batch_size=64) -> (N,) float32
+        eos_scores of prompt + completion id lists, batched; the tensor is on the model's device.
     same_tokenizer(a, b) -> bool
         True when two tokenizers map every text and special token to the same ids.
 """
@@ -28,6 +36,8 @@ import math
 import numbers
 import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -83,15 +93,29 @@ def checked_rewards(fn, prompts, completions, **columns) -> list[float]:
     return [float(r) for r in out]
 
 
-def load_reward_model(path, device="cpu", flag: str = "--reward-model"):
-    """A reward-model checkpoint (train_rlhf.py --algo rm), in eval mode; UserError if it is not one."""
+def reward_columns(rows: list[dict]) -> dict:
+    """Extra columns of prompt rows, as lists, for a TRL-style reward function (e.g. arith's `answer`)."""
+    keys = [k for k in rows[0] if k != "prompt"]
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def call_reward(fn, rows: list[dict], texts: list[str]) -> list[float]:
+    """checked_rewards of decoded completions, one per prompt row (rows may repeat a prompt)."""
+    return checked_rewards(fn, [r["prompt"] for r in rows], texts, **reward_columns(rows))
+
+
+def load_reward_model(path, tokenizer, device="cpu", flag: str = "--reward-model"):
+    """A reward-model checkpoint (train_rlhf.py --algo rm) for a policy with this tokenizer -> the model,
+    frozen and in eval mode; UserError if it is not a reward model or reads token ids differently."""
     ckpt = load_checkpoint(path, device, flag)
     kind = ckpt.meta.get("kind")
     if kind != "rm" or not ckpt.model.config.scalar_head:
         raise UserError(f"{flag} {path}: not a reward model (kind {kind!r}, scalar head "
                         f"{ckpt.model.config.scalar_head}); train one with train_rlhf.py --algo rm")
-    ckpt.model.eval()
-    return ckpt
+    if not same_tokenizer(ckpt.tokenizer, tokenizer):
+        raise UserError(f"{flag} {path}: its tokenizer differs from the policy's (train the reward model "
+                        "from the same SFT checkpoint family)")
+    return ckpt.model.eval().requires_grad_(False)
 
 
 def same_tokenizer(a, b) -> bool:
@@ -100,10 +124,19 @@ def same_tokenizer(a, b) -> bool:
             and a.enc._special_tokens == b.enc._special_tokens)
 
 
+def eos_scores(model, ids, last):
+    """Scalar-head model -> (N,) float32 score read at the hidden state of each row's last real token.
+    ids (N, T) right-padded; last (N,) positions. Differentiable (the reward model trains through it)."""
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    with autocast(ids.device):
+        hidden = model(ids)  # (N, T, C); the right padding comes after `last`, so it is never seen
+        return model.scores(hidden[rows, last][:, None])[:, 0]  # (N,)
+
+
 @torch.no_grad()
 def score_with_reward_model(rm_model, tokenizer, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                             batch_size: int = 64) -> torch.Tensor:
-    """Scalar reward of each prompt + completion, read at its last real token (see the module docstring)."""
+    """eos_scores of each prompt + completion (see the module docstring), `batch_size` rows at a time."""
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
     if not rm_model.config.scalar_head:
@@ -125,9 +158,41 @@ def score_with_reward_model(rm_model, tokenizer, prompt_ids: list[list[int]], co
         for i, s in enumerate(chunk):
             ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
         last = torch.tensor([len(s) - 1 for s in chunk], device=device)  # (b,) the EOS, or the last token
-        rows = torch.arange(len(chunk), device=device)
-        with autocast(device):
-            hidden = rm_model(ids.to(device))  # (b, T, C); right padding comes after `last`, so it is unseen
-            out[start:start + len(chunk)] = rm_model.scores(hidden[rows, last][:, None])[:, 0]  # (b,)
+        out[start:start + len(chunk)] = eos_scores(rm_model, ids.to(device), last)
     rm_model.train(was_training)
     return out
+
+
+# ------------------------------------------------------------------------------------ the one reward source
+
+@dataclass
+class Reward:
+    """A reward source: a function of the decoded texts (fn) or a reward model scored at the EOS (model).
+    reward(rows, prompt_ids, completion_ids, texts) -> (N,) float64 on the CPU, one per completion (a
+    function's floats exactly, so best-of-N ranks and ties on the very values it returned; RL casts to
+    float32); rows[i] is the prompt row (with its extra columns) that completion i answers."""
+    name: str
+    fn: Callable | None = None
+    model: torch.nn.Module | None = None
+    tokenizer: object = None  # the reward model's (= the policy's) tokenizer: its pad id
+    batch_size: int = 64
+
+    @torch.no_grad()
+    def __call__(self, rows, prompt_ids, completion_ids, texts) -> torch.Tensor:
+        if self.model is not None:
+            return score_with_reward_model(self.model, self.tokenizer, prompt_ids, completion_ids,
+                                           self.batch_size).cpu().double()
+        return torch.tensor(call_reward(self.fn, rows, texts), dtype=torch.float64)
+
+
+def make_reward(task, tokenizer, device, reward: str | None = None, reward_model: str | None = None,
+                batch_size: int = 64) -> Reward:
+    """--reward-model CKPT, else --reward module:function, else the task's own reward."""
+    if reward and reward_model:
+        raise UserError("choose one of --reward and --reward-model")
+    if reward_model:
+        return Reward(f"reward model {reward_model}", model=load_reward_model(reward_model, tokenizer, device),
+                      tokenizer=tokenizer, batch_size=batch_size)
+    if reward:
+        return Reward(reward, fn=load_reward_fn(reward))
+    return Reward(f"{task.name} reward", fn=task.reward)

@@ -1,5 +1,5 @@
-"""Rollouts and scoring for train_rlhf.py: sampling through the engine, teacher-forced log-probs of
-prompt + response rows, reward sources (task verifier, --reward module:function, --reward-model).
+"""Sampling and teacher-forced scoring of prompt + response rows: what RL rollouts, preference pairs,
+best-of-N and evaluation share. Rewards live in minipost/rewards.py.
 
 Layout of a scored batch (Sequences): each row is prompt + response, right-padded with <|pad|>. The
 model reads inputs = ids[:, :-1] and predicts targets = ids[:, 1:], so position j of every (N, T-1) tensor
@@ -9,18 +9,30 @@ final EOS included) and 0 on prompt and padding; targets outside the mask are pa
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from .cli import UserError
 from .engine import generate
-from .evaluate import completion_text, prompt_ids, reward_kwargs
-from .rewards import checked_rewards, load_reward_fn, same_tokenizer
-from .rewards import load_reward_model as load_rm_checkpoint
+from .rewards import call_reward
 
 
 def step_seed(seed: int, step: int) -> int:
     """Sampling seed of a training step. The engine seeds row r with this + r, so rows of different steps
     never share a generator (up to 100,000 rows a step) and a resumed run draws the same samples."""
     return (seed * 1_000_003 + step) * 100_000
+
+
+def prompt_ids(tokenizer, rows) -> list[list[int]]:
+    """Rows with a `prompt` column (string or messages) -> rendered prompts ending in <|assistant|>."""
+    return [tokenizer.render_prompt([{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str)
+                                    else r["prompt"]) for r in rows]
+
+
+def completion_text(tokenizer, ids: list[int]) -> str:
+    """Decode a completion, without its closing <|end|>."""
+    if ids and ids[-1] == tokenizer.eos_id:
+        ids = ids[:-1]
+    return tokenizer.decode(ids)
 
 
 # ------------------------------------------------------------------------------------------- sequences
@@ -80,7 +92,7 @@ def sequence_logprobs(model, seqs: Sequences, temperature=1.0, entropy=False, ch
         rows = order[start:start + chunk]
         L = int(need[rows].max())
         part = Sequences(seqs.ids[rows, :L + 1], seqs.mask[rows, :L])
-        out = model.token_logprobs(part.inputs, part.targets, temperature, return_entropy=entropy)
+        out = model.teacher_forced_logprobs(part.inputs, part.targets, temperature, return_entropy=entropy)
         lp, en = out if entropy else (out, None)
         if logp is None:  # the kernel's dtype (float32, or float64 for a float64 model)
             logp = lp.new_zeros(N, T1)
@@ -89,14 +101,6 @@ def sequence_logprobs(model, seqs: Sequences, temperature=1.0, entropy=False, ch
         if entropy:
             ent[rows, :L] = en
     return (logp, ent) if entropy else logp
-
-
-def eos_scores(model, seqs: Sequences):
-    """Scalar-head model (reward model) -> (N,) score read at the hidden state of each row's last real token
-    (the EOS). Causal attention: the right padding after it cannot change the score."""
-    hidden = model(seqs.ids)  # (N, T, C)
-    scores = model.scores(hidden)  # (N, T)
-    return scores.gather(1, (seqs.last + 1)[:, None])[:, 0]  # (N,)
 
 
 def token_values(critic, seqs: Sequences):
@@ -112,8 +116,17 @@ class Rollout:
     """K samples for each of G prompts, prompt-major: row i belongs to prompt i // K."""
     seqs: Sequences
     rows: list[dict]  # the prompt row of every sample (its extra columns feed the reward function)
+    prompts: list[list[int]]  # the rendered prompt of every sample
+    completions: list[list[int]]  # the sampled response ids, EOS included when it finished
     texts: list[str]  # decoded responses without their EOS
     finished: torch.Tensor  # (N,) bool: the response ended with EOS within the budget
+
+    def score(self, reward) -> torch.Tensor:
+        """(N,) float32 reward of every sample, on the rollout's device (reward: a rewards.Reward)."""
+        values = reward(self.rows, self.prompts, self.completions, self.texts).to(self.seqs.ids.device, torch.float32)
+        if not torch.isfinite(values).all():  # finite as float64 (checked_rewards) but not once in float32
+            raise UserError(f"{reward.name} gave a reward beyond float32's range (|r| > 3.4e38); rescale it")
+        return values
 
 
 @torch.no_grad()
@@ -127,9 +140,29 @@ def sample_rollout(model, tokenizer, rows, k, max_new_tokens, temperature, seed)
                  num_samples=k, seed=seed)
     model.train(was_training)
     responses = g.completions()
-    seqs = pack([prompts[i // k] for i in range(len(responses))], responses, tokenizer.pad_id, device)
-    return Rollout(seqs, [rows[i // k] for i in range(len(responses))],
+    expanded = [prompts[i // k] for i in range(len(responses))]
+    seqs = pack(expanded, responses, tokenizer.pad_id, device)
+    return Rollout(seqs, [rows[i // k] for i in range(len(responses))], expanded, responses,
                    [completion_text(tokenizer, r) for r in responses], g.finished)
+
+
+@torch.no_grad()
+def sample_candidates(model, tokenizer, prompts: list[list[int]], n: int, max_new_tokens: int,
+                      temperature: float = 1.0, top_k=None, top_p=None, batch_size: int = 64, seed: int = 0):
+    """n completions per prompt -> (completions [ids], finished [bool]), prompt-major: entry i*n + j is sample
+    j of prompt i, drawn with seed + i*n + j. Each generate call takes batch_size // n prompts (at least one)
+    and prefills each prompt once before fanning its cache out to the n samples."""
+    per_call = max(1, batch_size // n)
+    was_training = model.training
+    model.eval()
+    completions, finished = [], []
+    for start in tqdm(range(0, len(prompts), per_call), desc=f"sampling x{n}", leave=False, disable=None):
+        g = generate(model, prompts[start:start + per_call], max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
+                     temperature, top_k, top_p, num_samples=n, seed=seed + start * n)
+        completions += g.completions()
+        finished += g.finished.tolist()
+    model.train(was_training)
+    return completions, finished
 
 
 @torch.no_grad()
@@ -146,45 +179,3 @@ def sample_kl(policy, ref, tokenizer, rows, max_new_tokens, temperature=1.0, see
         values = call_reward(reward_fn, r.rows, r.texts)  # prompt-major: k consecutive values per prompt
         out["reward"], out["rewards"] = sum(values) / len(values), values
     return out
-
-
-# ------------------------------------------------------------------------------------------- rewards
-
-def call_reward(fn, rows, texts) -> list[float]:
-    """A TRL-style reward of decoded completions, checked by rewards.checked_rewards (one finite number per
-    completion); the rows' extra columns (e.g. arith's `answer`) arrive as keyword lists."""
-    return checked_rewards(fn, [r["prompt"] for r in rows], texts, **reward_kwargs(rows))
-
-
-def load_reward_model(path, tokenizer, device):
-    """--reward-model CKPT: a checkpoint written by --algo rm, with the policy's tokenizer -> frozen model."""
-    ck = load_rm_checkpoint(path, device)
-    if not same_tokenizer(ck.tokenizer, tokenizer):
-        raise UserError(f"--reward-model {path}: its tokenizer differs from the policy's (train the reward "
-                        f"model from the same SFT checkpoint family)")
-    return ck.model.eval().requires_grad_(False)
-
-
-class Reward:
-    """The reward of a rollout, from one source: a reward model (score at the EOS token) or a function of
-    the decoded texts (the task's verifier / lexicon, or --reward module:function)."""
-
-    def __init__(self, fn=None, name="", model=None):
-        self.fn, self.name, self.model = fn, name, model
-
-    @torch.no_grad()
-    def __call__(self, rollout: Rollout) -> torch.Tensor:
-        """-> (N,) float32 rewards on the rollout's device."""
-        if self.model is not None:
-            return eos_scores(self.model, rollout.seqs)
-        values = call_reward(self.fn, rollout.rows, rollout.texts)
-        return torch.tensor(values, dtype=torch.float32, device=rollout.seqs.ids.device)
-
-
-def make_reward(args, task, tokenizer, device) -> Reward:
-    """--reward-model, else --reward, else the task's own reward."""
-    if getattr(args, "reward_model", None):
-        return Reward(model=load_reward_model(args.reward_model, tokenizer, device), name="--reward-model")
-    if getattr(args, "reward", None):
-        return Reward(load_reward_fn(args.reward), f"--reward {args.reward}")
-    return Reward(task.reward, f"the {task.name} task's reward")

@@ -76,7 +76,7 @@ def test_logprobs_equal_teacher_forced_forward():
     for r, prompt in enumerate(PROMPTS):
         comp = g.completions()[r]
         seq = torch.tensor([prompt + comp])
-        logp = model.token_logprobs(seq[:, :-1], seq[:, 1:], temperature)[0, len(prompt) - 1:]  # predicts comp tokens
+        logp = model.teacher_forced_logprobs(seq[:, :-1], seq[:, 1:], temperature)[0, len(prompt) - 1:]  # predicts comp tokens
         torch.testing.assert_close(g.logprobs[r, :len(comp)], logp, rtol=0, atol=1e-5)
         assert (logp <= 0).all()
 

@@ -32,6 +32,19 @@ def test_dft_value_and_detached_weight_gradient():
     assert_close(logp.grad, -logp.detach().exp() / 2)
 
 
+def test_sft_dft_empty_mask_is_zero_not_nan():
+    """No trained token: the denominator is clamped to 1, so the loss is 0 * anything / 1 = 0 and the gradient
+    -m / 1 (SFT) or -sg(p) m / 1 (DFT) is 0 everywhere -- not 0/0 = NaN. Same when the caller passes a global
+    token count n_tokens = 0 (a step whose every micro-batch is empty)."""
+    for loss_fn in (L.sft_loss, L.dft_loss):
+        for n_tokens in (None, t(0.0), torch.tensor(0)):
+            logp = t([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+            loss = loss_fn(logp, torch.zeros(2, 2, dtype=torch.float64), n_tokens=n_tokens)
+            assert torch.isfinite(loss) and loss.item() == 0
+            loss.backward()
+            assert torch.isfinite(logp.grad).all() and (logp.grad == 0).all()
+
+
 def test_bradley_terry():
     rc, rr = t([2.0, 0.0]), t([1.0, 1.0])
     want = (-math.log(1 / (1 + math.exp(-1))) - math.log(1 / (1 + math.exp(1)))) / 2
@@ -65,6 +78,22 @@ def test_kl_estimators():
     assert_close(L.kl_k1(logp, ref), t([0.5, -1.0]))
     assert_close(L.kl_k3(logp, ref), t([math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1 - 1]))
     assert (L.kl_k3(logp, ref) >= 0).all()
+
+
+def test_ppo_token_rewards_hand_computed():
+    """r_t = -kl_coef (logp_t - ref_t) m_t, plus the score on the row's last response token; the unfinished
+    row (no EOS within the budget) scores -1 instead of its reward-model score."""
+    m = t([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])  # lengths 3, 4 (ran to the budget), 1
+    logp = t([[-1.0, -0.5, -2.0, -3.0], [-0.2, -1.0, -0.4, -0.6], [-0.3, -5.0, -5.0, -5.0]])
+    ref = t([[-1.5, -0.5, -1.0, -1.0], [-0.2, -2.0, -0.4, -0.1], [-0.8, 0.0, 0.0, 0.0]])
+    score, finished, last = t([2.0, 3.0, -0.5]), torch.tensor([True, False, True]), torch.tensor([2, 3, 0])
+    rewards, score_out, kl = L.ppo_token_rewards(score, finished, logp, ref, m, last, kl_coef=0.1)
+    # k1 = logp - ref on response tokens; padding (e.g. row 0's -3 - -1 = -2) is masked to 0
+    assert_close(kl, t([[0.5, 0.0, -1.0, 0.0], [0.0, 1.0, 0.0, -0.5], [0.5, 0.0, 0.0, 0.0]]))
+    assert_close(score_out, t([2.0, -1.0, -0.5]))
+    # last tokens: row 0: 0.1 + 2 = 2.1; row 1: 0.05 + (-1) = -0.95; row 2: -0.05 + (-0.5) = -0.55
+    assert_close(rewards, t([[-0.05, 0.0, 2.1, 0.0], [0.0, -0.1, 0.0, -0.95], [-0.55, 0.0, 0.0, 0.0]]))
+    assert_close(score, t([2.0, 3.0, -0.5]))  # the caller's scores are not overwritten
 
 
 def test_gae_against_plain_loop():
@@ -138,8 +167,8 @@ def test_grpo_and_drgrpo_normalisation():
     adv = t([1.0, -1.0])
     # ratio 1: per-token -A; GRPO averages per sequence: (-1 + 1) / 2 = 0
     assert_close(L.grpo_loss(logp, logp, None, adv, mask), t(0.0))
-    # Dr.GRPO: token sum (-3 + 1) / (B * max_len = 2 * 4)
-    assert_close(L.dr_grpo_loss(logp, logp, None, adv, mask, max_len=4), t(-2 / 8))
+    # Dr.GRPO: token sum (-3 + 1) / constant normaliser (minibatch size x max new tokens = 2 * 4)
+    assert_close(L.dr_grpo_loss(logp, logp, None, adv, mask, normaliser=8), t(-2 / 8))
     # k3 term: ref = logp - 1 on every token -> k3 = e^-1 + 1 - 1 per token
     k3 = math.exp(-1)
     assert_close(L.grpo_loss(logp, logp, logp - 1, adv, mask, kl_coef=0.5), t(0.5 * k3))
@@ -175,6 +204,24 @@ def test_nft_gradient_after_the_first_step():
     assert_close(logp.grad, t([expected]))
 
 
+def test_nft_log_ratio_clamp_and_negative_clip():
+    """log R = 12, 0.3, -0.5 with r_q = 0.25 (w_q = 0.75), C = 4. The clamp at 10 makes the first token's
+    value use log R = 10 and its gradient exactly 0, on both sides. Positive: l = -log R -> values -10, -0.3,
+    0.5, gradient -w/C. Negative: x = (1 - r R) / (1 - r); R = e^0.3 gives x = 0.883 < eps = 1, so the value
+    is clipped to -log 1 = 0 but the gradient is that of x: w (r R / (1 - r)) / eps / C = r R / C; R = e^-0.5
+    gives x = 1.131 > eps, unclipped: value -log x, gradient r R / (x C)."""
+    old = t([[-12.5, -1.3, -1.5], [-12.5, -1.3, -1.5]])
+    logp = t([[-0.5, -1.0, -2.0], [-0.5, -1.0, -2.0]], requires_grad=True)  # log R = 12, 0.3, -0.5
+    mask, correct, r, w, C = t([[1, 1, 1], [1, 1, 1]]), torch.tensor([True, False]), 0.25, 0.75, 4.0
+    x3 = (1 - r * math.exp(-0.5)) / (1 - r)
+    assert (1 - r * math.exp(0.3)) / (1 - r) < 1.0 < x3  # the second token is clipped, the third is not
+    loss = L.nft_loss(logp, old, mask, correct, t([r, r]), normaliser=C, eps=1.0)
+    assert_close(loss, t(w * (-10 - 0.3 + 0.5) / C + w * (0 + 0 - math.log(x3)) / C))
+    loss.backward()
+    assert_close(logp.grad, t([[0.0, -w / C, -w / C],
+                               [0.0, r * math.exp(0.3) / C, r * math.exp(-0.5) / (x3 * C)]]))
+
+
 def test_nft_at_ratio_one_matches_drgrpo_gradient():
     """At R = 1, NFT's gradient equals Dr.GRPO's with binary reward and the same constant normaliser."""
     torch.manual_seed(1)
@@ -187,8 +234,34 @@ def test_nft_at_ratio_one_matches_drgrpo_gradient():
     g_nft = logp.grad.clone()
     logp.grad = None
     adv = L.group_advantages(correct.double()[None], scale=False)[0]  # r - mean: +0.5 / -0.5
-    L.dr_grpo_loss(logp, logp.detach(), None, adv, mask, max_len=5).backward()
+    L.dr_grpo_loss(logp, logp.detach(), None, adv, mask, normaliser=20.0).backward()
     assert_close(g_nft, logp.grad)
+
+
+def test_nft_matches_drgrpo_on_a_partial_minibatch():
+    """A last minibatch holding 3 of a group's K = 4 samples (minibatch size 4, max new tokens 5, C = 20).
+    At R = 1 with r_q = 0.25: NFT's gradient is -w/C = -0.75/C on the correct sample's tokens and
+    w (r / (1 - r)) / 1 / C = 0.25/C on the wrong ones; Dr.GRPO's is -A/C with A = reward - mean over the whole
+    group of 4 = +0.75 / -0.25. They agree only when both divide by the same constant C; the old
+    rows-present denominator (3 x 5 = 15) would scale Dr.GRPO's gradient by 20/15."""
+    torch.manual_seed(2)
+    correct = torch.tensor([True, False, False, False])  # the full group: r_q = 0.25
+    adv = L.group_advantages(correct.double()[None], scale=False)[0]  # 0.75, -0.25, -0.25, -0.25
+    rows = [0, 1, 2]  # the partial minibatch: 3 rows present
+    logp = torch.randn(3, 5, dtype=torch.float64).clamp(max=-0.01).requires_grad_()
+    mask = torch.ones(3, 5, dtype=torch.float64)
+    mask[0, 4:] = 0
+    mask[2, 2:] = 0
+    r_q = torch.full((3,), 0.25, dtype=torch.float64)
+    L.nft_loss(logp, logp.detach(), mask, correct[rows], r_q, normaliser=20.0).backward()
+    g_nft = logp.grad.clone()
+    assert_close(g_nft, mask * t([[-0.75], [0.25], [0.25]]) / 20)
+    logp.grad = None
+    L.dr_grpo_loss(logp, logp.detach(), None, adv[rows], mask, normaliser=20.0).backward()
+    assert_close(g_nft, logp.grad)
+    logp.grad = None
+    L.dr_grpo_loss(logp, logp.detach(), None, adv[rows], mask, normaliser=3 * 5).backward()
+    assert not torch.allclose(g_nft, logp.grad)
 
 
 def test_max_v_clips_value_keeps_gradient():

@@ -24,7 +24,8 @@ from minipost.checkpoint import load_checkpoint
 from minipost.cli import UserError, read_metrics
 from minipost.model import GPT, GPTConfig
 from minipost.data import epoch_indices
-from minipost.rollout import Reward, Rollout, call_reward, eos_scores, pack, sequence_logprobs
+from minipost.rewards import Reward, call_reward, eos_scores
+from minipost.rollout import Rollout, pack, sequence_logprobs
 from minipost.tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,7 +221,7 @@ def test_eos_score_is_read_at_last_real_token_and_padding_is_ignored():
     assert seqs.last.tolist() == [len(p) + len(r) - 2 for p, r in zip(prompts, responses)]
     assert (seqs.ids.gather(1, (seqs.last + 1)[:, None]) == eos).all()
     with torch.no_grad():
-        batch = eos_scores(rm, seqs)
+        batch = eos_scores(rm, seqs.ids, seqs.last + 1)
         for i, (p, r) in enumerate(zip(prompts, responses)):
             alone = torch.tensor([p + r])
             naive = rm.scores(rm(alone))[0, -1]  # the score at the final token of the unpadded row
@@ -228,7 +229,7 @@ def test_eos_score_is_read_at_last_real_token_and_padding_is_ignored():
         # changing what sits in the padding changes nothing
         noisy = seqs[torch.arange(3)]
         noisy.ids = noisy.ids.masked_fill(noisy.ids == pad, 7)
-        assert_close(eos_scores(rm, noisy), batch, rtol=0, atol=1e-6)
+        assert_close(eos_scores(rm, noisy.ids, noisy.last + 1), batch, rtol=0, atol=1e-6)
         # ... but the score does depend on the EOS position's prefix (the check can fail)
         assert not torch.allclose(batch[0], rm.scores(rm(torch.tensor([[1, 2, 3, 11, 12]])))[0, -1])
 
@@ -265,13 +266,13 @@ def test_builtin_pairs_rank_by_reward(monkeypatch):
 
     def fake_rollout(model, tokenizer, chunk, k, max_new_tokens, temperature, seed):
         flat = [t for g in texts[:len(chunk)] for t in g]
-        seqs = pack([[5, 6]] * len(flat), [[10 + i, 1] for i in range(len(flat))], 0)
-        return Rollout(seqs, [chunk[i // k] for i in range(len(flat))], flat,
-                       torch.tensor([f for g in finished[:len(chunk)] for f in g]))
+        prompts, responses = [[5, 6]] * len(flat), [[10 + i, 1] for i in range(len(flat))]
+        return Rollout(pack(prompts, responses, 0), [chunk[i // k] for i in range(len(flat))], prompts, responses,
+                       flat, torch.tensor([f for g in finished[:len(chunk)] for f in g]))
 
     monkeypatch.setattr(preferences, "sample_rollout", fake_rollout)
     monkeypatch.setattr(preferences, "prompt_ids", lambda tok, chunk: [[5, 6]] * len(chunk))
-    pairs, records = preferences.build_pairs(None, Tok(), Reward(task.reward, "arith"), rows, 4, 8)
+    pairs, records = preferences.build_pairs(None, Tok(), Reward("arith", fn=task.reward), rows, 4, 8)
     assert len(pairs) == 2  # the all-wrong group is a tie
     assert [r["chosen"] for r in records] == [texts[0][0], texts[2][0]]
     assert [r["rejected"] for r in records] == [texts[0][1], texts[2][2]]  # the unfinished "{answer}" is skipped
@@ -332,3 +333,89 @@ def test_wrong_length_reward_stops_the_run(models):
     with pytest.raises(UserError, match="rewards_for_test:wrong_length returned 1 rewards for 8 completions"):
         train_rlhf.main(["--algo", "grpo", "--init", str(models / "sft"), "--reward", "rewards_for_test:wrong_length",
                          "--max-steps", "1", "--batch-size", "2", "--k", "4", "--out", str(models / "wl"), *SMALL])
+
+
+def test_ppo_first_ratio_is_one_at_another_temperature(models):
+    """Old, new and reference log-probs all divide the logits by --temperature: at T = 0.7 the first
+    minibatch's ratio is still 1. Without a reward model the critic is the policy trunk with a zero head."""
+    out = models / "ppo-t07"
+    train_rlhf.main(["--algo", "ppo", "--init", str(models / "sft"), "--reward", "rewards_for_test:digit_count",
+                     "--temperature", "0.7", "--max-steps", "2", "--batch-size", "8", "--minibatch-size", "4",
+                     "--epochs", "2", "--lr", "1e-3", "--out", str(out), *SMALL])
+    records, _ = check_run(out, "ppo", 2, ["approx_kl_first", "approx_kl", "kl_coef"])
+    for r in records[1:]:
+        assert r["approx_kl_first"] < 1e-10
+        assert r["approx_kl"] > 1e-8  # later minibatches moved, so the first check can fail
+        assert r["kl_coef"] == 0.05  # no --target-kl: the ppo default beta, fixed
+
+
+def test_ipo_and_label_smoothing_end_to_end(models, monkeypatch):
+    """IPO's first loss is (0 - 1/(2 beta))^2 = 25 at beta 0.1 (policy = reference, h = 0), where DPO's is
+    log 2. --label-smoothing e reaches the loss: every logged loss equals -(1 - e) log sigmoid(beta h) -
+    e log sigmoid(-beta h), recomputed here in float64 from the log-probs the loss was given."""
+    from minipost import losses
+    common = ["--algo", "dpo", "--init", str(models / "sft"), "--data", str(models / "pairs.jsonl"),
+              "--max-steps", "3", "--batch-size", "4", "--lr", "1e-3", *SMALL]
+    train_rlhf.main(common + ["--ipo", "--out", str(models / "ipo")])
+    records, _ = check_run(models / "ipo", "dpo", 3, ["loss", "chosen_reward"])
+    assert records[1]["loss"] == pytest.approx(25.0, rel=1e-6)
+    assert records[3]["loss"] < 25.0  # IPO pushes h towards 1/(2 beta) = 5
+
+    seen, real = [], losses.dpo_loss
+    monkeypatch.setattr(losses, "dpo_loss", lambda *a: seen.append(a) or real(*a))
+    train_rlhf.main(common + ["--beta", "0.5", "--label-smoothing", "0.2", "--out", str(models / "cdpo")])
+    records, _ = check_run(models / "cdpo", "dpo", 3, ["loss"])
+    train_calls = [a for a in seen if a[0].requires_grad]  # the held-out evaluations run under no_grad
+    assert len(train_calls) == 3
+    for r, (pi_c, pi_r, ref_c, ref_r, beta, eps) in zip(records[1:], train_calls):
+        assert (beta, eps) == (0.5, 0.2)
+        h = (pi_c.double() - pi_r.double()) - (ref_c.double() - ref_r.double())
+        want = -(0.8 * torch.nn.functional.logsigmoid(0.5 * h) + 0.2 * torch.nn.functional.logsigmoid(-0.5 * h))
+        assert r["loss"] == pytest.approx(want.mean().item(), abs=1e-6)
+    assert abs(records[3]["margin"]) > 1e-4  # the policy moved, so h != 0 was checked too
+
+
+def test_pair_logprobs_summed_and_length_averaged():
+    """DPO's summed and IPO's length-averaged response log-probs against a naive per-pair loop."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=32, vocab_size=40, n_layer=1, n_head=2, n_embd=16)).eval()
+    pairs = [([1, 2, 3], [5, 6, 7, 8], [9]), ([4], [10, 11], [12, 13, 14])]
+    with torch.no_grad():
+        sums = preferences.pair_logprob_sums(m, pairs, pad_id=39, device="cpu")
+        means = preferences.pair_logprob_sums(m, pairs, pad_id=39, device="cpu", average=True)
+        for i, (p, chosen, rejected) in enumerate(pairs):
+            for side, resp in ((0, chosen), (1, rejected)):
+                lp = torch.log_softmax(m.logits(m(torch.tensor([p + resp]))), dim=-1)[0]  # (L, V)
+                total = sum(lp[len(p) - 1 + j, t].item() for j, t in enumerate(resp))
+                assert sums[side][i].item() == pytest.approx(total, abs=1e-5)
+                assert means[side][i].item() == pytest.approx(total / len(resp), abs=1e-5)
+
+
+def test_group_objectives_get_the_right_samples_and_one_normaliser(models, monkeypatch):
+    """Spies on the loss functions: RFT's minibatches hold only correct samples while NFT's hold wrong ones
+    too; NFT and Dr.GRPO divide by the same constant, minibatch-size x max-new-tokens."""
+    from minipost import losses
+    calls = []
+    for name in ("nft_loss", "dr_grpo_loss"):
+        real = getattr(losses, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append((_name, args, kwargs))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(losses, name, spy)
+    argv = ["--init", str(models / "sft"), "--reward", "rewards_for_test:odd_length", "--max-steps", "2",
+            "--batch-size", "3", "--k", "4", "--minibatch-size", "5", *SMALL]
+    seen = {}
+    for algo, extra in (("rft", []), ("nft", []), ("grpo", ["--dr-grpo"])):
+        calls.clear()
+        train_rlhf.main(["--algo", algo, *argv, *extra, "--out", str(models / f"spy-{algo}")])
+        assert calls, f"{algo}: no minibatch carried signal"
+        seen[algo] = calls[:]
+    max_new = int(SMALL[SMALL.index("--max-new-tokens") + 1])
+    for name, args, kwargs in seen["rft"]:
+        assert name == "nft_loss" and bool(args[3].all())  # `correct` of every sample in the minibatch
+    assert any(not bool(args[3].all()) for _, args, _ in seen["nft"])  # NFT learns from the wrong ones too
+    assert {kwargs["normaliser"] for _, _, kwargs in seen["nft"]} == {5 * max_new}
+    assert {args[5] for name, args, _ in seen["grpo"] if name == "dr_grpo_loss"} == {5 * max_new}
+    # partial minibatches occurred (a last one with fewer than 5 rows), where the shared constant matters
+    assert any(len(args[0]) < 5 for _, args, _ in seen["nft"] + seen["grpo"])

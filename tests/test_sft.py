@@ -63,7 +63,7 @@ def test_gradient_accumulation_matches_full_batch(base):
         batches = train_sft.micro_batches(examples, list(range(8)), accum, tok.pad_id, "cpu")
         n_tokens = sum(m.sum() for _, _, m in batches)
         for inputs, targets, mask in batches:
-            losses.sft_loss(train_sft.token_logprobs(model, inputs, targets, mask), mask, n_tokens).backward()
+            losses.sft_loss(train_sft.masked_logprobs(model, inputs, targets, mask), mask, n_tokens).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7)
