@@ -14,6 +14,10 @@ sampler.
 GPU:
     python sample_bon.py --init out/sft-gpt2 --device cuda --batch-size 512 --sweep 1,4,16,64,256 --out out/bon-gpt2
 
+--retrieve K puts before each prompt the K solved examples whose questions are most similar to it (BM25,
+minipost/retrieval.py), as earlier chat turns, the most similar last: from --retrieve-from (a split of --task,
+default train, or a JSONL file of demonstrations), as many as the context holds beside --max-new-tokens.
+
 --sweep 1,2,4,8,16 measures reward versus N on a split (CPU: about a minute per 100 prompts at the defaults).
 It samples one pool of M = max(N) * --pool-factor completions per prompt, scores it once, and evaluates every
 N on that pool:
@@ -56,6 +60,7 @@ from tqdm import tqdm
 from minipost.checkpoint import load_checkpoint
 from minipost.cli import UserError, pick_device, require_positive, run_main, task_from_flag
 from minipost.data import read_jsonl
+from minipost.retrieval import add_retrieval_flags, check_retrieval_flags, retrieval_prompts
 from minipost.rewards import call_reward, make_reward
 from minipost.rollout import completion_text, prompt_ids, sample_candidates
 from minipost.tasks import TASKS
@@ -83,6 +88,7 @@ def parse_args(argv=None):
                    "(string or messages), or `messages` (the conversation up to its last user turn); other "
                    "columns are passed to the reward function")
     p.add_argument("--prompt", default=None, help="one prompt (a user message); writes JSONL to stdout")
+    add_retrieval_flags(p)
     # Sampling
     p.add_argument("--n", type=int, default=4, help="candidates per prompt (1: plain sampling)")
     p.add_argument("--sweep", default=None, help="comma-separated N values, e.g. 1,2,4,8,16: reward and KL "
@@ -108,6 +114,7 @@ def parse_args(argv=None):
 
     args.sweep = parse_sweep(args.sweep) if args.sweep is not None else None
     require_positive(args, "n", "pool_factor", "max_new_tokens", "batch_size", "time_prompts", "n_prompts", "top_k")
+    check_retrieval_flags(args)
     if args.temperature < 0:
         raise UserError("--temperature must be >= 0")
     largest = max(args.sweep) if args.sweep else args.n
@@ -255,6 +262,8 @@ def run_sweep(args, model, tokenizer, task, rows, prompts, reward, out: Path):
                         "proxy": mean["proxy"], "kl_bound": kl_bound(n), "kl_est": mean["kl_est"],
                         "gen_s_per_prompt": gen_s, "n_prompts": P, "pool": M, "task": task.name,
                         "split": args.data or args.split, "selector": reward.name, "temperature": args.temperature})
+        if args.retrieve:
+            results[-1]["retrieve"] = args.retrieve
     with open(out / "sweep.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
     log(f"wrote {out / 'sweep.jsonl'}")
@@ -290,8 +299,10 @@ def main(argv=None):
     model, tokenizer = ckpt.model.eval(), ckpt.tokenizer
 
     rows = load_prompts(args, task)
-    prompts = prompt_ids(tokenizer, rows)
     block = model.config.block_size
+    if args.retrieve:
+        rows = retrieval_prompts(args, task, tokenizer, block - model.n_prefix, {"prompts": rows})[0]["prompts"]
+    prompts = prompt_ids(tokenizer, rows)
     for i, p in enumerate(prompts):
         if len(p) >= block:
             raise UserError(f"prompt {i + 1} is {len(p)} tokens: no room to generate in a context of {block}")

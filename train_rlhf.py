@@ -53,9 +53,11 @@ import torch
 from tqdm import tqdm
 
 from minipost import losses
+from minipost.adapters import BaseView, adapt, add_adapter_flags, check_adapter_flags, has_adapters, merge_adapters
 from minipost.checkpoint import (find_checkpoint, load_checkpoint, load_train_state, rng_state, save_checkpoint,
                                  set_rng_state)
-from minipost.cli import MetricsLog, UserError, pick_device, require_positive, run_main, task_from_flag
+from minipost.cli import (MetricsLog, UserError, peak_memory_mb, pick_device, require_positive, run_main,
+                          task_from_flag, tensor_memory_mb)
 from minipost.data import epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy
 from minipost.model import GPT, GPTConfig
@@ -99,6 +101,7 @@ def parse_args(argv=None):
                    "head on a copy of the policy trunk)")
     p.add_argument("--reward", default=None, help="module:function reward f(prompts, completions, **columns) -> "
                    "list of floats, instead of the task's (also ranks the built-in pairs of rm/dpo)")
+    add_adapter_flags(p)  # LoRA / prompt tuning: the reference is then the base with the adapters off
     # Data
     p.add_argument("--task", default="arith", help=f"built-in task: {', '.join(TASKS)} (prompts, reward, evaluation)")
     p.add_argument("--data", default=None, help="rm/dpo: JSONL pairs (prompt/chosen/rejected); ppo/nft/rft/grpo: "
@@ -169,6 +172,7 @@ def parse_args(argv=None):
         raise UserError(f"--reward-model is for ppo, nft, rft and grpo, not --algo {args.algo}")
     if args.reward_model and args.reward:
         raise UserError("choose one of --reward and --reward-model")
+    check_adapter_flags(args)
     return args
 
 
@@ -201,6 +205,17 @@ def load_resumed(args, out, device):
 
 def frozen_copy(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def policy_and_reference(args, init, resumed, device):
+    """The policy to train (the --init model, or the resumed one) and its frozen reference (the --init
+    model). With --lora-r / --prompt-tuning only the adapters train, and the reference is the policy's own
+    base with its adapters switched off (adapters.BaseView): no second copy of the weights."""
+    base = merge_adapters(init.model).to(device)  # an adapter checkpoint as --init: its base + adapters, merged
+    policy = adapt(resumed.model.to(device) if resumed is not None else base, args, args.init, args.seed)
+    if has_adapters(policy):
+        return policy.eval(), BaseView(policy)
+    return policy.eval(), frozen_copy(base)
 
 
 def scalar_model(model):
@@ -290,17 +305,20 @@ class Run:
     metrics: MetricsLog
     start_step: int
     elapsed: float  # training seconds of the run before this process (resume)
+    models: list  # every model the run holds, trained or frozen (memory accounting)
+    trainable: int  # parameters the optimizer updates
     t_start: float = 0.0
     t_step: float = 0.0
     lr: float = 0.0
     bar: tqdm | None = None
 
 
-def start_run(args, out, models, tokenizer, resumed):
-    """AdamW over the trained models (one param group each) and, when resuming, the optimizer, RNG and step
-    of the checkpoint -> (Run, the family's own saved state or None)."""
-    opt = torch.optim.AdamW([{"params": m.parameters()} for m in models], lr=args.lr, betas=(0.9, 0.95),
-                            weight_decay=0.0)
+def start_run(args, out, models, tokenizer, resumed, held=()):
+    """AdamW over the trainable parameters of the trained models (one param group each) and, when resuming,
+    the optimizer, RNG and step of the checkpoint -> (Run, the family's own saved state or None). held: the
+    other models the run keeps (reference, reward model), for the memory it reports."""
+    opt = torch.optim.AdamW([{"params": [p for p in m.parameters() if p.requires_grad]} for m in models],
+                            lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start_step, elapsed, family_state = 0, 0.0, None
     if resumed is not None:
         state = load_train_state(resumed.path)
@@ -308,7 +326,10 @@ def start_run(args, out, models, tokenizer, resumed):
         set_rng_state(state["rng"])
         start_step, elapsed, family_state = state["step"], state["elapsed"], state["trainer"]
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resumed is not None else None)
-    return Run(args, out, tokenizer, opt, metrics, start_step, elapsed), family_state
+    trainable = sum(p.numel() for group in opt.param_groups for p in group["params"])
+    print(f"trainable parameters: {trainable:,}" + (" (adapters)" if has_adapters(models[0]) else ""))
+    run = Run(args, out, tokenizer, opt, metrics, start_step, elapsed, [*models, *held], trainable)
+    return run, family_state
 
 
 def training_steps(run, evaluate):
@@ -336,6 +357,9 @@ def end_step(run, step, logs, evaluate, model, save_state=dict, save_meta=dict):
     if (step + 1) % a.eval_every == 0 or done:
         last.update(evaluate(step + 1))
     last["time_s"] = run.elapsed + time.time() - run.t_start
+    if done:  # what the run cost: its parameters, tensors and the process's peak memory
+        last.update(trainable_params=run.trainable, tensor_memory_mb=tensor_memory_mb(run.models, run.opt),
+                    peak_memory_mb=peak_memory_mb(next(run.models[0].parameters()).device))
     run.metrics.log(**last)
     run.bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "reward", "accuracy", "kl") if k in last})
     if (step + 1) % a.ckpt_every == 0 or done:
@@ -361,8 +385,8 @@ def train_reward_model(args, init, resumed, task, device, out):
         model = resumed.model
     else:
         torch.manual_seed(args.seed)
-        model = scalar_model(init.model)
-    model.to(device).eval()
+        model = scalar_model(merge_adapters(init.model))
+    model = adapt(model.to(device), args, args.init, args.seed).eval()  # with adapters: LoRA + the new head train
     run, _ = start_run(args, out, [model], tok, resumed)
 
     def scores(pairs):  # -> r_chosen (P,), r_rejected (P,)
@@ -401,14 +425,13 @@ def train_dpo(args, init, resumed, task, device, out):
     [ref(y_w) - ref(y_l)] with SUMMED response log-probs (IPO: length-averaged). The reference's log-probs
     are computed once; chosen and rejected share one forward."""
     tok = init.tokenizer
-    ref = frozen_copy(init.model).to(device)
-    policy = (resumed.model if resumed is not None else init.model).to(device).eval()
+    policy, ref = policy_and_reference(args, init, resumed, device)
     evaluate_policy_run = policy_evaluation(args, policy, ref, tok, task)
     train, val = preference_pairs(args, ref, tok, task, out)
     with torch.no_grad():
         ref_train = pair_logprob_sums(ref, train, tok.pad_id, device, args.ipo)  # (chosen (P,), rejected (P,))
         ref_val = pair_logprob_sums(ref, val, tok.pad_id, device, args.ipo)
-    run, _ = start_run(args, out, [policy], tok, resumed)
+    run, _ = start_run(args, out, [policy], tok, resumed, held=[ref])
 
     def preference_loss(pi_c, pi_r, ref_c, ref_r):  # -> loss, (implicit rewards of chosen, of rejected)
         if args.ipo:
@@ -440,18 +463,18 @@ def train_ppo(args, init, resumed, task, device, out):
     """PPO-RLHF (lm-human-preferences; Huang et al. 2024). The critic is a separate GPT with a scalar head:
     a copy of the reward model when --reward-model is given, else the policy trunk with a zero head."""
     tok, temperature = init.tokenizer, args.temperature
-    ref = frozen_copy(init.model).to(device)
-    policy = (resumed.model if resumed is not None else init.model).to(device).eval()
+    policy, ref = policy_and_reference(args, init, resumed, device)
     evaluate = policy_evaluation(args, policy, ref, tok, task)
     reward = make_reward(task, tok, device, args.reward, args.reward_model)
-    pool = prompt_pool(args, tok, task, policy.config.block_size)
+    pool = prompt_pool(args, tok, task, policy.config.block_size - policy.n_prefix)
     if reward.model is not None:
         critic = copy.deepcopy(reward.model).requires_grad_(True)
     else:
-        critic = scalar_model(init.model)
+        critic = scalar_model(merge_adapters(init.model))
         torch.nn.init.zeros_(critic.score_head.weight)
     critic.to(device).eval()
-    run, state = start_run(args, out, [policy, critic], tok, resumed)
+    run, state = start_run(args, out, [policy, critic], tok, resumed,
+                           held=[ref] + ([reward.model] if reward.model is not None else []))
     kl_coef = args.beta if state is None else state["kl_coef"]  # adapted with --target-kl
     if state is not None:
         critic.load_state_dict(state["critic"])
@@ -509,12 +532,12 @@ def train_group(args, init, resumed, task, device, out):
     after the first, R = pi / pi_old != 1.
     """
     tok, temperature, K = init.tokenizer, args.temperature, args.k
-    ref = frozen_copy(init.model).to(device)
-    policy = (resumed.model if resumed is not None else init.model).to(device).eval()
+    policy, ref = policy_and_reference(args, init, resumed, device)
     evaluate = policy_evaluation(args, policy, ref, tok, task)
     reward = make_reward(task, tok, device, args.reward, args.reward_model)
-    pool = prompt_pool(args, tok, task, policy.config.block_size)
-    run, _ = start_run(args, out, [policy], tok, resumed)
+    pool = prompt_pool(args, tok, task, policy.config.block_size - policy.n_prefix)
+    run, _ = start_run(args, out, [policy], tok, resumed,
+                       held=[ref] + ([reward.model] if reward.model is not None else []))
     C = args.minibatch_size * args.max_new_tokens  # NFT's and Dr.GRPO's constant normaliser
 
     for step in training_steps(run, evaluate):

@@ -20,9 +20,10 @@ import torch
 from tqdm import tqdm
 
 from minipost import losses
+from minipost.adapters import adapt, add_adapter_flags, check_adapter_flags, has_adapters, merge_adapters
 from minipost.checkpoint import find_checkpoint, load_checkpoint, load_train_state, rng_state, save_checkpoint, set_rng_state
-from minipost.cli import (MetricsLog, UserError, autocast, cosine_lr, pick_device, require_positive, run_main,
-                          task_from_flag)
+from minipost.cli import (MetricsLog, UserError, autocast, cosine_lr, peak_memory_mb, pick_device, require_positive,
+                          run_main, task_from_flag, tensor_memory_mb)
 from minipost.data import collate, encode_conversations, epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy
 from minipost.tasks import TASKS
@@ -34,6 +35,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model
     p.add_argument("--init", required=True, help="checkpoint directory to start from (a base model)")
+    add_adapter_flags(p)
     # Data
     p.add_argument("--task", default="arith", help=f"built-in task: {', '.join(TASKS)}")
     p.add_argument("--data", default=None, help="JSONL demonstrations instead of the task's (messages, "
@@ -62,6 +64,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     require_positive(args, "max_steps", "batch_size", "grad_accum", "eval_every", "ckpt_every", "n_train", "n_eval",
                      "max_new_tokens")
+    check_adapter_flags(args)
     if args.batch_size % args.grad_accum:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     return args
@@ -105,8 +108,13 @@ def main(argv=None):
 
     resuming = args.resume and find_checkpoint(out) is not None
     ckpt = load_checkpoint(out if resuming else args.init, flag="--resume from" if resuming else "--init")
-    model, tokenizer = ckpt.model.to(device), ckpt.tokenizer
-    block = model.config.block_size
+    if resuming and has_adapters(ckpt.model) != bool(args.lora_r or args.prompt_tuning):
+        raise UserError(f"--resume: {ckpt.path} was trained {'with' if has_adapters(ckpt.model) else 'without'} "
+                        "adapters; pass the same --lora-r / --prompt-tuning as the first run")
+    # an adapter checkpoint as --init is merged into plain weights first; new adapters (if asked) go on top
+    model = adapt((ckpt.model if resuming else merge_adapters(ckpt.model)).to(device), args, args.init, args.seed)
+    tokenizer = ckpt.tokenizer
+    block = model.config.block_size - model.n_prefix  # prompt tuning's virtual tokens take context too
 
     # Data: demonstrations -> (ids, mask) with mask 1 on assistant tokens and their <|end|>
     if args.data:
@@ -121,8 +129,10 @@ def main(argv=None):
     print(f"data: {len(train)} demonstrations ({dropped} dropped as longer than {block} tokens), "
           f"{sum(sum(m) for _, m in train):,} trained tokens; evaluating on {', '.join(eval_splits)}")
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # the adapters only, with --lora-r / --prompt-tuning
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    print(f"trainable parameters: {sum(p.numel() for p in trainable):,} of {model.num_params():,}")
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     start_step, elapsed = 0, 0.0
@@ -163,7 +173,7 @@ def main(argv=None):
             loss_sum += loss.item()
             ce_sum += losses.sft_loss(logp.detach(), mask, n_tokens).item()  # plain CE, logged beside DFT
             p_sum += (logp.detach().exp() * mask).sum().item() / n_tokens.item()  # what DFT maximises
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -172,6 +182,9 @@ def main(argv=None):
         done = step + 1 == args.max_steps
         if (step + 1) % args.eval_every == 0 or done:
             last.update(evaluate(step + 1))
+        if done:  # what the run cost
+            last.update(trainable_params=sum(p.numel() for p in trainable),
+                        tensor_memory_mb=tensor_memory_mb([model], opt), peak_memory_mb=peak_memory_mb(device))
         metrics.log(**last)
         bar.set_postfix(loss=f"{loss_sum:.3f}", ce=f"{ce_sum:.3f}")
         if (step + 1) % args.ckpt_every == 0 or done:

@@ -7,6 +7,11 @@
     OUT/ckpt/state.pt        resume state: optimizer, RNG, step (training scripts only)
     OUT/metrics.jsonl        the run's metrics, beside the checkpoint (cli.MetricsLog)
 
+An adapted model (LoRA or prompt tuning, minipost/adapters.py) saves only what its base lacks: model.pt holds
+the adapters (and a reward model's scalar head), meta.json's "adapter" names the base checkpoint and its
+fingerprint. Loading reads the base first (recursively: a base may itself be adapted, then it is merged),
+checks the fingerprint, and attaches the adapters.
+
 Atomic: everything is written to OUT/ckpt.tmp, then OUT/ckpt is renamed to OUT/ckpt.old, ckpt.tmp to ckpt,
 and ckpt.old removed. A run killed at any point leaves either ckpt or ckpt.old complete, and the loader
 takes whichever is there. `--init OUT` and `--init OUT/ckpt` both work, and so does a Hugging Face-layout
@@ -19,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import adapter_keys, attach, fingerprint, has_adapters, merge_adapters
 from .cli import UserError
 from .gpt2 import is_gpt2_folder, load_gpt2_folder
 from .model import GPT, GPTConfig
@@ -42,8 +48,11 @@ def save_checkpoint(out_dir, model: GPT, tokenizer: Tokenizer, meta: dict, train
     tmp, final, old = out_dir / "ckpt.tmp", out_dir / "ckpt", out_dir / "ckpt.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    keep = set(adapter_keys(model)) if has_adapters(model) else None  # an adapted model: only what the base lacks
+    if keep is not None:
+        meta = {**meta, "adapter": model.adapter}
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-             for k, v in model.state_dict().items()}
+             for k, v in model.state_dict().items() if keep is None or k in keep}
     torch.save(state, tmp / "model.pt")
     (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
     tokenizer.save(tmp / "tokenizer.json")
@@ -89,7 +98,10 @@ def load_checkpoint(path, device="cpu", flag="--init") -> Checkpoint:
         raise UserError(f"{flag} {path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
     model = GPT(config)
     try:
-        model.load_state_dict(state)
+        if "adapter" in meta:
+            model = load_adapted(model, meta["adapter"], state, device, f"{flag} {path}")
+        else:
+            model.load_state_dict(state)
     except RuntimeError as e:
         first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "Missing" in ln
                       or "Unexpected" in ln), str(e).splitlines()[0])
@@ -98,6 +110,24 @@ def load_checkpoint(path, device="cpu", flag="--init") -> Checkpoint:
         raise UserError(f"{flag} {path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{config.vocab_size}")
     return Checkpoint(model.to(device), tokenizer, meta, ckpt)
+
+
+def load_adapted(model: GPT, spec: dict, state: dict, device, where: str) -> GPT:
+    """The base named in spec (merged, if it is adapted itself) under model's config, its fingerprint checked,
+    with the adapters attached and their saved values loaded."""
+    base_path = spec["base"]["path"]
+    base = merge_adapters(load_checkpoint(base_path, device, flag=f"{where}: its base").model)
+    if fingerprint(base) != spec["base"]["fingerprint"]:
+        raise UserError(f"{where}: its adapters belong to a base with fingerprint {spec['base']['fingerprint']}, "
+                        f"but {base_path} now holds {fingerprint(base)} (was the base retrained?)")
+    model.load_state_dict(base.state_dict(), strict=False)  # a reward model's head is not in the base
+    with torch.random.fork_rng(devices=[]):  # fresh adapter values, overwritten next: leave the caller's RNG alone
+        attach(model, spec)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    want = set(adapter_keys(model))
+    if unexpected or want - set(state):
+        raise RuntimeError(f"Missing adapter tensors {sorted(want - set(state))[:3]}, unexpected {unexpected[:3]}")
+    return model
 
 
 def load_train_state(ckpt_dir: Path) -> dict | None:

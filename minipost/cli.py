@@ -46,6 +46,26 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA allocations on a GPU, else the resident set size (which on a
+    CPU is mostly the Python and torch runtime, a few hundred MB, whatever the model)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def tensor_memory_mb(models, opt) -> float:
+    """MB of the distinct parameter tensors a run holds (a base shared by a policy and its reference counted
+    once), a gradient for each trainable one, and the optimizer's state: what full fine-tuning, a frozen
+    reference copy or adapters change. models: anything with .parameters()."""
+    params = {p.data_ptr(): p for m in models for p in m.parameters()}
+    total = sum(p.numel() * p.element_size() * (2 if p.requires_grad else 1) for p in params.values())
+    total += sum(v.numel() * v.element_size() for state in opt.state.values() for v in state.values()
+                 if torch.is_tensor(v))
+    return total / 2**20
+
+
 def cosine_lr(step: int, max_steps: int, lr: float, min_lr: float, warmup: int) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay from lr to min_lr at max_steps (step is 0-based)."""
     if step < warmup:

@@ -119,10 +119,12 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
         raise ValueError("generate: every prompt needs at least one token")
     device = next(model.parameters()).device
     config = model.config
+    n = model.n_prefix  # virtual tokens a prompt-tuned model reads first: they fill the cache's first slots
     P = max(len(p) for p in prompts)
-    max_new_tokens = min(max_new_tokens, config.block_size - P)
+    max_new_tokens = min(max_new_tokens, config.block_size - n - P)
     if max_new_tokens < 1:
-        raise ValueError(f"generate: a prompt of {P} tokens leaves no room in block_size={config.block_size}")
+        raise ValueError(f"generate: a prompt of {P} tokens (+ {n} virtual) leaves no room in "
+                         f"block_size={config.block_size}")
 
     # left-pad the prompts to P; positions count real tokens only
     B0 = len(prompts)
@@ -133,14 +135,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
     padded = not bool(valid.all())
     pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B0, P)
     key_valid = None
-    if padded:  # slots after the prompt are always real tokens
-        key_valid = torch.ones(B0, P + max_new_tokens, dtype=torch.bool, device=device)
-        key_valid[:, :P] = valid
+    if padded:  # virtual tokens and the slots after the prompt are always real
+        key_valid = torch.ones(B0, n + P + max_new_tokens, dtype=torch.bool, device=device)
+        key_valid[:, n:n + P] = valid
 
     dtype = next(model.parameters()).dtype
-    cache = KVCache(config, B0, P + max_new_tokens, device, dtype, key_valid)
+    cache = KVCache(config, B0, n + P + max_new_tokens, device, dtype, key_valid)
     hidden = model(ids.to(device), pos.to(device), cache)  # (B0, P, C): one prefill per prompt
-    cache.length = P
+    cache.length = n + P
     cache.select(torch.arange(B0, device=device).repeat_interleave(num_samples))  # one prefill, n continuations
     logits = model.logits(hidden[:, -1]).repeat_interleave(num_samples, dim=0)  # (B, V) float32
     next_pos = (pos[:, -1] + 1).repeat_interleave(num_samples).to(device)  # (B,)

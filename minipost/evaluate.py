@@ -8,6 +8,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .cli import UserError, pick_device, require_positive, run_main, task_from_flag
+from .retrieval import add_retrieval_flags, check_retrieval_flags, retrieval_prompts
 from .rewards import call_reward, same_tokenizer
 from .rollout import completion_text, prompt_ids, sample_candidates, sample_kl
 
@@ -57,8 +58,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (sampled tasks; greedy ignores it)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--out", default=None, help="write the JSON row here (atomically) instead of stdout")
+    add_retrieval_flags(p)
     args = p.parse_args(argv)
     require_positive(args, "n_eval", "k", "max_new_tokens")
+    check_retrieval_flags(args)
     task, device = task_from_flag(args.task), pick_device(args.device)
     t0 = time.time()
     ck = load_checkpoint(args.init, device, flag="--init")
@@ -72,6 +75,9 @@ def main(argv=None):
            "train_time_s": ck.meta.get("elapsed_s"), "samples_used": samples_used(args.init, ck.meta),
            "n_eval": args.n_eval, "k": args.k}
     splits = {s: task.prompts(s, args.n_eval, seed=1) for s in task.splits if s != "train"}
+    if args.retrieve:  # every split, so the KL and sampled reward below see the same prompts as the greedy score
+        splits, short = retrieval_prompts(args, task, ck.tokenizer, model.config.block_size - model.n_prefix, splits)
+        row.update({"retrieve": args.retrieve, "retrieve_from": args.retrieve_from, "retrieve_short": short})
     for split, prompts in splits.items():
         r = evaluate_policy(model, ck.tokenizer, task, prompts, args.max_new_tokens, task.eval_temperature,
                             seed=args.seed)

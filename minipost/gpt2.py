@@ -28,6 +28,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 
+from .adapters import merge_adapters
 from .model import GPT, GPTConfig
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -402,7 +403,9 @@ def export_tokenizer(tokenizer: Tokenizer, out_dir):
 
 def export_gpt2(model: GPT, tokenizer: Tokenizer, out_dir):
     """Write model + tokenizer as a GPT-2 folder (HF layout, float32 safetensors) that load_gpt2_folder and
-    transformers' GPT2LMHeadModel read. A scalar head is kept as score_head.* (HF ignores it)."""
+    transformers' GPT2LMHeadModel read. A scalar head is kept as score_head.* (HF ignores it). LoRA adapters
+    are merged into the weights first; a prompt-tuned model cannot be exported (ValueError)."""
+    model = merge_adapters(model)
     cfg = model.config
     if not cfg.bias:
         raise ValueError("GPT-2 has biases in every Linear and LayerNorm; this model was built with bias=False")

@@ -122,6 +122,10 @@ class GPT(nn.Module):
         if config.scalar_head:  # reward-model head init: std 1/sqrt(C+1), bias 0 (docs/algorithms.md)
             nn.init.normal_(self.score_head.weight, std=1 / math.sqrt(config.n_embd + 1))
             nn.init.zeros_(self.score_head.bias)
+        # prompt tuning (minipost/adapters.py) sets these: N virtual token embeddings read before every input
+        self.prompt_embeddings = None  # nn.Parameter (N, C) once attached
+        self.prompt_on = True  # adapters.adapters_off switches the virtual tokens off
+        self.adapter = None  # the adapter spec of an adapted model (adapters.attach)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -133,17 +137,33 @@ class GPT(nn.Module):
         """Parameter count, the tied head counted once, position embeddings included."""
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def n_prefix(self) -> int:
+        """Virtual tokens read before every input (prompt tuning): they take positions 0..n-1."""
+        return 0 if self.prompt_embeddings is None or not self.prompt_on else self.prompt_embeddings.shape[0]
+
     def forward(self, idx, pos=None, cache=None):
-        """idx (B, T) token ids; pos (B, T) or (T,) positions, default 0..T-1 -> hidden states (B, T, C)."""
+        """idx (B, T) token ids; pos (B, T) or (T,) positions, default 0..T-1 -> hidden states (B, T, C).
+
+        With prompt tuning the n virtual tokens come first (at the prefill only, when a cache is used: they
+        then stay in it) and the ids' positions are shifted by n; their hidden states are not returned."""
         B, T = idx.shape
+        n = self.n_prefix
         if pos is None:
             pos = torch.arange(T, device=idx.device)
+        pos = pos + n
         if int(pos.max()) >= self.config.block_size:
             raise ValueError(f"position {int(pos.max())} is past block_size={self.config.block_size}")
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        prefix = n > 0 and (cache is None or cache.length == 0)
+        if prefix:
+            virtual = self.prompt_embeddings + self.transformer.wpe.weight[:n]  # (n, C)
+            x = torch.cat([virtual.to(x.dtype).expand(B, n, -1), x], dim=1)  # (B, n + T, C)
+        x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer)
-        return self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x)
+        return x[:, n:] if prefix else x
 
     def logits(self, hidden):
         """Full logits (..., V) in float32, for sampling one position at a time; training never calls this."""

@@ -56,7 +56,7 @@ def test_modules_import_in_either_order():
 
 
 def test_every_cited_file_is_in_the_repository():
-    """A document named in code or docs (an upper-case NAME.md, or a file under docs/) must exist
+    """A document named in code or docs (an upper-case name ending in .md, or a file under docs/) must exist
     here. Lower-case names elsewhere (OUT/report.md) are files the scripts write, not citations."""
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     sources = [f for f in tracked if f.endswith((".py", ".md"))]
