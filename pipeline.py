@@ -34,6 +34,9 @@ from minipost.cli import UserError, pick_device, run_main
 from minipost.report import write_report
 
 HERE = Path(__file__).resolve().parent
+# cheap adaptation's own learning rates (peak; cosine to a tenth): LoRA at 1e-2 beat 2e-3, prompt tuning learnt
+# nothing at 3e-2 or 1e-1 from the raw base (300 steps, arith; the SFT default 2e-3 is full fine-tuning's)
+LORA_LR, PROMPT_LR, PROMPT_TOKENS = 1e-2, 3e-2, 16
 # stage kind -> the command that runs it (each stage is its own process, so stages run side by side)
 SCRIPTS = {"base": ["train_base.py"], "sft": ["train_sft.py"], "rlhf": ["train_rlhf.py"], "bon": ["sample_bon.py"],
            "eval": ["-m", "minipost.evaluate"]}
@@ -53,9 +56,13 @@ class Scale:
     sweep: str  # best-of-N values
     sweep_prompts: int
     seeds: int  # SFT / DFT seeds (the RL methods start from seed 0's SFT model)
+    adapt_seeds: int = 1  # seeds of each cheap adaptation (LoRA ranks, prompt tuning)
     curve_eval: int = 50  # prompts per split in the training scripts' own evaluations (their logs only)
     preset: str = "tiny"  # model.PRESETS shape of every policy
     student_preset: str = "micro"  # the smaller model of the imitation study (the SFT policy is its teacher)
+    arith_block: int = 256  # arith's context: room for 2-3 retrieved solved examples (~60 tokens each) first
+    lora_ranks: tuple = (4, 16)
+    retrieve_k: tuple = (0, 2, 4)
     dpo_betas: tuple = (0.05, 0.1, 0.5)
     ppo_betas: tuple = (0.02, 0.05, 0.2)
     extra: dict = field(default_factory=dict)  # flags added to every call of a script, e.g. sizes
@@ -64,6 +71,7 @@ class Scale:
 SCALES = {
     "quick": Scale(base_steps=40, warmup_steps=10, sft_steps=40, rl_steps=2, pref_steps=6, n_train=200, n_prompts=32,
                    n_eval=16, curve_eval=16, sweep="1,2,4", sweep_prompts=8, seeds=1, dpo_betas=(0.1,), ppo_betas=(0.05,),
+                   lora_ranks=(4,), retrieve_k=(0, 2),
                    extra={"base": ["--corpus-docs", "2000", "--batch-size", "8", "--eval-batches", "2"],
                           "sft": ["--batch-size", "8", "--max-new-tokens", "40"],
                           "rlhf": ["--batch-size", "4", "--max-new-tokens", "40", "--n-kl", "8"],
@@ -71,9 +79,10 @@ SCALES = {
     # cpu: sized so the whole study takes about 10 minutes with two stages side by side on 2 cores
     "cpu": Scale(base_steps=200, warmup_steps=100, sft_steps=200, rl_steps=18, pref_steps=60, n_train=4000,
                  n_prompts=600, n_eval=200, curve_eval=16, sweep="1,2,4,8,16", sweep_prompts=100, seeds=3,
-                 ppo_betas=(0.05, 0.2)),
+                 adapt_seeds=2, ppo_betas=(0.05, 0.2)),
     "gpu": Scale(base_steps=5000, warmup_steps=200, sft_steps=1000, rl_steps=200, pref_steps=500, n_train=20000, n_prompts=4000,
-                 n_eval=500, sweep="1,2,4,8,16,32,64", sweep_prompts=200, seeds=3, preset="small", student_preset="tiny",
+                 n_eval=500, sweep="1,2,4,8,16,32,64", sweep_prompts=200, seeds=3, adapt_seeds=3, preset="small",
+                 student_preset="tiny",
                  extra={"base": ["--batch-size", "64"], "sft": ["--batch-size", "64"]}),
 }
 
@@ -113,7 +122,9 @@ def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
     # arith: base; a short SFT warm-up teaches the chat format (DFT's p-weighted gradient cannot: from the
     # base, the format's tokens have p ~ 0); then SFT and DFT over seeds; RL from seed 0's SFT model
     tuned = s.warmup_steps + s.sft_steps
-    add("arith/base", "base", ["--task", "arith", "--preset", s.preset, "--max-steps", s.base_steps], s.base_steps)
+    # arith's base reads longer windows, as many tokens a step: retrieval's few-shot prompts must fit its context
+    add("arith/base", "base", ["--task", "arith", "--preset", s.preset, "--max-steps", s.base_steps, "--block-size",
+        s.arith_block, "--batch-size", 16 * 128 // s.arith_block], s.base_steps)
     add("arith/warmup", "sft", ["--init", d("arith/base"), "--task", "arith", "--max-steps", s.warmup_steps,
         "--n-train", s.n_train, "--n-eval", s.curve_eval, "--eval-every", s.warmup_steps], s.warmup_steps)
     for seed in range(s.seeds):
@@ -121,6 +132,16 @@ def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
             add(f"arith/{loss}-seed{seed}", "sft", ["--init", d("arith/warmup"), "--task", "arith", "--loss", loss,
                 "--seed", seed, "--max-steps", s.sft_steps, "--n-train", s.n_train, "--n-eval", s.curve_eval,
                 "--eval-every", s.sft_steps], s.sft_steps)
+    # full SFT vs cheap adaptation (Hu et al.; Lester et al.): from the same warm-up as SFT and DFT, as many
+    # steps and demonstrations as SFT; only the adapters train, at their own learning rates. (From the raw base
+    # they cannot learn the chat format: its special tokens' embeddings stay frozen at their random init.)
+    cheap = [(f"lora-r{r}", ["--lora-r", r, "--lr", LORA_LR, "--min-lr", LORA_LR / 10]) for r in s.lora_ranks]
+    cheap += [("prompt-tuning", ["--prompt-tuning", PROMPT_TOKENS, "--lr", PROMPT_LR, "--min-lr", PROMPT_LR / 10])]
+    for seed in range(s.adapt_seeds):
+        for name, flags in cheap:
+            add(f"arith/{name}-seed{seed}", "sft", ["--init", d("arith/warmup"), "--task", "arith", *flags, "--seed",
+                seed, "--max-steps", s.sft_steps, "--n-train", s.n_train, "--n-eval", s.curve_eval, "--eval-every",
+                s.sft_steps], s.sft_steps)
     sft = d("arith/sft-seed0")
     for algo in ("grpo", "nft", "rft", "ppo"):
         add(f"arith/{algo}", "rlhf", ["--algo", algo, "--init", sft, "--task", "arith", "--max-steps", s.rl_steps,
@@ -172,6 +193,13 @@ def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
             add(f"{task}/eval/{method}", "eval", ["--init", d(st.name), "--task", task, "--reference",
                 d(f"{task}/sft-seed0"), "--n-eval", s.n_eval, "--seed", method.partition("-seed")[2] or 0,
                 "--out", d(f"{task}/eval/{method}") + "/eval.json"], done_file="eval.json")
+    # retrieval-augmented prompting of the frozen base and SFT models (k solved train examples first)
+    for k in s.retrieve_k:
+        for name, policy in (("base", "arith/base"), ("sft", "arith/sft-seed0")):
+            if k or name == "base":  # the SFT model without retrieval is its own row already
+                add(f"arith/eval/rag-{name}-k{k}", "eval", ["--init", d(policy), "--task", "arith", "--reference",
+                    d("arith/sft-seed0"), "--n-eval", s.n_eval, "--retrieve", k, "--out", d(f"arith/eval/rag-{name}-k{k}") + "/eval.json"],
+                    done_file="eval.json")
     return stages
 
 
@@ -187,9 +215,10 @@ def stage_done(stage: Stage, out: Path) -> bool:
     if stage.script != "eval":
         return True
     ckpt, row = find_checkpoint(stage.init), json.loads(path.read_text())
-    n_eval = int(stage.argv[stage.argv.index("--n-eval") + 1])
+    flag = lambda name, default: type(default)(stage.argv[stage.argv.index(name) + 1]) if name in stage.argv else default  # noqa: E731
     return ckpt is not None and row["step"] == json.loads((ckpt / "meta.json").read_text())["step"] and \
-        row.get("n_eval") == n_eval and "test_rewards" in row  # (an older eval.json has no per-prompt values)
+        row.get("n_eval") == flag("--n-eval", 0) and row.get("retrieve", 0) == flag("--retrieve", 0) and \
+        "test_rewards" in row  # (an older eval.json has no per-prompt values)
 
 
 class StageFailed(Exception):
@@ -201,14 +230,16 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def start(stage: Stage, out: Path, threads: int):
+def start(stage: Stage, out: Path):
     """Launch one stage as a process; its output (progress bars included) goes to OUT/<stage>/log.txt."""
     log_path = out / stage.name / "log.txt"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = stage.argv + (["--resume"] if stage.steps is not None else [])
     paths = [str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "TQDM_MININTERVAL": "10"}
-    env.setdefault("OMP_NUM_THREADS", str(threads))  # tiny ops: more threads than cores only slows them
+    # one thread per stage, whatever --jobs is: a thread count changes float sums in their last bits, and the
+    # same command must give the same numbers (the tiny models gain nothing from a second thread anyway)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     script = SCRIPTS[stage.script]
     cmd = [sys.executable] + ([str(HERE / script[0])] if script[0].endswith(".py") else script) + argv
     with open(log_path, "a") as log:
@@ -247,13 +278,12 @@ def run_stages(stages, out: Path, jobs: int, only=None):
     todo, done, skipped = pending(stages, out, only)
     for stage in skipped:
         print(f"[{0:5.0f}s] {stage.name}: complete, skipped", flush=True)
-    threads = max(1, available_cores() // jobs)
     running = {}  # name -> (process, log path, start time)
     bar = tqdm(total=len(todo), desc="pipeline", unit="stage", disable=not todo)
     try:
         while todo or running:
             for stage in [s for s in todo if all(d in done for d in s.deps)][:jobs - len(running)]:
-                proc, log_path = start(stage, out, threads)
+                proc, log_path = start(stage, out)
                 running[stage.name] = (proc, log_path, time.time())
                 todo.remove(stage)
                 bar.write(f"[{time.time() - t0:5.0f}s] {stage.name}: started (log: {log_path})")
@@ -301,6 +331,8 @@ def collect_evals(stages, out: Path) -> dict:
         method, _, seed = policy.partition("-seed")
         row.update(name=str(Path(st.init).relative_to(out)), method=method, seed=int(seed or 0),
                    kl_to_sft=row["kl_to_ref"], samples=row["samples_used"])
+        if method.startswith("rag-"):  # retrieval prompts a frozen model: it trains nothing of its own
+            row.update(train_time_s=0.0, samples=0, trainable_params=0, tensor_memory_mb=None, peak_memory_mb=None)
         evals.setdefault(task, []).append(row)
     return evals
 

@@ -54,9 +54,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 from minipost.checkpoint import load_checkpoint
 from minipost.cli import UserError, pick_device, require_positive, run_main, task_from_flag
 from minipost.data import read_jsonl

@@ -6,7 +6,7 @@ and pitfalls in docs/algorithms.md); every reward through minipost/rewards.py. D
 (all models stay in eval mode); reference models are frozen.
 
 The file reads top to bottom: flags, the plumbing every algorithm calls (loading, the frozen reference,
-evaluation, the loop's logging and checkpoints), then one function per family -- train_reward_model,
+evaluation; the loop's logging and checkpoints are minipost/loop.py), then one function per family -- train_reward_model,
 train_dpo, train_ppo, train_group (NFT, RFT, GRPO) -- each set-up -> loop (rollout, score, loss, step, log,
 checkpoint).
 
@@ -46,7 +46,6 @@ GPU: the same with --device cuda and larger --batch-size / --max-new-tokens.
 import argparse
 import copy
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,12 +53,11 @@ from tqdm import tqdm
 
 from minipost import losses
 from minipost.adapters import BaseView, adapt, add_adapter_flags, check_adapter_flags, has_adapters, merge_adapters
-from minipost.checkpoint import (find_checkpoint, load_checkpoint, load_train_state, rng_state, save_checkpoint,
-                                 set_rng_state)
-from minipost.cli import (MetricsLog, UserError, peak_memory_mb, pick_device, require_positive, run_main,
-                          task_from_flag, tensor_memory_mb)
+from minipost.checkpoint import find_checkpoint, load_checkpoint
+from minipost.cli import UserError, pick_device, require_positive, run_main, task_from_flag
 from minipost.data import epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy
+from minipost.loop import end_step, start_run, training_steps
 from minipost.model import GPT, GPTConfig
 from minipost.preferences import (build_pairs, load_pairs, pair_accuracy, pair_logprob_sums, pair_sequences,
                                   reference_samples, split_pairs, write_pairs)
@@ -293,81 +291,6 @@ def policy_evaluation(args, policy, ref, tokenizer, task):
         tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()))
         return result
     return evaluate
-
-
-@dataclass
-class Run:
-    """The loop plumbing every family shares: optimizer, metrics log, clock, progress bar."""
-    args: argparse.Namespace
-    out: Path
-    tokenizer: object
-    opt: torch.optim.Optimizer
-    metrics: MetricsLog
-    start_step: int
-    elapsed: float  # training seconds of the run before this process (resume)
-    models: list  # every model the run holds, trained or frozen (memory accounting)
-    trainable: int  # parameters the optimizer updates
-    t_start: float = 0.0
-    t_step: float = 0.0
-    lr: float = 0.0
-    bar: tqdm | None = None
-
-
-def start_run(args, out, models, tokenizer, resumed, held=()):
-    """AdamW over the trainable parameters of the trained models (one param group each) and, when resuming,
-    the optimizer, RNG and step of the checkpoint -> (Run, the family's own saved state or None). held: the
-    other models the run keeps (reference, reward model), for the memory it reports."""
-    opt = torch.optim.AdamW([{"params": [p for p in m.parameters() if p.requires_grad]} for m in models],
-                            lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    start_step, elapsed, family_state = 0, 0.0, None
-    if resumed is not None:
-        state = load_train_state(resumed.path)
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_step, elapsed, family_state = state["step"], state["elapsed"], state["trainer"]
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resumed is not None else None)
-    trainable = sum(p.numel() for group in opt.param_groups for p in group["params"])
-    print(f"trainable parameters: {trainable:,}" + (" (adapters)" if has_adapters(models[0]) else ""))
-    run = Run(args, out, tokenizer, opt, metrics, start_step, elapsed, [*models, *held], trainable)
-    return run, family_state
-
-
-def training_steps(run, evaluate):
-    """Yields the step numbers still to run, under a progress bar, with the warm-up LR set. A fresh run
-    first logs step 0: the starting point (the SFT model; an untrained head for rm) on the same evaluation."""
-    a = run.args
-    if run.start_step == 0:
-        run.metrics.log(step=0, **evaluate(0))
-    run.t_start = time.time()
-    run.bar = tqdm(range(run.start_step, a.max_steps), initial=run.start_step, total=a.max_steps, desc=a.algo)
-    for step in run.bar:
-        run.lr = a.lr * min(1.0, (step + 1) / a.warmup)
-        for group in run.opt.param_groups:
-            group["lr"] = run.lr
-        run.t_step = time.time()
-        yield step
-
-
-def end_step(run, step, logs, evaluate, model, save_state=dict, save_meta=dict):
-    """Log a finished step; evaluate and checkpoint `model` (+ save_state() for --resume, save_meta() for
-    meta.json) every --eval-every / --ckpt-every steps and at the last."""
-    a = run.args
-    last = {"step": step + 1, **logs, "lr": run.lr, "step_time_s": time.time() - run.t_step}
-    done = step + 1 == a.max_steps
-    if (step + 1) % a.eval_every == 0 or done:
-        last.update(evaluate(step + 1))
-    last["time_s"] = run.elapsed + time.time() - run.t_start
-    if done:  # what the run cost: its parameters, tensors and the process's peak memory
-        last.update(trainable_params=run.trainable, tensor_memory_mb=tensor_memory_mb(run.models, run.opt),
-                    peak_memory_mb=peak_memory_mb(next(run.models[0].parameters()).device))
-    run.metrics.log(**last)
-    run.bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "reward", "accuracy", "kl") if k in last})
-    if (step + 1) % a.ckpt_every == 0 or done:
-        meta = {"script": "train_rlhf.py", "kind": a.algo, "args": vars(a), "step": step + 1, "init": str(a.init),
-                "elapsed_s": last["time_s"], **save_meta(), "metrics": last}
-        save_checkpoint(run.out, model, run.tokenizer, meta, {"optimizer": run.opt.state_dict(), "rng": rng_state(),
-                                                              "step": step + 1, "elapsed": last["time_s"],
-                                                              "trainer": save_state()})
 
 
 # ------------------------------------------------------------------------------------ reward model

@@ -4,8 +4,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from .checkpoint import load_checkpoint
 from .cli import UserError, pick_device, require_positive, run_main, task_from_flag
 from .retrieval import add_retrieval_flags, check_retrieval_flags, retrieval_prompts
@@ -74,6 +72,8 @@ def main(argv=None):
     row = {"init": str(args.init), "kind": ck.meta.get("kind"), "step": ck.meta.get("step"),
            "train_time_s": ck.meta.get("elapsed_s"), "samples_used": samples_used(args.init, ck.meta),
            "n_eval": args.n_eval, "k": args.k}
+    trained = ck.meta.get("metrics") or {}  # what its training cost, as logged at its last step
+    row.update({key: trained.get(key) for key in ("trainable_params", "tensor_memory_mb", "peak_memory_mb")})
     splits = {s: task.prompts(s, args.n_eval, seed=1) for s in task.splits if s != "train"}
     if args.retrieve:  # every split, so the KL and sampled reward below see the same prompts as the greedy score
         splits, short = retrieval_prompts(args, task, ck.tokenizer, model.config.block_size - model.n_prefix, splits)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from .cli import read_metrics
 
-METHOD_ORDER = ("sft", "dft", "grpo", "nft", "rft", "ppo", "student-sft", "imitation")
+METHOD_ORDER = ("sft", "dft", "grpo", "nft", "rft", "ppo", "student-sft", "imitation", "lora-r4", "lora-r16",
+                "prompt-tuning", "rag-base-k0", "rag-base-k2", "rag-base-k4", "rag-sft-k2", "rag-sft-k4")
+CHEAP = ("lora-", "prompt-tuning", "rag-")  # the cheap adaptations (question 6), by method-name prefix
 
 
 def read_jsonl(path):
@@ -57,6 +59,10 @@ COMMON_COLUMNS = [("format (test)", "test_format", 3), ("KL to SFT (nats/seq)", 
 ARITH_COLUMNS = [("test accuracy (greedy)", "test_reward", 3), ("test accuracy (T = 1 samples)", "test_sample_reward", 3),
                  ("ood accuracy (greedy)", "ood_reward", 3)] + COMMON_COLUMNS
 SENTIMENT_COLUMNS = [("test reward (T = 1 samples)", "test_sample_reward", 3)] + COMMON_COLUMNS
+ADAPT_COLUMNS = [("test accuracy (greedy)", "test_reward", 3), ("ood accuracy (greedy)", "ood_reward", 3),
+                 ("format (test)", "test_format", 3), ("trainable params", "trainable_params", 0),
+                 ("train time (s)", "train_time_s", 0), ("tensor memory (MB)", "tensor_memory_mb", 1),
+                 ("peak RSS (MB)", "peak_memory_mb", 0)]
 
 
 def sweep_table(sweep):
@@ -88,11 +94,15 @@ def noise(rows_a, rows_b, key):
 
 
 def verdict(diff, two_se):
-    """A claim "diff > 0" -> held / did not hold / within noise (|diff| < two standard errors)."""
-    where = f" here (difference {diff:+.3f}, two standard errors ±{two_se:.3f})"
-    if abs(diff) < two_se:
-        return "is within noise" + where
-    return ("held" if diff > 0 else "did not hold") + where
+    """A claim "diff > 0" -> held (the two-standard-error interval lies above 0), refuted (below 0) or
+    inconclusive (it holds 0), with the effect, its interval and, when inconclusive, the smallest effect this
+    many prompts and seeds could detect: 2.8 standard errors (80% power at the 5% level, two-sided)."""
+    where = f"difference {diff:+.3f}, interval [{diff - two_se:+.3f}, {diff + two_se:+.3f}]"
+    if diff > two_se:
+        return f"held ({where})"
+    if diff < -two_se:
+        return f"was refuted ({where})"
+    return f"is inconclusive ({where}; the smallest effect this n could detect is {1.4 * two_se:.3f})"
 
 
 def mean_of(rows, method, key):
@@ -165,7 +175,8 @@ def read_metrics_safe(path):
 
 def questions(evals, sweeps):
     """One short paragraph per question of the study (README, "The study"): the measured answer and whether
-    the claim held here. Differences are called noise when below two standard errors, paired over the shared prompts."""
+    the claim held, was refuted or is inconclusive here (report.verdict: two standard errors, paired over the
+    shared prompts, or from the seeds' spread when that is larger)."""
     a, s = evals.get("arith", []), evals.get("sentiment", [])
     of = lambda rows, m: [r for r in rows if r["method"] == m]  # noqa: E731
     sft_rows, dft_rows = of(a, "sft"), of(a, "dft")
@@ -222,9 +233,10 @@ def questions(evals, sweeps):
                 f"to SFT (SFT itself: {sft_s:.3f}): "
                 + "; ".join(f"{r['method']} {r['test_sample_reward']:.3f} at {r['kl_to_sft']:.2f} nats" for r in ppo + dpo))
         if e_ppo is not None and e_dpo is not None:
-            text += (f". Best reward gain per nat: PPO {e_ppo:.3f}, DPO {e_dpo:.3f}. The paper's claim (DPO reaches a "
-                     "better frontier) " + ("held" if e_dpo > e_ppo else "did not hold") + " here (one seed each; "
-                     "see the frontier plot)")
+            text += (f". Best reward gain per nat: PPO {e_ppo:.3f}, DPO {e_dpo:.3f} (DPO "
+                     + ("ahead" if e_dpo > e_ppo else "behind") + "). The paper's claim (DPO reaches a better "
+                     "frontier) is inconclusive here: one seed per strength, so no interval (a reward model "
+                     "trained with another seed can move PPO's reward by half its range; see the frontier plot)")
         out.append(text + ".")
     imit, student = of(a, "imitation"), of(a, "student-sft")
     if imit and student and start:
@@ -239,8 +251,35 @@ def questions(evals, sweeps):
                    f"± {noise(imit, student, 'test_rewards'):.3f}). The claim (the imitator copies the style, "
                    "|format gap| <= 0.05, but not the capability) "
                    + (verdict(gap, noise(start, imit, "test_rewards")) if copied else
-                      f"did not hold here: the style was not copied either (format gap {format_gap:+.3f})") + ".")
+                      f"was refuted here: the style was not copied either (format gap {format_gap:+.3f})") + ".")
+    out += adaptation_question(sft_rows, [r for r in a if r["method"].startswith(CHEAP)])
     return out
+
+
+def adaptation_question(sft_rows, cheap_rows):
+    """(6): full SFT against the best cheap adaptation, in and out of distribution, and what each cost."""
+    if not sft_rows or not cheap_rows:
+        return []
+    groups = by_method(cheap_rows)
+    text = ("**(6) Full SFT vs cheap adaptation (LoRA, prompt tuning, retrieval).** Greedy accuracy test / ood: "
+            f"full SFT {mean_of(sft_rows, 'sft', 'test_reward'):.3f} / {mean_of(sft_rows, 'sft', 'ood_reward'):.3f}; "
+            + "; ".join(f"{m} {mean_of(g, m, 'test_reward'):.3f} / {mean_of(g, m, 'ood_reward'):.3f}"
+                        for m, g in groups.items()) + ".")
+    for split, what in (("test", "in domain"), ("ood", "out of distribution")):
+        best = max(groups, key=lambda m: mean_of(groups[m], m, f"{split}_reward"))
+        diff = mean_of(sft_rows, "sft", f"{split}_reward") - mean_of(groups[best], best, f"{split}_reward")
+        text += (f" The claim that full SFT holds the edge {what} (against the best cheap method there, {best}) "
+                 + verdict(diff, noise(sft_rows, groups[best], f"{split}_rewards")) + ".")
+    short = [f"{r['method']} {r['retrieve_short']} of {2 * r['n_eval']}" for r in cheap_rows if r.get("retrieve_short")]
+    if short:
+        text += (" Retrieval keeps only the examples that fit the context beside the response budget: prompts "
+                 "holding fewer than k: " + ", ".join(short) + ".")
+    full = mean_sd([r.get("trainable_params") for r in sft_rows])[0]
+    trained = {m: mean_sd([r.get("trainable_params") for r in g])[0] for m, g in groups.items()}
+    if full:
+        text += (" Trainable parameters: full " + f"{full:,.0f}; " + "; ".join(
+            f"{m} {v:,.0f} ({100 * v / full:.1f}%)" for m, v in trained.items() if v) + " (retrieval trains none).")
+    return [text]
 
 
 def write_report(out: Path, stages, scale, evals: dict) -> Path:
@@ -261,6 +300,14 @@ def write_report(out: Path, stages, scale, evals: dict) -> Path:
         if sweeps.get(f"arith/bon-{split}"):
             md += [f"Best-of-N from the SFT policy on {split}, verifier selects:", "",
                    sweep_table(sweeps[f"arith/bon-{split}"]), ""]
+    adapt = [r for r in evals["arith"] if r["method"] == "sft" or r["method"].startswith(CHEAP)]
+    if any(r["method"] != "sft" for r in adapt):
+        md += ["Full SFT vs cheap adaptation (question 6). SFT, LoRA and prompt tuning all continue from the "
+               "same full-SFT warm-up for the same steps; retrieval rows are frozen models (the base, or the SFT "
+               "policy) prompted with k solved train examples (BM25), so they train nothing of their own. Tensor "
+               "memory: the distinct parameter, gradient and optimizer-state tensors a run holds; peak RSS: the "
+               "whole process (mostly the runtime on a CPU).", "",
+               method_table(adapt, ADAPT_COLUMNS), ""]
     md += ["## sentiment (hidden ground-truth reward of sampled continuations, T = 1)", "",
            method_table(evals["sentiment"], SENTIMENT_COLUMNS), ""]
     if sweeps.get("sentiment/bon-test"):

@@ -1,11 +1,13 @@
 """pipeline.py --quick end to end: every stage runs, a rerun skips them, the report's numbers are the files'."""
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 
 import pipeline
-from minipost.report import ARITH_COLUMNS, SENTIMENT_COLUMNS, fmt, read_jsonl
+from minipost.report import ADAPT_COLUMNS, ARITH_COLUMNS, SENTIMENT_COLUMNS, fmt, read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,26 @@ def test_report_tables_match_eval_files(study):
             assert any(r[columns[0][1]] is not None for r in group)
 
 
+def test_adaptation_table_matches_eval_files(study):
+    """Question 6's table: full SFT, LoRA, prompt tuning and retrieval rows with what each cost, from eval.json."""
+    evals = pipeline.collect_evals(pipeline.plan(pipeline.SCALES["quick"], study, "cpu"), study)["arith"]
+    report = (study / "report.md").read_text()
+    section = report.split("Full SFT vs cheap adaptation (question 6)")[1].split("## sentiment")[0]
+    rows = [r for r in evals if r["method"] == "sft" or r["method"].startswith(("lora-", "prompt", "rag-"))]
+    methods = {r["method"] for r in rows}
+    assert {"sft", "lora-r4", "prompt-tuning", "rag-base-k0", "rag-base-k2", "rag-sft-k2"} <= methods
+    for method in methods:
+        group = [r for r in rows if r["method"] == method]
+        line = next(ln for ln in section.splitlines() if ln.startswith(f"| {method} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1:] == [fmt([r.get(key) for r in group], digits) for _, key, digits in ADAPT_COLUMNS]
+    lora = next(r for r in rows if r["method"] == "lora-r4")
+    full = next(r for r in rows if r["method"] == "sft")
+    assert 0 < lora["trainable_params"] < full["trainable_params"] / 5
+    assert next(r for r in rows if r["method"] == "rag-sft-k2")["retrieve"] == 2
+    assert "**(6) Full SFT vs cheap adaptation" in report
+
+
 def test_report_sweep_tables_match_sweep_files(study):
     report = (study / "report.md").read_text()
     for name in ("arith/bon-test", "arith/bon-ood", "sentiment/bon-test"):
@@ -73,6 +95,10 @@ def test_plan_dependencies_follow_the_flags(tmp_path):
     assert set(stages["arith/eval/grpo"].deps) == {"arith/sft-seed0", "arith/grpo"}
     assert stages["arith/eval/grpo"].init == str(tmp_path / "arith/grpo")
     assert set(stages["sentiment/ppo-beta0.2"].deps) == {"sentiment/sft-seed0", "sentiment/rm"}
+    assert stages["arith/lora-r16-seed1"].deps == ["arith/warmup"]  # cheap adaptation continues the warm-up, as SFT
+    assert set(stages["arith/eval/rag-sft-k4"].deps) == {"arith/sft-seed0"}
+    assert "--retrieve" in stages["arith/eval/rag-base-k2"].argv and stages["arith/eval/rag-base-k2"].deps == \
+        ["arith/base", "arith/sft-seed0"]  # the base is scored; the SFT model is the KL's reference
     order = list(stages)
     assert all(order.index(d) < order.index(name) for name, st in stages.items() for d in st.deps)
 
@@ -91,6 +117,9 @@ def test_report_time_and_samples_come_from_the_runs_metrics(study):
     evals = pipeline.collect_evals(pipeline.plan(pipeline.SCALES["quick"], study, "cpu"), study)
     for rows in evals.values():
         for r in rows:
+            if r["method"].startswith("rag-"):  # a frozen model prompted with retrieved examples trains nothing
+                assert r["train_time_s"] == 0 and r["samples"] == 0 and r["trainable_params"] == 0
+                continue
             metrics = read_jsonl(study / r["name"] / "metrics.jsonl")
             assert r["train_time_s"] == metrics[-1]["time_s"]
             logged = [m["samples_used"] for m in metrics if "samples_used" in m]
@@ -112,8 +141,10 @@ def test_noise_is_paired_over_prompts_and_uses_seed_spread():
     a2 = [{"test_rewards": [1.0, 1.0], "test_reward": 1.0}, {"test_rewards": [0.5, 0.5], "test_reward": 0.5}]
     b2 = [{"test_rewards": [0.0, 0.0], "test_reward": 0.0}, {"test_rewards": [0.5, 0.5], "test_reward": 0.5}]
     assert abs(noise(a2, b2, "test_rewards") - 2 * math.sqrt(0.0625 + 0.0625)) < 1e-12
-    assert verdict(0.5, 0.6).startswith("is within noise") and verdict(-0.7, 0.6).startswith("did not hold")
-    assert verdict(0.7, 0.6).startswith("held")
+    assert verdict(0.5, 0.6).startswith("is inconclusive (difference +0.500, interval [-0.100, +1.100]; the "
+                                        "smallest effect this n could detect is 0.840)")
+    assert verdict(-0.7, 0.6).startswith("was refuted (difference -0.700, interval [-1.300, -0.100])")
+    assert verdict(0.7, 0.6) == "held (difference +0.700, interval [+0.100, +1.300])"
 
 
 def test_best_of_n_overtakes_only_beyond_two_standard_errors():
@@ -157,3 +188,37 @@ def test_only_with_no_matching_stage_is_a_user_error(tmp_path):
 def test_report_only_without_results_is_a_user_error(tmp_path):
     with pytest.raises(pipeline.UserError, match="--report-only"):
         pipeline.main(["--report-only", "--out", str(tmp_path / "none"), "--device", "cpu"])
+
+
+TIMING = re.compile(r"time|gen s|RSS|memory")  # columns and keys that measure the machine, not the method
+
+
+def comparable_report(path, out):
+    """report.md with the run's folder named OUT and the wall-time and memory columns of its tables dropped."""
+    lines, header = [], None
+    for line in Path(path).read_text().replace(str(out), "OUT").splitlines():
+        if not line.startswith("|"):
+            header = None
+            lines.append(line)
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if header is None:
+            header = cells
+        lines.append([c for c, h in zip(cells, header) if not TIMING.search(h)])
+    return lines
+
+
+def test_same_command_same_numbers_whatever_jobs(study, tmp_path):
+    """The quick study again, one stage at a time instead of two: every eval.json, sweep and metrics file and
+    the report are identical, wall times and memory aside (each stage runs on one thread, seeded from --seed)."""
+    again = tmp_path / "again"
+    pipeline.main(["--quick", "--out", str(again), "--device", "cpu", "--jobs", "1"])
+    files = sorted(p.relative_to(study) for p in study.rglob("*") if p.suffix in (".json", ".jsonl")
+                   and "ckpt" not in p.parts)
+    assert len(files) > 40 and all((again / f).is_file() for f in files)
+    for f in files:
+        rows = [json.loads(line) for line in (study / f).read_text().splitlines() if line.strip()]
+        again_rows = [json.loads(line) for line in (again / f).read_text().splitlines() if line.strip()]
+        drop = lambda r: {k: v for k, v in r.items() if not TIMING.search(k) and k != "init"}  # noqa: E731
+        assert [drop(r) for r in rows] == [drop(r) for r in again_rows], f
+    assert comparable_report(study / "report.md", study) == comparable_report(again / "report.md", again)
