@@ -190,7 +190,7 @@ def test_report_only_without_results_is_a_user_error(tmp_path):
         pipeline.main(["--report-only", "--out", str(tmp_path / "none"), "--device", "cpu"])
 
 
-TIMING = re.compile(r"time|gen s|RSS|memory")  # columns and keys that measure the machine, not the method
+TIMING = re.compile(r"time|gen.s|RSS|memory")  # columns and keys that measure the machine, not the method
 
 
 def comparable_report(path, out):
@@ -215,10 +215,12 @@ def test_same_command_same_numbers_whatever_jobs(study, tmp_path):
     pipeline.main(["--quick", "--out", str(again), "--device", "cpu", "--jobs", "1"])
     files = sorted(p.relative_to(study) for p in study.rglob("*") if p.suffix in (".json", ".jsonl")
                    and "ckpt" not in p.parts)
-    assert len(files) > 40 and all((again / f).is_file() for f in files)
+    assert len(files) >= 30 and all((again / f).is_file() for f in files)  # every stage's outputs
+
+    def rows(out, f):  # the records of one file, the run's folder named OUT, machine-measured keys dropped
+        text = (out / f).read_text().replace(str(out), "OUT")
+        return [{k: v for k, v in json.loads(line).items() if not TIMING.search(k)}
+                for line in text.splitlines() if line.strip()]
     for f in files:
-        rows = [json.loads(line) for line in (study / f).read_text().splitlines() if line.strip()]
-        again_rows = [json.loads(line) for line in (again / f).read_text().splitlines() if line.strip()]
-        drop = lambda r: {k: v for k, v in r.items() if not TIMING.search(k) and k != "init"}  # noqa: E731
-        assert [drop(r) for r in rows] == [drop(r) for r in again_rows], f
+        assert rows(study, f) == rows(again, f), f
     assert comparable_report(study / "report.md", study) == comparable_report(again / "report.md", again)
