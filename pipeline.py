@@ -1,21 +1,25 @@
 """The whole study on the built-in tasks: every method, one report (OUT/report.md + PNG plots).
 
-    arith:      base -> SFT, DFT (several seeds) -> GRPO, NFT, RFT, PPO (verifier reward) -> best-of-N sweeps;
-                imitation: a smaller model fine-tuned on the SFT policy's answers, and on the true demonstrations
-    sentiment:  base -> SFT -> reward model -> DPO and PPO at several KL strengths -> best-of-N with the reward
-                model (scored by the hidden ground truth)
+Per seed, every chain runs on its own (SFT -> RL; SFT -> reward model -> PPO, DPO, best-of-N; students):
+    arith:      base -> warm-up SFT -> SFT and DFT at each learning rate (picked on validation) -> GRPO, NFT,
+                RFT; reward model on verifier labels of warm-up samples -> best-of-N vs SFT, by answer length;
+                LoRA, prompt tuning, retrieval; a teacher trained longer -> students of 2 sizes on its answers
+                or on true demonstrations, at 2 data amounts
+    sentiment:  base -> SFT -> reward model -> PPO and DPO at 3 KL strengths -> best-of-N with the reward
+                model; ground truth and reward-model score of every policy (over-optimisation)
 
 Each stage is one script run as its own process with explicit flags (train_base, train_sft, train_rlhf,
 sample_bon, then `python -m minipost.evaluate` for every final policy), so the commands in OUT/report.md
-reproduce any single number. Stages run side by side (--jobs; on CPU two at a time, sharing the cores) as soon
+reproduce any single number. Stages run side by side (--jobs; on CPU two at a time, one thread each) as soon
 as the stages they read are complete; each writes OUT/<stage>/log.txt. A rerun skips the stages whose
 checkpoints (or outputs) are complete and resumes a stage that was killed half way. Every final policy gets
 the same evaluation (OUT/<task>/eval/<policy>/eval.json); the report is written from those files, the
 best-of-N sweeps and the runs' metrics JSONL.
 
-CPU:   python pipeline.py                       # the default study (see README for the time it takes)
-       python pipeline.py --quick               # one to two minutes: tiny sizes, the tests run this
-GPU:   python pipeline.py --device cuda --scale gpu --out out/study-gpu
+CPU:   python pipeline.py                       # the demonstration: one seed, about 10 minutes on 2 cores
+       python pipeline.py --scale full          # the study that answers: 3 seeds, about an hour (resumable)
+       python pipeline.py --quick               # a few minutes: tiny sizes, the tests run this
+GPU:   python pipeline.py --device cuda --scale gpu
 """
 import argparse
 import json
@@ -31,7 +35,8 @@ from tqdm import tqdm
 
 from minipost.checkpoint import find_checkpoint
 from minipost.cli import UserError, pick_device, run_main
-from minipost.report import write_report
+from minipost.plots import plots
+from minipost.report import read_sweeps, write_report
 
 HERE = Path(__file__).resolve().parent
 # cheap adaptation's own learning rates (peak; cosine to a tenth): LoRA at 1e-2 beat 2e-3, prompt tuning learnt
@@ -50,40 +55,52 @@ class Scale:
     sft_steps: int
     rl_steps: int
     pref_steps: int  # rm and dpo
-    n_train: int  # SFT demonstrations
-    n_prompts: int  # RL prompts / preference prompts
+    n_train: int  # SFT demonstrations (also: the validation prompts start after them)
+    n_prompts: int  # RL prompts / sentiment preference prompts
     n_eval: int  # prompts per split in the final evaluation of every policy (minipost.evaluate)
     sweep: str  # best-of-N values
-    sweep_prompts: int
-    seeds: int  # SFT / DFT seeds (the RL methods start from seed 0's SFT model)
-    adapt_seeds: int = 1  # seeds of each cheap adaptation (LoRA ranks, prompt tuning)
-    curve_eval: int = 50  # prompts per split in the training scripts' own evaluations (their logs only)
+    sweep_prompts: int  # the first of the evaluation's prompts, so best-of-N pairs with the policies on them
+    seeds: int  # every chain (SFT -> RL; SFT -> reward model -> PPO, DPO, best-of-N; students) runs once per seed
+    lrs: dict = field(default_factory=lambda: {"sft": (2e-3,), "dft": (2e-3,)})  # swept; picked on validation
+    curve_eval: int = 50  # prompts per split in the training scripts' own evaluations (the RL curves)
+    curve_points: int = 4  # evaluations along each RL run
     preset: str = "tiny"  # model.PRESETS shape of every policy
-    student_preset: str = "micro"  # the smaller model of the imitation study (the SFT policy is its teacher)
+    teacher_steps: int = 600  # the imitation teacher: the policy's size, SFT this many steps after the warm-up
+    student_presets: tuple = ("micro",)  # smaller bases fine-tuned on the teacher's answers / true demonstrations
+    imitation_sizes: tuple = (1000,)  # demonstrations (imitation or true) each student trains on
     arith_block: int = 256  # arith's context: room for 2-3 retrieved solved examples (~60 tokens each) first
     lora_ranks: tuple = (4, 16)
-    retrieve_k: tuple = (0, 2, 4)
+    retrieve_k: tuple = (2,)  # (4 solved examples never fit arith's 256-token context beside the answer)
     dpo_betas: tuple = (0.05, 0.1, 0.5)
-    ppo_betas: tuple = (0.02, 0.05, 0.2)
+    ppo_betas: tuple = (0.05, 0.2)
     extra: dict = field(default_factory=dict)  # flags added to every call of a script, e.g. sizes
 
 
+SFT_LR = 2e-3  # train_sft.py's default: the learning rate of the SFT policy every later stage starts from
 SCALES = {
     "quick": Scale(base_steps=40, warmup_steps=10, sft_steps=40, rl_steps=2, pref_steps=6, n_train=200, n_prompts=32,
-                   n_eval=16, curve_eval=16, sweep="1,2,4", sweep_prompts=8, seeds=1, dpo_betas=(0.1,), ppo_betas=(0.05,),
-                   lora_ranks=(4,), retrieve_k=(0, 2),
+                   n_eval=16, curve_eval=16, curve_points=1, sweep="1,2,4", sweep_prompts=8, seeds=1, teacher_steps=60,
+                   imitation_sizes=(100,), dpo_betas=(0.1,), ppo_betas=(0.05,), lora_ranks=(4,), retrieve_k=(2,),
                    extra={"base": ["--corpus-docs", "2000", "--batch-size", "8", "--eval-batches", "2"],
                           "sft": ["--batch-size", "8", "--max-new-tokens", "40"],
                           "rlhf": ["--batch-size", "4", "--max-new-tokens", "40", "--n-kl", "8"],
                           "bon": ["--max-new-tokens", "40", "--time-prompts", "2"]}),
-    # cpu: sized so the whole study takes about 10 minutes with two stages side by side on 2 cores
-    "cpu": Scale(base_steps=200, warmup_steps=100, sft_steps=200, rl_steps=18, pref_steps=60, n_train=4000,
-                 n_prompts=600, n_eval=200, curve_eval=16, sweep="1,2,4,8,16", sweep_prompts=100, seeds=3,
-                 adapt_seeds=2, ppo_betas=(0.05, 0.2)),
-    "gpu": Scale(base_steps=5000, warmup_steps=200, sft_steps=1000, rl_steps=200, pref_steps=500, n_train=20000, n_prompts=4000,
-                 n_eval=500, sweep="1,2,4,8,16,32,64", sweep_prompts=200, seeds=3, adapt_seeds=3, preset="small",
-                 student_preset="tiny",
-                 extra={"base": ["--batch-size", "64"], "sft": ["--batch-size", "64"]}),
+    # the README's main job: every question once (one seed), sized for about 10 minutes on 2 cores
+    "cpu": Scale(base_steps=150, warmup_steps=60, sft_steps=120, rl_steps=12, pref_steps=40, n_train=2000,
+                 n_prompts=400, n_eval=100, curve_eval=32, curve_points=2, sweep="1,2,4,8,16", sweep_prompts=100,
+                 seeds=1, teacher_steps=300, imitation_sizes=(2000,), lora_ranks=(16,), retrieve_k=(1, 2),
+                 dpo_betas=(0.05, 0.2), ppo_betas=(0.05, 0.2)),
+    # the study that answers: three seeds of every chain, learning rates picked on validation, 2 x 2 students
+    "full": Scale(base_steps=200, warmup_steps=100, sft_steps=200, rl_steps=24, pref_steps=60, n_train=4000,
+                  n_prompts=600, n_eval=200, curve_eval=64, sweep="1,2,4,8,16", sweep_prompts=200, seeds=3,
+                  lrs={"sft": (1e-3, 2e-3, 4e-3), "dft": (2e-3, 5e-3, 1.2e-2)}, teacher_steps=600, retrieve_k=(1, 2),
+                  student_presets=("micro", "mini"), imitation_sizes=(1000, 4000), dpo_betas=(0.01, 0.05, 0.2),
+                  ppo_betas=(0.05, 0.2, 0.8)),
+    "gpu": Scale(base_steps=5000, warmup_steps=200, sft_steps=1000, rl_steps=200, pref_steps=500, n_train=20000,
+                 n_prompts=4000, n_eval=500, sweep="1,2,4,8,16,32,64", sweep_prompts=500, seeds=3, preset="small",
+                 lrs={"sft": (3e-4, 6e-4, 1.2e-3), "dft": (6e-4, 1.2e-3, 2.4e-3)}, teacher_steps=3000,
+                 student_presets=("micro", "tiny"), imitation_sizes=(5000, 20000), dpo_betas=(0.01, 0.05, 0.2),
+                 ppo_betas=(0.05, 0.2, 0.8), extra={"base": ["--batch-size", "64"], "sft": ["--batch-size", "64"]}),
 }
 
 
@@ -106,9 +123,15 @@ class Stage:
         return "python " + " ".join(SCRIPTS[self.script] + self.argv)
 
 
+def lr_name(loss: str, lr: float) -> str:
+    """The method name of an SFT/DFT run: plain at the default learning rate, else with it (sft-lr0.004)."""
+    return loss if lr == SFT_LR else f"{loss}-lr{lr:g}"
+
+
 def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
-    """Every stage of the study, in dependency order."""
-    s, stages = scale, []
+    """Every stage of the study, dependencies first; the long chains (RL, PPO) come early in the list, so
+    they start as soon as they can."""
+    s, stages, seeds = scale, [], range(scale.seeds)
     d = lambda name: str(out / name)  # noqa: E731
 
     def add(name, script, argv, steps=None, done_file=""):
@@ -119,87 +142,111 @@ def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
         deps = [st.name for st in stages if any(a == d(st.name) or a.startswith(d(st.name) + "/") for a in argv)]
         stages.append(Stage(name, script, argv, steps, done_file, deps))
 
-    # arith: base; a short SFT warm-up teaches the chat format (DFT's p-weighted gradient cannot: from the
-    # base, the format's tokens have p ~ 0); then SFT and DFT over seeds; RL from seed 0's SFT model
-    tuned = s.warmup_steps + s.sft_steps
-    # arith's base reads longer windows, as many tokens a step: retrieval's few-shot prompts must fit its context
+    def sft(name, init, task, steps, *flags, seed=0, n_train=s.n_train):
+        add(name, "sft", ["--init", d(init), "--task", task, *flags, "--seed", seed, "--max-steps", steps,
+                          "--n-train", n_train, "--n-eval", s.curve_eval, "--eval-every", steps], steps)
+
+    # bases; arith's reads longer windows (as many tokens a step): retrieval's few-shot prompts must fit
     add("arith/base", "base", ["--task", "arith", "--preset", s.preset, "--max-steps", s.base_steps, "--block-size",
         s.arith_block, "--batch-size", 16 * 128 // s.arith_block], s.base_steps)
-    add("arith/warmup", "sft", ["--init", d("arith/base"), "--task", "arith", "--max-steps", s.warmup_steps,
-        "--n-train", s.n_train, "--n-eval", s.curve_eval, "--eval-every", s.warmup_steps], s.warmup_steps)
-    for seed in range(s.seeds):
-        for loss in ("sft", "dft"):
-            add(f"arith/{loss}-seed{seed}", "sft", ["--init", d("arith/warmup"), "--task", "arith", "--loss", loss,
-                "--seed", seed, "--max-steps", s.sft_steps, "--n-train", s.n_train, "--n-eval", s.curve_eval,
-                "--eval-every", s.sft_steps], s.sft_steps)
-    # full SFT vs cheap adaptation (Hu et al.; Lester et al.): from the same warm-up as SFT and DFT, as many
-    # steps and demonstrations as SFT; only the adapters train, at their own learning rates. (From the raw base
-    # they cannot learn the chat format: its special tokens' embeddings stay frozen at their random init.)
-    cheap = [(f"lora-r{r}", ["--lora-r", r, "--lr", LORA_LR, "--min-lr", LORA_LR / 10]) for r in s.lora_ranks]
-    cheap += [("prompt-tuning", ["--prompt-tuning", PROMPT_TOKENS, "--lr", PROMPT_LR, "--min-lr", PROMPT_LR / 10])]
-    for seed in range(s.adapt_seeds):
-        for name, flags in cheap:
-            add(f"arith/{name}-seed{seed}", "sft", ["--init", d("arith/warmup"), "--task", "arith", *flags, "--seed",
-                seed, "--max-steps", s.sft_steps, "--n-train", s.n_train, "--n-eval", s.curve_eval, "--eval-every",
-                s.sft_steps], s.sft_steps)
-    sft = d("arith/sft-seed0")
-    for algo in ("grpo", "nft", "rft", "ppo"):
-        add(f"arith/{algo}", "rlhf", ["--algo", algo, "--init", sft, "--task", "arith", "--max-steps", s.rl_steps,
-            "--n-prompts", s.n_prompts, "--n-eval", s.curve_eval, "--n-kl", s.curve_eval, "--eval-every",
-            s.rl_steps], s.rl_steps)
-    for split in ("test", "ood"):
-        add(f"arith/bon-{split}", "bon", ["--init", sft, "--task", "arith", "--split", split, "--sweep", s.sweep,
-            "--n-prompts", s.sweep_prompts, "--out", d(f"arith/bon-{split}")], done_file="sweep.jsonl")
-    # imitation (Gudibande et al.): the SFT policy (seed 0) is the teacher; a smaller model is fine-tuned on its
-    # greedy answers to the SFT prompts, and the same smaller model on the true demonstrations, as many steps as
-    # the teacher had (warm-up + SFT)
-    add("arith/student-base", "base", ["--task", "arith", "--preset", s.student_preset, "--max-steps",
-        s.base_steps], s.base_steps)
-    add("arith/student-sft", "sft", ["--init", d("arith/student-base"), "--task", "arith", "--max-steps", tuned,
-        "--n-train", s.n_train, "--n-eval", s.curve_eval, "--eval-every", tuned], tuned)
-    add("arith/teacher-samples", "bon", ["--init", sft, "--task", "arith", "--split", "train", "--n", 1,
-        "--temperature", 0, "--n-prompts", s.n_train, "--finished-only", "--out", d("arith/teacher-samples")],
-        done_file="bon.jsonl")
-    add("arith/imitation", "sft", ["--init", d("arith/student-base"), "--task", "arith", "--data",
-        d("arith/teacher-samples") + "/bon.jsonl", "--max-steps", tuned, "--n-eval", s.curve_eval, "--eval-every",
-        tuned], tuned)
-
-    # sentiment: base, SFT, reward model, DPO and PPO at several strengths, best-of-N with the reward model
     add("sentiment/base", "base", ["--task", "sentiment", "--preset", s.preset, "--max-steps", s.base_steps],
         s.base_steps)
-    add("sentiment/sft-seed0", "sft", ["--init", d("sentiment/base"), "--task", "sentiment", "--max-steps",
-        s.sft_steps, "--n-train", s.n_train, "--n-eval", s.curve_eval, "--eval-every", s.sft_steps], s.sft_steps)
-    sft = d("sentiment/sft-seed0")
-    common = ["--init", sft, "--task", "sentiment", "--n-prompts", s.n_prompts, "--n-eval", s.curve_eval,
-              "--n-kl", s.curve_eval]
-    add("sentiment/rm", "rlhf", ["--algo", "rm", *common, "--max-steps", s.pref_steps, "--eval-every",
-        s.pref_steps], s.pref_steps)
-    rm_pairs = d("sentiment/rm")  # the pairs the reward model was built from: every DPO run trains on the same
-    for beta in s.dpo_betas:
-        add(f"sentiment/dpo-beta{beta}", "rlhf", ["--algo", "dpo", *common, "--data", rm_pairs + "/pairs-train.jsonl",
-            "--val-data", rm_pairs + "/pairs-val.jsonl", "--beta", beta, "--max-steps", s.pref_steps,
-            "--eval-every", s.pref_steps], s.pref_steps)
-    for beta in s.ppo_betas:
-        add(f"sentiment/ppo-beta{beta}", "rlhf", ["--algo", "ppo", *common, "--reward-model", d("sentiment/rm"),
-            "--beta", beta, "--max-steps", s.rl_steps, "--eval-every", s.rl_steps], s.rl_steps)
-    add("sentiment/bon-test", "bon", ["--init", sft, "--task", "sentiment", "--split", "test", "--reward-model",
-        d("sentiment/rm"), "--sweep", s.sweep, "--n-prompts", s.sweep_prompts, "--out", d("sentiment/bon-test")],
-        done_file="sweep.jsonl")
+    # arith: a short SFT warm-up teaches the chat format (DFT's p-weighted gradient cannot: from the base, the
+    # format's tokens have p ~ 0); SFT, DFT, the cheap adaptations and best-of-N all start from it
+    sft("arith/warmup", "arith/base", "arith", s.warmup_steps)
+    for seed in seeds:
+        sft(f"sentiment/sft-seed{seed}", "sentiment/base", "sentiment", s.sft_steps, seed=seed)
+        sft(f"arith/sft-seed{seed}", "arith/warmup", "arith", s.sft_steps, "--loss", "sft", seed=seed)
+    # RL on arith (Chen et al.): each seed's chain starts from its own SFT policy; equal budgets (same steps,
+    # prompts per step and samples per prompt), evaluated curve_points times along the way
+    for seed in seeds:
+        for algo in ("grpo", "nft", "rft"):
+            add(f"arith/{algo}-seed{seed}", "rlhf", ["--algo", algo, "--init", d(f"arith/sft-seed{seed}"), "--task",
+                "arith", "--seed", seed, "--max-steps", s.rl_steps, "--n-prompts", s.n_prompts, "--n-eval",
+                s.curve_eval, "--n-kl", s.curve_eval, "--eval-every", s.rl_steps // s.curve_points], s.rl_steps)
+    # sentiment (Rafailov et al.; Gao et al.): per seed, SFT -> reward model on pairs of the SFT policy's
+    # samples -> PPO with that reward model and DPO on those same pairs, each at several KL strengths
+    for seed in seeds:
+        sft_s, rm = f"sentiment/sft-seed{seed}", f"sentiment/rm-seed{seed}"
+        common = ["--init", d(sft_s), "--task", "sentiment", "--seed", seed, "--n-prompts", s.n_prompts, "--n-eval",
+                  s.curve_eval, "--n-kl", s.curve_eval]
+        add(rm, "rlhf", ["--algo", "rm", *common, "--max-steps", s.pref_steps, "--eval-every", s.pref_steps],
+            s.pref_steps)
+        for beta in s.ppo_betas:
+            add(f"sentiment/ppo-beta{beta}-seed{seed}", "rlhf", ["--algo", "ppo", *common, "--reward-model", d(rm),
+                "--beta", beta, "--max-steps", s.rl_steps, "--eval-every", s.rl_steps], s.rl_steps)
+        for beta in s.dpo_betas:
+            add(f"sentiment/dpo-beta{beta}-seed{seed}", "rlhf", ["--algo", "dpo", *common, "--data",
+                d(rm) + "/pairs-train.jsonl", "--val-data", d(rm) + "/pairs-val.jsonl", "--beta", beta,
+                "--max-steps", s.pref_steps, "--eval-every", s.pref_steps], s.pref_steps)
+        add(f"sentiment/bon-test-seed{seed}", "bon", ["--init", d(sft_s), "--task", "sentiment", "--split", "test",
+            "--reward-model", d(rm), "--seed", seed, "--prompt-seed", 1, "--sweep", s.sweep, "--n-prompts",
+            s.sweep_prompts, "--out", d(f"sentiment/bon-test-seed{seed}")], done_file="sweep.jsonl")
+    # SFT vs DFT (Wu et al.): each at each of its learning rates; the report picks each method's on validation
+    for seed in seeds:
+        for loss in ("sft", "dft"):
+            for lr in s.lrs[loss]:
+                if (loss, lr) != ("sft", SFT_LR):  # that one is the chain's SFT policy, above
+                    sft(f"arith/{lr_name(loss, lr)}-seed{seed}", "arith/warmup", "arith", s.sft_steps, "--loss",
+                        loss, "--lr", lr, "--min-lr", lr / 10, seed=seed)
+    # SFT vs best-of-N (Somerstep et al.): from the warm-up SFT also starts from, a reward model learns from
+    # SFT's n_train demonstrations (each preferred to a wrong warm-up sample of its prompt) and selects among
+    # N warm-up samples; the verifier itself selecting is the oracle beside it
+    for seed in seeds:
+        add(f"arith/rm-seed{seed}", "rlhf", ["--algo", "rm", "--init", d("arith/warmup"), "--task", "arith", "--seed",
+            seed, "--pairs-from-demos", "--n-prompts", s.n_train, "--k", 2, "--n-eval", s.curve_eval, "--max-steps",
+            s.pref_steps, "--eval-every", s.pref_steps], s.pref_steps)
+        for split in ("test", "ood"):
+            add(f"arith/bon-{split}-seed{seed}", "bon", ["--init", d("arith/warmup"), "--task", "arith", "--split",
+                split, "--reward-model", d(f"arith/rm-seed{seed}"), "--seed", seed, "--prompt-seed", 1, "--sweep",
+                s.sweep, "--n-prompts", s.sweep_prompts, "--out", d(f"arith/bon-{split}-seed{seed}")],
+                done_file="sweep.jsonl")
+    # full SFT vs cheap adaptation (Hu et al.; Lester et al.): from the same warm-up, as many steps and
+    # demonstrations as SFT; only the adapters train, at their own learning rates
+    cheap = [(f"lora-r{r}", ["--lora-r", r, "--lr", LORA_LR, "--min-lr", LORA_LR / 10]) for r in s.lora_ranks]
+    cheap += [("prompt-tuning", ["--prompt-tuning", PROMPT_TOKENS, "--lr", PROMPT_LR, "--min-lr", PROMPT_LR / 10])]
+    for seed in seeds:
+        for name, flags in cheap:
+            sft(f"arith/{name}-seed{seed}", "arith/warmup", "arith", s.sft_steps, *flags, seed=seed)
+    # imitation (Gudibande et al.): a teacher of the policy's size trained longer; smaller students fine-tuned
+    # on its greedy answers, or on as many true demonstrations, for as many steps as the SFT policy had
+    tuned = s.warmup_steps + s.sft_steps
+    sft("arith/teacher", "arith/warmup", "arith", s.teacher_steps)
+    add("arith/teacher-samples", "bon", ["--init", d("arith/teacher"), "--task", "arith", "--split", "train", "--n",
+        1, "--temperature", 0, "--n-prompts", max(s.imitation_sizes), "--finished-only", "--out",
+        d("arith/teacher-samples")], done_file="bon.jsonl")
+    for preset in s.student_presets:
+        add(f"arith/student-{preset}-base", "base", ["--task", "arith", "--preset", preset, "--max-steps",
+            s.base_steps], s.base_steps)
+        for n in s.imitation_sizes:
+            for seed in seeds:
+                sft(f"arith/student-{preset}-n{n}-seed{seed}", f"arith/student-{preset}-base", "arith", tuned,
+                    seed=seed, n_train=n)
+                sft(f"arith/imitation-{preset}-n{n}-seed{seed}", f"arith/student-{preset}-base", "arith", tuned,
+                    "--data", d("arith/teacher-samples") + "/bon.jsonl", seed=seed, n_train=n)
 
-    # one identical evaluation of every final policy: reward on each split, KL to the task's seed-0 SFT model
+    # one identical evaluation of every final policy: reward on each split, KL to its chain's SFT policy (the
+    # same seed's); SFT-like arith runs also on validation (held-out train-distribution prompts); sentiment
+    # policies also get their reward model's (proxy) score, for the over-optimisation plot
     for st in list(stages):
         task, method = st.name.split("/")
-        if st.script in ("sft", "rlhf") and method not in ("rm", "warmup"):
-            add(f"{task}/eval/{method}", "eval", ["--init", d(st.name), "--task", task, "--reference",
-                d(f"{task}/sft-seed0"), "--n-eval", s.n_eval, "--seed", method.partition("-seed")[2] or 0,
-                "--out", d(f"{task}/eval/{method}") + "/eval.json"], done_file="eval.json")
-    # retrieval-augmented prompting of the frozen base and SFT models (k solved train examples first)
+        if st.script not in ("sft", "rlhf") or method == "warmup" or method.startswith("rm-"):
+            continue
+        seed = method.partition("-seed")[2] or "0"
+        flags = ["--validation-from", s.n_train] if task == "arith" and method.startswith(("sft", "dft")) else []
+        if task == "sentiment":
+            flags = ["--reward-model", d(f"sentiment/rm-seed{seed}")]
+        add(f"{task}/eval/{method}", "eval", ["--init", d(st.name), "--task", task, "--reference",
+            d(f"{task}/sft-seed{seed}"), "--n-eval", s.n_eval, "--seed", seed, *flags, "--out",
+            d(f"{task}/eval/{method}") + "/eval.json"], done_file="eval.json")
+    # retrieval-augmented prompting: k solved train examples before the question, to the frozen warm-up (the
+    # start every adaptation shares; nothing trained, no seed) and to each seed's SFT policy
     for k in s.retrieve_k:
-        for name, policy in (("base", "arith/base"), ("sft", "arith/sft-seed0")):
-            if k or name == "base":  # the SFT model without retrieval is its own row already
-                add(f"arith/eval/rag-{name}-k{k}", "eval", ["--init", d(policy), "--task", "arith", "--reference",
-                    d("arith/sft-seed0"), "--n-eval", s.n_eval, "--retrieve", k, "--out", d(f"arith/eval/rag-{name}-k{k}") + "/eval.json"],
-                    done_file="eval.json")
+        for name, policy, seed in [("warmup", "arith/warmup", 0)] + [("sft", f"arith/sft-seed{i}", i) for i in seeds]:
+            tag = f"rag-{name}-k{k}" + (f"-seed{seed}" if name == "sft" else "")
+            add(f"arith/eval/{tag}", "eval", ["--init", d(policy), "--task", "arith", "--reference",
+                d(f"arith/sft-seed{seed}"), "--n-eval", s.n_eval, "--retrieve", k, "--out",
+                d(f"arith/eval/{tag}") + "/eval.json"], done_file="eval.json")
     return stages
 
 
@@ -215,9 +262,12 @@ def stage_done(stage: Stage, out: Path) -> bool:
     if stage.script != "eval":
         return True
     ckpt, row = find_checkpoint(stage.init), json.loads(path.read_text())
-    flag = lambda name, default: type(default)(stage.argv[stage.argv.index(name) + 1]) if name in stage.argv else default  # noqa: E731
+    flag = lambda name, default: (int(stage.argv[stage.argv.index(name) + 1]) if name in ("--n-eval", "--retrieve",  # noqa: E731
+                                  "--validation-from") else stage.argv[stage.argv.index(name) + 1]) if name in stage.argv else default
     return ckpt is not None and row["step"] == json.loads((ckpt / "meta.json").read_text())["step"] and \
         row.get("n_eval") == flag("--n-eval", 0) and row.get("retrieve", 0) == flag("--retrieve", 0) and \
+        row.get("validation_from") == flag("--validation-from", None) and \
+        row.get("reward_model") == flag("--reward-model", None) and \
         "test_rewards" in row  # (an older eval.json has no per-prompt values)
 
 
@@ -341,17 +391,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="directory of every stage and of report.md (default out/study, "
                    "out/quick with --quick: the two never share checkpoints)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, one to two minutes (same as --scale quick)")
-    p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="stage sizes (see SCALES)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, a few minutes (same as --scale quick)")
+    p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="stage sizes (see SCALES): cpu, the "
+                   "default, is a ~10-minute demonstration with one seed; full is the study that answers (3 seeds "
+                   "of every chain, about an hour on 2 cores); gpu is full at GPU sizes")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--jobs", type=int, default=None, help="stages run side by side (default: 2 on CPU, "
                    "sharing the cores; 1 on CUDA)")
     p.add_argument("--only", default=None, help="comma-separated stage-name prefixes to run, e.g. arith/base")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from existing results")
     args = p.parse_args(argv)
-    scale = SCALES["quick" if args.quick else args.scale]
-    device = pick_device(args.device)
-    out = Path(args.out or ("out/quick" if args.quick or args.scale == "quick" else "out/study"))
+    name = "quick" if args.quick else args.scale
+    scale, device = SCALES[name], pick_device(args.device)
+    out = Path(args.out or {"quick": "out/quick", "cpu": "out/study"}.get(name, f"out/study-{name}"))
     jobs = args.jobs or (1 if device.type == "cuda" else min(2, available_cores()))
     if jobs < 1:
         raise UserError("--jobs must be >= 1")
@@ -370,7 +422,9 @@ def main(argv=None):
             sys.exit(130)
         if args.only:
             return
-    report = write_report(out, stages, scale, collect_evals(stages, out))
+    evals = collect_evals(stages, out)
+    made = plots(out, stages, evals, read_sweeps(out, stages))
+    report = write_report(out, stages, scale, evals, made)
     print(f"report: {report}")
 
 

@@ -45,7 +45,10 @@ N on that pool:
            frequencies, biased either way by O(1/M).
   gen s    wall time of sampling N completions for a prompt (one generate call with num_samples=N, batched
            like the pool), averaged over the first --time-prompts prompts.
-Results: OUT/sweep.jsonl (one row per N) and a markdown table printed last.
+  oracle   with --reward-model or --reward, also the reward had the ground truth itself selected from the
+           same pool (oracle_reward): the ceiling a perfect selector would reach at this N.
+Results: OUT/sweep.jsonl (one row per N; "rewards" and "oracle_rewards" per prompt, in prompt order, to pair
+with another policy's per-prompt rewards) and a markdown table printed last.
 """
 import argparse
 import json
@@ -79,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--task", default="arith", help=f"built-in task: {', '.join(TASKS)} (prompts, and the "
                    "default and ground-truth reward)")
     p.add_argument("--split", default="test", help="task split to take prompts from")
+    p.add_argument("--prompt-seed", type=int, default=0, help="which prompts of the task split: the first "
+                   "--n-prompts of this seed's (minipost.evaluate scores seed 1's: pass 1 to pair a sweep with "
+                   "an evaluation on the same prompts, the first n of them)")
     p.add_argument("--n-prompts", type=int, default=None, help="prompts to use (default: 100 from the task "
                    "split, every row of --data)")
     p.add_argument("--data", default=None, help="JSONL prompts instead of the task split: a `prompt` column "
@@ -163,7 +169,7 @@ def load_prompts(args, task) -> list[dict]:
             rows = [until_last_user(row, w) for row, w in zip(rows, where)]
         return rows[:args.n_prompts]
     try:
-        return task.prompts(args.split, args.n_prompts or 100, seed=0)
+        return task.prompts(args.split, args.n_prompts or 100, seed=args.prompt_seed)
     except ValueError as e:
         raise UserError(f"--split: {e}")
 
@@ -230,6 +236,7 @@ def run_sweep(args, model, tokenizer, task, rows, prompts, reward, out: Path):
     proxy = reward(expanded, [p for p in prompts for _ in range(M)], comps, texts).tolist()
     # the ground truth is the task's reward, whatever selects
     gold = proxy if args.reward is None and args.reward_model is None else call_reward(task.reward, expanded, texts)
+    oracle = gold is not proxy  # best-of-N selected by the ground truth itself: the ceiling of this pool
     fmt = [float(f) for f in task.format_ok(texts)]
     log(f"pool sampled in {pool_s:.1f}s ({pool_s / P:.2f}s per prompt), scored in {time.time() - t0 - pool_s:.1f}s")
     if args.keep_all:
@@ -246,19 +253,27 @@ def run_sweep(args, model, tokenizer, task, rows, prompts, reward, out: Path):
         sample_candidates(model, tokenizer, timed, n, args.max_new_tokens, args.temperature, args.top_k,
                           args.top_p, args.batch_size, args.seed)
         gen_s = (time.time() - t) / len(timed)
-        per_prompt = {"reward": [], "format": [], "proxy": [], "kl_est": []}
+        per_prompt = {"reward": [], "format": [], "proxy": [], "kl_est": []} | ({"oracle": []} if oracle else {})
         for i in range(P):
             cut = slice(i * M, (i + 1) * M)
             per_prompt["reward"].append(expected_best_of_n(proxy[cut], gold[cut], n))
             per_prompt["format"].append(expected_best_of_n(proxy[cut], fmt[cut], n))
             per_prompt["proxy"].append(expected_best_of_n(proxy[cut], proxy[cut], n))
             per_prompt["kl_est"].append(kl_best_of_n(proxy[cut], n))
+            if oracle:
+                per_prompt["oracle"].append(expected_best_of_n(gold[cut], gold[cut], n))
         mean = {k: sum(v) / P for k, v in per_prompt.items()}
         var = sum((r - mean["reward"]) ** 2 for r in per_prompt["reward"]) / max(1, P - 1)
+        # "rewards": per prompt, in prompt order, to pair with another policy's per-prompt rewards
         results.append({"n": n, "reward": mean["reward"], "reward_se": math.sqrt(var / P), "format": mean["format"],
                         "proxy": mean["proxy"], "kl_bound": kl_bound(n), "kl_est": mean["kl_est"],
                         "gen_s_per_prompt": gen_s, "n_prompts": P, "pool": M, "task": task.name,
-                        "split": args.data or args.split, "selector": reward.name, "temperature": args.temperature})
+                        "split": args.data or args.split, "selector": reward.name, "temperature": args.temperature,
+                        "rewards": per_prompt["reward"]})
+        if not args.data:
+            results[-1]["prompt_seed"] = args.prompt_seed
+        if oracle:
+            results[-1]["oracle_reward"], results[-1]["oracle_rewards"] = mean["oracle"], per_prompt["oracle"]
         if args.retrieve:
             results[-1]["retrieve"] = args.retrieve
     with open(out / "sweep.jsonl", "w") as f:

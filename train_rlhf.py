@@ -59,8 +59,8 @@ from minipost.data import epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy
 from minipost.loop import end_step, start_run, training_steps
 from minipost.model import GPT, GPTConfig
-from minipost.preferences import (build_pairs, load_pairs, pair_accuracy, pair_logprob_sums, pair_sequences,
-                                  reference_samples, split_pairs, write_pairs)
+from minipost.preferences import (build_pairs, demo_pairs, load_pairs, pair_accuracy, pair_logprob_sums,
+                                  pair_sequences, reference_samples, split_pairs, write_pairs)
 from minipost.rewards import eos_scores, make_reward
 from minipost.rollout import prompt_ids, sample_kl, sample_rollout, sequence_logprobs, step_seed, token_values
 from minipost.tasks import TASKS
@@ -111,6 +111,9 @@ def parse_args(argv=None):
     p.add_argument("--val-frac", type=float, default=0.1, help="--data pairs held out for accuracy")
     p.add_argument("--val-data", default=None, help="rm/dpo: held-out pairs from this JSONL instead (all of --data "
                    "then trains), e.g. another run's OUT/pairs-val.jsonl beside its OUT/pairs-train.jsonl")
+    p.add_argument("--pairs-from-demos", action="store_true", help="rm/dpo built-in pairs: the task's "
+                   "demonstration (chosen) against the policy's worst of --k samples (rejected) where the task's "
+                   "reward ranks the demonstration higher, instead of best against worst sample")
     p.add_argument("--n-eval", type=int, default=200, help="prompts per evaluation split")
     p.add_argument("--n-kl", type=int, default=200, help="test prompts sampled at --temperature for the "
                    "evaluation's KL, entropy and sample reward")
@@ -164,6 +167,10 @@ def parse_args(argv=None):
     args.ckpt_every = args.ckpt_every or args.eval_every
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 (log-probs are taken at the sampling temperature)")
+    if args.pairs_from_demos and args.algo not in ("rm", "dpo"):
+        raise UserError(f"--pairs-from-demos builds preference pairs: it is for --algo rm or dpo, not {args.algo}")
+    if args.pairs_from_demos and args.data:
+        raise UserError("--pairs-from-demos builds pairs from the task's demonstrations: not with --data")
     if args.val_data and not (args.data and args.algo in ("rm", "dpo")):
         raise UserError("--val-data needs --data and --algo rm or dpo (it holds out preference pairs)")
     if args.reward_model and args.algo in ("rm", "dpo"):
@@ -251,8 +258,14 @@ def preference_pairs(args, sft, tokenizer, task, out):
     built = {}
     for i, (split, n) in enumerate((("train", args.n_prompts), ("test", args.n_eval))):
         t0 = time.time()
-        pairs, records = build_pairs(sft, tokenizer, reward, task.prompts(split, n, seed=0), args.k,
-                                     args.max_new_tokens, args.temperature, seed=step_seed(args.seed, i))
+        rows, seed = task.prompts(split, n, seed=0), step_seed(args.seed, i)
+        if args.pairs_from_demos:  # a task's demos and prompts of one split and seed are the same problems
+            demos = [d["messages"][-1]["content"] for d in task.demos(split, n, seed=0)]
+            pairs, records = demo_pairs(sft, tokenizer, reward, rows, demos, args.k, args.max_new_tokens, block,
+                                        args.temperature, seed)
+        else:
+            pairs, records = build_pairs(sft, tokenizer, reward, rows, args.k, args.max_new_tokens, args.temperature,
+                                         seed)
         out.mkdir(parents=True, exist_ok=True)
         write_pairs(out / f"pairs-{'train' if split == 'train' else 'val'}.jsonl", records)
         print(f"pairs: {len(pairs)} from {n} {split} prompts x {args.k} samples ({time.time() - t0:.0f}s)")

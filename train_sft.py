@@ -29,6 +29,7 @@ from minipost.evaluate import evaluate_policy
 from minipost.tasks import TASKS
 
 LOSSES = {"sft": losses.sft_loss, "dft": losses.dft_loss}
+DEFAULT_N_TRAIN = 4000  # task demonstrations when --n-train is not given
 
 
 def parse_args(argv=None):
@@ -40,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--task", default="arith", help=f"built-in task: {', '.join(TASKS)}")
     p.add_argument("--data", default=None, help="JSONL demonstrations instead of the task's (messages, "
                    "prompt+completion or text); the task still provides evaluation")
-    p.add_argument("--n-train", type=int, default=4000, help="task demonstrations to train on")
+    p.add_argument("--n-train", type=int, default=None, help="demonstrations to train on: the task's first N "
+                   f"(default {DEFAULT_N_TRAIN}), or the first N rows of --data (default: every row)")
     p.add_argument("--n-eval", type=int, default=200, help="prompts per evaluation split")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget when evaluating")
     # Optimisation
@@ -68,6 +70,20 @@ def parse_args(argv=None):
     if args.batch_size % args.grad_accum:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     return args
+
+
+def training_rows(args, task) -> tuple[list[dict], list[str] | None]:
+    """The demonstrations to train on and where each comes from (file:line, None for the task's): the task's
+    first --n-train train demos, or the first --n-train rows of --data (all of them by default), so that two
+    runs on one file can train on nested prefixes of it."""
+    if not args.data:
+        return task.demos("train", args.n_train or DEFAULT_N_TRAIN, seed=0), None
+    rows, _, where = read_jsonl(args.data, expect=("messages", "prompt_completion", "text"))
+    if args.n_train is not None:
+        print(f"data: the first {min(args.n_train, len(rows))} of {len(rows)} rows of {args.data} (--n-train "
+              f"{args.n_train})")
+        rows, where = rows[:args.n_train], where[:args.n_train]
+    return rows, where
 
 
 def micro_batches(examples, indices, grad_accum, pad_id, device):
@@ -117,10 +133,7 @@ def main(argv=None):
     block = model.config.block_size - model.n_prefix  # prompt tuning's virtual tokens take context too
 
     # Data: demonstrations -> (ids, mask) with mask 1 on assistant tokens and their <|end|>
-    if args.data:
-        rows, _, where = read_jsonl(args.data, expect=("messages", "prompt_completion", "text"))
-    else:
-        rows, where = task.demos("train", args.n_train, seed=0), None
+    rows, where = training_rows(args, task)
     train, dropped = encode_conversations(tokenizer, rows, block, where)
     if not train:
         raise UserError(f"{args.data or args.task}: every demonstration is longer than the context ({block})")

@@ -7,7 +7,7 @@ from pathlib import Path
 from .checkpoint import load_checkpoint
 from .cli import UserError, pick_device, require_positive, run_main, task_from_flag
 from .retrieval import add_retrieval_flags, check_retrieval_flags, retrieval_prompts
-from .rewards import call_reward, same_tokenizer
+from .rewards import call_reward, make_reward, same_tokenizer
 from .rollout import completion_text, prompt_ids, sample_candidates, sample_kl
 
 
@@ -27,6 +27,13 @@ def evaluate_policy(model, tokenizer, task, rows, max_new_tokens=64, temperature
     formats = task.format_ok(texts)
     return {"reward": sum(rewards) / len(rewards), "format": sum(formats) / len(formats), "n": len(rows),
             "example": texts[0], "rewards": [float(v) for v in rewards]}
+
+
+def validation_prompts(task, start: int, n: int) -> list[dict]:
+    """The task's train prompts start .. start + n - 1 (seed 0). SFT trains on the first --n-train train demos
+    (seed 0), which are the same problems in the same order (a split is drawn as one stream, and a longer
+    request extends a shorter one), so with start = n_train none of these was trained on."""
+    return task.prompts("train", start + n, seed=0)[start:]
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -55,10 +62,18 @@ def main(argv=None):
                    "reward")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (sampled tasks; greedy ignores it)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--reward-model", default=None, metavar="CKPT", help="also score the k T = 1 test samples "
+                   "with this reward model (test_proxy_reward, beside their ground truth test_sample_reward): "
+                   "proxy and true reward against KL show reward over-optimisation")
+    p.add_argument("--validation-from", type=int, default=None, metavar="N", help="also score the task's train "
+                   "prompts N .. N + n_eval - 1 as split 'val' (val_reward, ...): with N = the SFT run's --n-train, "
+                   "problems of the training distribution that SFT never saw")
     p.add_argument("--out", default=None, help="write the JSON row here (atomically) instead of stdout")
     add_retrieval_flags(p)
     args = p.parse_args(argv)
     require_positive(args, "n_eval", "k", "max_new_tokens")
+    if args.validation_from is not None and args.validation_from < 0:
+        raise UserError("--validation-from must be >= 0")
     check_retrieval_flags(args)
     task, device = task_from_flag(args.task), pick_device(args.device)
     t0 = time.time()
@@ -68,13 +83,20 @@ def main(argv=None):
     ref = load_checkpoint(args.reference, device, flag="--reference") if args.reference else ck
     if not same_tokenizer(ck.tokenizer, ref.tokenizer):  # the KL compares the two models' ids token by token
         raise UserError(f"--reference {args.reference}: its tokenizer differs from --init {args.init}'s")
+    # loaded before any sampling, so that a bad path fails at once (UserError naming --reward-model)
+    proxy = make_reward(task, ck.tokenizer, device, reward_model=args.reward_model) if args.reward_model else None
     model = ck.model.eval()
     row = {"init": str(args.init), "kind": ck.meta.get("kind"), "step": ck.meta.get("step"),
            "train_time_s": ck.meta.get("elapsed_s"), "samples_used": samples_used(args.init, ck.meta),
            "n_eval": args.n_eval, "k": args.k}
+    if proxy is not None:
+        row["reward_model"] = str(args.reward_model)
     trained = ck.meta.get("metrics") or {}  # what its training cost, as logged at its last step
     row.update({key: trained.get(key) for key in ("trainable_params", "tensor_memory_mb", "peak_memory_mb")})
     splits = {s: task.prompts(s, args.n_eval, seed=1) for s in task.splits if s != "train"}
+    if args.validation_from is not None:
+        splits["val"] = validation_prompts(task, args.validation_from, args.n_eval)
+        row["validation_from"] = args.validation_from
     if args.retrieve:  # every split, so the KL and sampled reward below see the same prompts as the greedy score
         splits, short = retrieval_prompts(args, task, ck.tokenizer, model.config.block_size - model.n_prefix, splits)
         row.update({"retrieve": args.retrieve, "retrieve_from": args.retrieve_from, "retrieve_short": short})
@@ -86,8 +108,10 @@ def main(argv=None):
     # KL to the reference and the reward of the policy's own T = 1 samples (k per test prompt): for a
     # verifier task evaluated greedily, this shows a sharpened sampling distribution the greedy answer hides
     kl = sample_kl(model, ref.model.eval(), ck.tokenizer, splits["test"], args.max_new_tokens, 1.0, seed=7 + args.seed,
-                   reward_fn=task.reward, k=args.k)
+                   reward_fn=task.reward, k=args.k, proxy=proxy)
     row["kl_to_ref"], row["entropy"], row["test_sample_reward"] = kl["kl"], kl["entropy"], kl["reward"]
+    if proxy is not None:
+        row["test_proxy_reward"] = kl["proxy"]  # the reward model's score of those same samples
     k = args.k
     row["test_sample_rewards"] = [sum(kl["rewards"][i:i + k]) / k for i in range(0, len(kl["rewards"]), k)]
     row["eval_time_s"] = time.time() - t0

@@ -40,6 +40,7 @@ class GPTConfig:
 # vocab_size is set from the tokenizer; block_size may be overridden per run
 PRESETS = {
     "micro": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),  # ~0.2M: the CPU imitation study's student
+    "mini": dict(n_layer=3, n_head=3, n_embd=96, block_size=128),  # ~0.4M: the imitation study's larger student
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),  # ~0.9M with a small vocab: the CPU default
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # ~11M: a quick GPU run
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # 124M

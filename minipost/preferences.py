@@ -55,6 +55,33 @@ def build_pairs(model, tokenizer, reward, rows, k, max_new_tokens, temperature=1
     return pairs, records
 
 
+def demo_pairs(model, tokenizer, reward, rows, demos, k, max_new_tokens, block_size, temperature=1.0, seed=0,
+               batch_prompts=64):
+    """Pairs whose chosen side is the prompt's demonstration (demos[i]: its text) and whose rejected side is the
+    policy's worst of k samples, kept where the reward ranks the demonstration above that sample (for arith's
+    verifier: wherever the sample is wrong). A reward model trained on them learns from demonstrations, as SFT
+    does (the setting of Somerstep et al.'s best-of-N with a learned reward). -> (pairs, records) as in
+    build_pairs; records also carry their rewards."""
+    records = []
+    for start in range(0, len(rows), batch_prompts):
+        chunk, refs = rows[start:start + batch_prompts], demos[start:start + batch_prompts]
+        r = sample_rollout(model, tokenizer, chunk, k, max_new_tokens, temperature, seed + start * k)
+        scores = r.score(reward).view(len(chunk), k).tolist()  # (G, K)
+        ref_ids = [tokenizer.encode(t) + [tokenizer.eos_id] for t in refs]
+        ref_scores = reward(chunk, prompt_ids(tokenizer, chunk), ref_ids, refs).tolist()
+        for g, row in enumerate(chunk):
+            # any non-blank sample may be rejected: one cut off at the length budget is a worse answer too
+            done = [i for i in range(k) if r.texts[g * k + i].strip()]
+            if not done:
+                continue
+            worst = min(done, key=lambda i: scores[g][i])
+            if ref_scores[g] > scores[g][worst]:
+                records.append({"prompt": row["prompt"], "chosen": refs[g], "rejected": r.texts[g * k + worst],
+                                "chosen_reward": ref_scores[g], "rejected_reward": scores[g][worst]})
+    pairs, _ = encode_pairs(tokenizer, records, block_size)
+    return pairs, records
+
+
 def load_pairs(path, tokenizer, block_size, flag="--data"):
     """--data JSONL with prompt/chosen/rejected (strings or message lists) -> pairs as in build_pairs."""
     rows, _, _ = read_jsonl(path, expect=("preference",))

@@ -1,23 +1,38 @@
-"""The study's report: markdown tables and PNG plots, built only from the files the stages wrote.
+"""The study's report: markdown tables, one verdict per question and PNG plots, built only from the files the
+stages wrote.
 
 Inputs (under the pipeline's OUT): <task>/eval/<policy>/eval.json (one uniform evaluation per final policy),
-<task>/bon-*/sweep.jsonl (best-of-N sweeps), <stage>/metrics.jsonl (training curves). Every number in
+<task>/bon-*-seed<s>/sweep.jsonl (best-of-N sweeps), <stage>/metrics.jsonl (training curves). Every number in
 report.md is read from those files; tests/test_pipeline.py checks that they match.
+
+Statistics. A method's row is the mean over its seeds (each seed its own chain: SFT -> RL, SFT -> reward model ->
+PPO / DPO / best-of-N, ...). Two methods are compared on the same prompts: the two-standard-error half width of
+their difference is the larger of the paired-over-prompts one (per-prompt values averaged over seeds) and the
+seeds' one (per-seed differences when both sides ran the same seeds, else each side's spread over its seeds).
+A claim "difference > 0" then held, was refuted or is inconclusive (verdict()).
 """
 import json
 import math
 from pathlib import Path
 
-from .cli import read_metrics
+from .model import PRESETS
+from .tasks import get_task
 
-METHOD_ORDER = ("sft", "dft", "grpo", "nft", "rft", "ppo", "student-sft", "imitation", "lora-r4", "lora-r16",
-                "prompt-tuning", "rag-base-k0", "rag-base-k2", "rag-base-k4", "rag-sft-k2", "rag-sft-k4")
+# row order of the tables: by the first prefix a method name starts with, then by name
+ORDER = ("sft", "dft", "grpo", "nft", "rft", "lora-", "prompt-tuning", "rag-", "teacher", "student-", "imitation-",
+         "dpo-", "ppo-")
 CHEAP = ("lora-", "prompt-tuning", "rag-")  # the cheap adaptations (question 6), by method-name prefix
+IMITATION = ("teacher", "student-", "imitation-")
 
 
 def read_jsonl(path):
     path = Path(path)
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def mean_sd(values):
@@ -37,12 +52,16 @@ def fmt(values, digits=3):
     return f"{m:.{digits}f}" if sd is None else f"{m:.{digits}f} ± {sd:.{digits}f} (n={n})"
 
 
+def order_key(method):
+    first = next((i for i, p in enumerate(ORDER) if method.startswith(p)), len(ORDER))
+    return first, method
+
+
 def by_method(rows):
     groups = {}
     for r in rows:
         groups.setdefault(r["method"], []).append(r)
-    key = lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)  # noqa: E731
-    return dict(sorted(groups.items(), key=lambda kv: key(kv[0])))
+    return dict(sorted(groups.items(), key=lambda kv: order_key(kv[0])))
 
 
 def method_table(rows, columns):
@@ -54,42 +73,45 @@ def method_table(rows, columns):
     return "\n".join(lines)
 
 
-COMMON_COLUMNS = [("format (test)", "test_format", 3), ("KL to SFT (nats/seq)", "kl_to_sft", 2),
-                  ("train time (s)", "train_time_s", 0), ("samples used", "samples", 0)]
+COST_COLUMNS = [("KL to SFT (nats/seq)", "kl_to_sft", 2), ("train time (s)", "train_time_s", 0),
+                ("samples used", "samples", 0)]
 ARITH_COLUMNS = [("test accuracy (greedy)", "test_reward", 3), ("test accuracy (T = 1 samples)", "test_sample_reward", 3),
-                 ("ood accuracy (greedy)", "ood_reward", 3)] + COMMON_COLUMNS
-SENTIMENT_COLUMNS = [("test reward (T = 1 samples)", "test_sample_reward", 3)] + COMMON_COLUMNS
+                 ("ood accuracy (greedy)", "ood_reward", 3), ("format (test)", "test_format", 3)] + COST_COLUMNS
+LR_COLUMNS = [("validation accuracy (greedy)", "val_reward", 3), ("test accuracy (greedy)", "test_reward", 3),
+              ("ood accuracy (greedy)", "ood_reward", 3), ("format (test)", "test_format", 3)]
+IMITATION_COLUMNS = [("test accuracy (greedy)", "test_reward", 3), ("ood accuracy (greedy)", "ood_reward", 3),
+                     ("format (test)", "test_format", 3), ("format (ood)", "ood_format", 3),
+                     ("train time (s)", "train_time_s", 0), ("samples used", "samples", 0)]
+SENTIMENT_COLUMNS = [("test reward (T = 1 samples)", "test_sample_reward", 3),
+                     ("reward-model score (proxy)", "test_proxy_reward", 3), ("format (test)", "test_format", 3)] \
+    + COST_COLUMNS
 ADAPT_COLUMNS = [("test accuracy (greedy)", "test_reward", 3), ("ood accuracy (greedy)", "ood_reward", 3),
                  ("format (test)", "test_format", 3), ("trainable params", "trainable_params", 0),
                  ("train time (s)", "train_time_s", 0), ("tensor memory (MB)", "tensor_memory_mb", 1),
                  ("peak RSS (MB)", "peak_memory_mb", 0)]
 
 
-def sweep_table(sweep):
-    lines = ["| N | reward | format | KL estimate | KL bound log N - (N-1)/N | gen s/prompt |", "|---" * 6 + "|"]
-    for r in sweep:
-        lines.append(f"| {r['n']} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['format']:.3f} | "
-                     f"{r['kl_est']:.3f} | {r['kl_bound']:.3f} | {r['gen_s_per_prompt']:.3f} |")
-    return "\n".join(lines)
-
+# ------------------------------------------------------------------------------------------- statistics
 
 def per_prompt(rows, key):
     """Per-prompt values averaged over the rows (seeds) of a method: rows[*][key] are equal-length lists."""
-    lists = [r[key] for r in rows]
-    return [sum(vals) / len(vals) for vals in zip(*lists)]
+    return [sum(vals) / len(vals) for vals in zip(*[r[key] for r in rows])]
 
 
 def noise(rows_a, rows_b, key):
-    """Two standard errors of mean(a) - mean(b), both scored on the same prompts (key: per-prompt lists):
-    paired over prompts, or from the seeds' spread when both sides have several seeds and that is larger."""
+    """Two standard errors of mean(a) - mean(b), both scored on the same prompts (key: per-prompt lists): the
+    larger of the paired-over-prompts one and the seeds' one (see the module docstring)."""
     d = [x - y for x, y in zip(per_prompt(rows_a, key), per_prompt(rows_b, key))]
     n = len(d)
     sd = math.sqrt(sum((v - sum(d) / n) ** 2 for v in d) / (n - 1)) if n > 1 else 0.0
     two_se = 2 * sd / math.sqrt(max(n, 1))
-    if len(rows_a) > 1 and len(rows_b) > 1:
-        scalar = key[:-1]  # "test_rewards" -> "test_reward"
-        va, vb = (mean_sd([r[scalar] for r in rows])[1] ** 2 / len(rows) for rows in (rows_a, rows_b))
-        two_se = max(two_se, 2 * math.sqrt(va + vb))
+    seeds_a, seeds_b = ({r.get("seed", 0): mean(r[key]) for r in rows} for rows in (rows_a, rows_b))
+    if len(rows_a) > 1 and seeds_a.keys() == seeds_b.keys() and len(seeds_a) == len(rows_a) == len(rows_b):
+        diffs = [seeds_a[s] - seeds_b[s] for s in seeds_a]  # one chain per seed on both sides: paired
+        two_se = max(two_se, 2 * mean_sd(diffs)[1] / math.sqrt(len(diffs)))
+    else:
+        var = [mean_sd(list(s.values()))[1] ** 2 / len(s) if len(s) > 1 else 0.0 for s in (seeds_a, seeds_b)]
+        two_se = max(two_se, 2 * math.sqrt(sum(var)))
     return two_se
 
 
@@ -105,221 +127,349 @@ def verdict(diff, two_se):
     return f"is inconclusive ({where}; the smallest effect this n could detect is {1.4 * two_se:.3f})"
 
 
-def mean_of(rows, method, key):
-    return mean_sd([r[key] for r in rows if r["method"] == method])[0]
+def compare(rows_a, rows_b, key):
+    """verdict() of "mean(a) > mean(b)" on per-prompt values `key` (e.g. "test_rewards")."""
+    diff = mean(per_prompt(rows_a, key)) - mean(per_prompt(rows_b, key))
+    return verdict(diff, noise(rows_a, rows_b, key))
 
 
-# ------------------------------------------------------------------------------------------------- plots
+def seeds_note(rows):
+    n = len({r.get("seed", 0) for r in rows})
+    return f"n={n} seed{'s' if n > 1 else ''}" + ("" if n >= 3 else ", underpowered: run --scale full")
 
-def plots(out: Path, stages, evals, sweeps):
-    """PNG plots beside report.md; returns their file names (empty if matplotlib is missing)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+
+# -------------------------------------------------------------------------------------- best-of-N rows
+
+def sweep_rows(sweeps, prefix):
+    """{seed: sweep rows} of the sweeps named <prefix>-seed<s> (e.g. "arith/bon-test")."""
+    return {int(name.rpartition("-seed")[2]): rows for name, rows in sweeps.items()
+            if name.rpartition("-seed")[0] == prefix and rows}
+
+
+def bon_as_rows(by_seed, n, key="rewards"):
+    """Best-of-n of each seed's sweep as evaluation-like rows ({"seed", "x": per-prompt values})."""
+    return [{"seed": s, "x": next(r[key] for r in rows if r["n"] == n)} for s, rows in sorted(by_seed.items())]
+
+
+def truncated(rows, key, n):
+    """Evaluation rows' per-prompt `key` cut to the first n prompts (a sweep scores the first n of them)."""
+    return [{"seed": r["seed"], "x": r[key][:n]} for r in rows]
+
+
+def mean_sweep(by_seed):
+    """One sweep row per N: every numeric field averaged over seeds; reward_se = the seeds' standard error
+    (or the single sweep's own)."""
+    out = []
+    for i, first in enumerate(next(iter(by_seed.values()))):
+        rows = [rows[i] for rows in by_seed.values()]
+        row = {k: mean([r[k] for r in rows]) for k, v in first.items() if isinstance(v, (int, float))}
+        if len(rows) > 1:
+            row["reward_se"] = mean_sd([r["reward"] for r in rows])[1] / math.sqrt(len(rows))
+        row["seeds"] = len(rows)
+        out.append(row)
+    return out
+
+
+def sweep_table(sweep):
+    oracle = "oracle_reward" in sweep[0]
+    head = "| N | reward | " + ("oracle (ground truth selects) | " if oracle else "") + \
+        "format | KL estimate | KL bound log N - (N-1)/N | gen s/prompt |"
+    lines = [head, "|---" * (7 if oracle else 6) + "|"]
+    for r in sweep:
+        lines.append(f"| {r['n']:.0f} | {r['reward']:.3f} ± {r['reward_se']:.3f} | "
+                     + (f"{r['oracle_reward']:.3f} | " if oracle else "")
+                     + f"{r['format']:.3f} | {r['kl_est']:.3f} | {r['kl_bound']:.3f} | {r['gen_s_per_prompt']:.3f} |")
+    return "\n".join(lines)
+
+
+def prompt_steps(split, n):
+    """Arithmetic steps of each of the first n evaluation prompts of an arith split (minipost.evaluate's seed 1)."""
+    return [row["steps"] for row in get_task("arith").prompts(split, n, seed=1)]
+
+
+def length_gaps(evals, sweeps, n):
+    """SFT (greedy) minus best-of-n (reward model selects), by the problem's arithmetic steps: {steps: (gap,
+    two standard errors, prompts)}, from the test split (1 and 2 steps) and the ood split (3 steps)."""
+    sft = [r for r in evals.get("arith", []) if r["method"] == "sft"]
+    out = {}
+    for split in ("test", "ood"):
+        by_seed = sweep_rows(sweeps, f"arith/bon-{split}")
+        if not sft or not by_seed:
+            continue
+        bon = bon_as_rows(by_seed, n)
+        P = len(bon[0]["x"])
+        steps = prompt_steps(split, P)
+        for L in sorted(set(steps)):
+            keep = [i for i, v in enumerate(steps) if v == L]
+            cut = lambda rows: [{"seed": r["seed"], "x": [r["x"][i] for i in keep]} for r in rows]  # noqa: E731
+            a, b = cut(truncated(sft, f"{split}_rewards", P)), cut(bon)
+            out[L] = (mean(per_prompt(a, "x")) - mean(per_prompt(b, "x")), noise(a, b, "x"), len(keep))
+    return out
+
+
+# -------------------------------------------------------------------------------------------- questions
+
+def of(rows, method):
+    return [r for r in rows if r["method"] == method]
+
+
+def sft_vs_bon(evals, sweeps):
+    """(1) Somerstep et al.: SFT beats best-of-N with a learned selector, by more as answers get longer."""
+    sft = of(evals.get("arith", []), "sft")
+    test = sweep_rows(sweeps, "arith/bon-test")
+    if not sft or not test:
         return []
-    made = []
-    # 1. sentiment: ground-truth reward versus KL to the SFT policy (the DPO paper's frontier)
-    rows = evals.get("sentiment", [])
-    if rows:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for method, marker in (("ppo", "o"), ("dpo", "s"), ("sft", "*")):
-            pts = [(r["kl_to_sft"], r["test_sample_reward"], r["name"]) for r in rows if r["method"].startswith(method)]
-            if pts:
-                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=method)
-        bon = sweeps.get("sentiment/bon-test", [])
-        if bon:
-            ax.plot([r["kl_est"] for r in bon], [r["reward"] for r in bon], "^-", label="best-of-N (RM)")
-        ax.set(xlabel="KL to SFT policy (nats per sequence)", ylabel="ground-truth reward (test)",
-               title="sentiment: reward vs KL")
-        ax.legend()
-        fig.tight_layout(), fig.savefig(out / "frontier.png", dpi=120), plt.close(fig)
-        made.append("frontier.png")
-    # 2. arith: best-of-N accuracy versus N, with the trained policies as horizontal lines
-    rows = evals.get("arith", [])
-    if sweeps.get("arith/bon-test"):
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
-        for ax, split in zip(axes, ("test", "ood")):
-            sw = sweeps.get(f"arith/bon-{split}", [])
-            ax.plot([r["n"] for r in sw], [r["reward"] for r in sw], "o-", color="k", label="best-of-N (verifier)")
-            for i, (method, group) in enumerate(by_method(rows).items()):
-                ax.axhline(mean_sd([r[f"{split}_reward"] for r in group])[0], ls="--", color=f"C{i}", label=method)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks([r["n"] for r in sw], [str(r["n"]) for r in sw])
-            ax.set(xlabel="N", title=f"arith {split}")
-        axes[0].set_ylabel("accuracy")
-        axes[1].legend(fontsize=7)
-        fig.tight_layout(), fig.savefig(out / "bon_arith.png", dpi=120), plt.close(fig)
-        made.append("bon_arith.png")
-    # 3. training curves of every stage that logged a loss
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    for st in stages:
-        recs = [r for r in read_metrics_safe(out / st.name / "metrics.jsonl") if "loss" in r]
-        if recs and st.script in ("sft", "rlhf"):
-            ax = axes[0] if st.name.startswith("arith") else axes[1]
-            ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=st.name.split("/")[1], lw=1)
-    for ax, title in zip(axes, ("arith", "sentiment")):
-        ax.set(xlabel="step", ylabel="training loss", title=title)
-        ax.legend(fontsize=6)
-    fig.tight_layout(), fig.savefig(out / "curves.png", dpi=120), plt.close(fig)
-    made.append("curves.png")
-    return made
+    sweep = mean_sweep(test)
+    P, top = int(sweep[0]["n_prompts"]), int(sweep[-1]["n"])
+    a = truncated(sft, "test_rewards", P)
+    text = ("**(1) SFT vs best-of-N (Somerstep et al. 2025).** Both start from the same warm-up policy and the same "
+            "demonstrations: SFT trains on them; a reward model learns to prefer each demonstration to a wrong "
+            f"sample of the warm-up policy and picks the best of N warm-up samples. On the first {P} test "
+            f"prompts ({seeds_note(sft)}): SFT greedy {mean(per_prompt(a, 'x')):.3f}; best-of-N with the reward "
+            "model " + ", ".join(f"N={r['n']:.0f}: {r['reward']:.3f}" for r in sweep)
+            + "; with the verifier as an oracle selector " + ", ".join(f"N={r['n']:.0f}: {r['oracle_reward']:.3f}"
+                                                                       for r in sweep if "oracle_reward" in r)
+            + f". The claim that SFT beats best-of-{top} (reward model) " + compare(a, bon_as_rows(test, top), "x") + ".")
+    gaps = length_gaps(evals, sweeps, top)
+    if len(gaps) > 1:
+        lo, hi = min(gaps), max(gaps)
+        diff, two_se = gaps[hi][0] - gaps[lo][0], math.hypot(gaps[hi][1], gaps[lo][1])  # independent prompts
+        text += (" By answer length (SFT minus best-of-" + str(top) + "): " + ", ".join(
+            f"{L} step{'s' if L > 1 else ''} {g:+.3f} ± {se:.3f} ({n} prompts)" for L, (g, se, n) in gaps.items())
+            + f". The claim that the gap grows with length ({hi} steps vs {lo}) " + verdict(diff, two_se) + ".")
+    return [text]
 
 
-def read_metrics_safe(path):
-    return read_metrics(path) if Path(path).is_file() else []
+def lr_choice(rows, loss):
+    """The learning rate of `loss` (sft / dft) with the best mean validation accuracy -> (method, {method: val})."""
+    family = {m: g for m, g in by_method(rows).items() if m == loss or m.startswith(loss + "-lr")}
+    vals = {m: mean([r.get("val_reward") for r in g]) for m, g in family.items()}
+    vals = {m: v for m, v in vals.items() if v is not None}
+    return (max(vals, key=vals.get) if vals else None), vals
+
+
+def dft_vs_sft(evals):
+    """(2) Wu et al.: DFT generalises better than SFT, each at its own learning rate picked on validation."""
+    a = evals.get("arith", [])
+    (sft, sft_vals), (dft, dft_vals) = lr_choice(a, "sft"), lr_choice(a, "dft")
+    if not sft or not dft:
+        return []
+    S, D = of(a, sft), of(a, dft)
+    swept = "; ".join(f"{m} {v:.3f}" for m, v in {**sft_vals, **dft_vals}.items())
+    return [f"**(2) DFT vs SFT (Wu et al. 2025).** Learning rates picked on validation (held-out problems of the "
+            f"training distribution; greedy accuracy: {swept}): SFT → {sft}, DFT → {dft}. Both continue from the "
+            "same short SFT warm-up (from the raw base DFT cannot learn the chat format: its weight p is ~0 on the "
+            f"format's tokens). {seeds_note(S)}. OOD (3-step problems) accuracy SFT {fmt([r['ood_reward'] for r in S])}, "
+            f"DFT {fmt([r['ood_reward'] for r in D])}; in distribution SFT {fmt([r['test_reward'] for r in S])}, DFT "
+            f"{fmt([r['test_reward'] for r in D])}. The claim that DFT generalises better (OOD) "
+            + compare(D, S, "ood_rewards") + "; that DFT beats SFT in distribution " + compare(D, S, "test_rewards")
+            + "."]
+
+
+def rl_methods(evals):
+    """(3) Chen et al.: NFT, RFT and GRPO from the same SFT policies, at equal sample budgets."""
+    a = evals.get("arith", [])
+    sft, rl = of(a, "sft"), {m: of(a, m) for m in ("nft", "rft", "grpo")}
+    if not sft or not all(rl.values()):
+        return []
+    key = "test_sample_rewards"
+    parts = [f"{m.upper()} {fmt([r['test_sample_reward'] for r in rows])}" for m, rows in rl.items()]
+    gains = [f"for {m.upper()} it " + compare(rows, sft, key) for m, rows in rl.items()]
+    return ["**(3) NFT vs RFT vs GRPO (Chen et al. 2025).** Each seed's chain starts from its own SFT policy "
+            f"(T = 1 test accuracy {fmt([r['test_sample_reward'] for r in sft])}); every method generates the "
+            f"same samples per step for the same steps ({seeds_note(sft)}). T = 1 test accuracy after RL: "
+            + ", ".join(parts) + ". The claim that RL improves on the SFT policy: " + "; ".join(gains)
+            + ". The claim that NFT beats RFT " + compare(rl["nft"], rl["rft"], key) + "; that GRPO beats NFT "
+            + compare(rl["grpo"], rl["nft"], key)
+            + " (T = 1 accuracy; greedy in the table; accuracy against samples in rl_curves.png)."]
+
+
+def frontier_points(rows, prefix):
+    """{method: (mean KL, mean reward, rows)} of the methods starting with prefix (ppo-beta0.05, ...)."""
+    return {m: (mean([r["kl_to_sft"] for r in g]), mean([r["test_sample_reward"] for r in g]), g)
+            for m, g in by_method(rows).items() if m.startswith(prefix)}
+
+
+def ppo_vs_dpo(evals, sweeps):
+    """(4) Rafailov et al.: DPO reaches more reward than PPO at the same KL to the SFT policy."""
+    s = evals.get("sentiment", [])
+    ppo, dpo, sft = frontier_points(s, "ppo-"), frontier_points(s, "dpo-"), of(s, "sft")
+    if not ppo or not dpo or not sft:
+        return []
+    text = ("**(4) PPO vs DPO: reward against KL (Rafailov et al. 2023).** Per seed one chain: SFT → reward "
+            "model (pairs of the SFT policy's samples ranked by the hidden ground truth) → PPO with that reward "
+            f"model, DPO on those same pairs ({seeds_note(sft)}). Ground-truth reward of T = 1 samples at KL to SFT "
+            f"(SFT itself {mean([r['test_sample_reward'] for r in sft]):.3f}): "
+            + "; ".join(f"{m} {r:.3f} at {k:.2f} nats" for m, (k, r, _) in {**ppo, **dpo}.items()))
+    # compare where both reach: the best mean reward of each method among its strengths within the KL budget
+    # that both methods' frontiers cover (its largest mean KL, the smaller of the two), 10% slack
+    budget = min(max(k for k, _, _ in ppo.values()), max(k for k, _, _ in dpo.values()))
+    best = {}
+    for name, pts in (("PPO", ppo), ("DPO", dpo)):
+        inside = {m: p for m, p in pts.items() if p[0] <= 1.1 * budget}
+        if inside:
+            best[name] = max(inside, key=lambda m: inside[m][1])
+    if len(best) == 2:
+        text += (f". Within {budget:.2f} nats (the largest KL both reach): PPO's best {best['PPO']}, DPO's best "
+                 f"{best['DPO']}; the claim that DPO reaches more reward there "
+                 + compare(dpo[best["DPO"]][2], ppo[best["PPO"]][2], "test_sample_rewards"))
+    else:
+        text += ". The two frontiers do not overlap in KL, so they cannot be compared at equal KL here"
+    test = sweep_rows(sweeps, "sentiment/bon-test")
+    if test:
+        sweep = mean_sweep(test)
+        text += ("; best-of-N with the same reward models: " + ", ".join(
+            f"N={r['n']:.0f} {r['reward']:.3f} at {r['kl_est']:.2f} nats" for r in sweep))
+    proxy = [(k, mean([r.get("test_proxy_reward") for r in g]), rw) for k, rw, g in ppo.values()]
+    if all(p is not None for _, p, _ in proxy):
+        text += (". Over-optimisation (overoptimisation.png): PPO's reward-model score / ground truth, by KL: "
+                 + ", ".join(f"{k:.2f} nats {p:.3f} / {rw:.3f}" for k, p, rw in sorted(proxy)))
+    return [text + "."]
+
+
+def imitation(evals):
+    """(5) Gudibande et al.: imitation copies style, not capability; more imitation data does not close the gap,
+    a bigger base does."""
+    a = evals.get("arith", [])
+    teacher = of(a, "teacher")
+    groups = {m: g for m, g in by_method(a).items() if m.startswith("imitation-")}
+    if not teacher or not groups:
+        return []
+    t = teacher[0]
+    text = (f"**(5) Imitation (Gudibande et al. 2023).** Teacher: the policy's size trained longer (format "
+            f"{t['test_format']:.3f}, test accuracy {t['test_reward']:.3f}). Students fine-tuned on its greedy answers "
+            "(imitation) or on as many true demonstrations, format / accuracy: ")
+    parts = []
+    for m, g in groups.items():
+        true = of(a, m.replace("imitation-", "student-", 1))
+        parts.append(f"{m} {mean([r['test_format'] for r in g]):.3f} / {mean([r['test_reward'] for r in g]):.3f}"
+                     + (f" (true data {mean([r['test_format'] for r in true]):.3f} / "
+                        f"{mean([r['test_reward'] for r in true]):.3f})" if true else ""))
+    text += "; ".join(parts) + f" ({seeds_note(next(iter(groups.values())))})."
+    sizes = sorted({m.split("-")[1] for m in groups}, key=list(PRESETS).index)  # smallest model first
+    amounts = sorted({int(m.rpartition("-n")[2]) for m in groups})
+    small, big, n_lo, n_hi = sizes[0], sizes[-1], amounts[0], amounts[-1]
+    top = groups[f"imitation-{big}-n{n_hi}"]
+    fgap = mean([r["test_format"] for r in top]) - t["test_format"]
+    text += (f" Style: the imitator's format is within {abs(fgap):.3f} of the teacher's ("
+             + ("copied, |gap| <= 0.05" if abs(fgap) <= 0.05 else "not copied, |gap| > 0.05") + "). The claim that "
+             f"capability is not copied (teacher ahead of the {big} imitator at n={n_hi}) "
+             + compare(teacher, top, "test_rewards") + ".")
+    if n_hi != n_lo:
+        for p in sizes:
+            text += (f" The claim that more imitation data ({n_lo} → {n_hi}) raises the {p} imitator's accuracy "
+                     + compare(groups[f"imitation-{p}-n{n_hi}"], groups[f"imitation-{p}-n{n_lo}"], "test_rewards")
+                     + ".")
+    if big != small:
+        text += (f" The claim that a bigger base ({big} vs {small}, n={n_hi}) raises the imitator's accuracy "
+                 + compare(top, groups[f"imitation-{small}-n{n_hi}"], "test_rewards") + ".")
+    return [text]
+
+
+def adaptation(evals):
+    """(6): full SFT against the best cheap adaptation, in and out of distribution, and what each cost."""
+    a = evals.get("arith", [])
+    sft, groups = of(a, "sft"), {m: g for m, g in by_method(a).items() if m.startswith(CHEAP)}
+    if not sft or not groups:
+        return []
+    text = ("**(6) Full SFT vs cheap adaptation (LoRA, prompt tuning, retrieval).** Greedy accuracy test / ood: "
+            f"full SFT {mean([r['test_reward'] for r in sft]):.3f} / {mean([r['ood_reward'] for r in sft]):.3f}; "
+            + "; ".join(f"{m} {mean([r['test_reward'] for r in g]):.3f} / {mean([r['ood_reward'] for r in g]):.3f}"
+                        for m, g in groups.items()) + f" ({seeds_note(sft)}).")
+    # the alternatives to full SFT from the same warm-up: adapters (same steps and data) and retrieval into the
+    # frozen warm-up; retrieval into the SFT policy is an addition to SFT, judged on its own below
+    instead = {m: g for m, g in groups.items() if not m.startswith("rag-sft")}
+    for split, what in (("test", "in domain"), ("ood", "out of distribution")):
+        if instead:
+            best = max(instead, key=lambda m: mean([r[f"{split}_reward"] for r in instead[m]]))
+            text += (f" The claim that full SFT holds the edge {what} over the best cheap alternative there ({best}) "
+                     + compare(sft, instead[best], f"{split}_rewards") + ".")
+    for m, g in groups.items():
+        if m.startswith("rag-sft"):
+            text += (f" The claim that retrieval added to the SFT policy ({m}) raises its ood accuracy "
+                     + compare(g, sft, "ood_rewards") + ".")
+    trained = {m: g for m, g in groups.items() if not m.startswith("rag-")}
+    short = [f"{r['method']} {r['retrieve_short']} of {2 * r['n_eval']}" for g in groups.values() for r in g
+             if r.get("retrieve_short")]
+    if short:
+        text += (" Retrieval keeps only the examples that fit the context beside the response budget: prompts "
+                 "holding fewer than k: " + ", ".join(short) + ".")
+    full = mean([r.get("trainable_params") for r in sft])
+    counts = {m: mean([r.get("trainable_params") for r in g]) for m, g in trained.items()}
+    if full:
+        text += (f" Trainable parameters: full {full:,.0f}; " + "; ".join(
+            f"{m} {v:,.0f} ({100 * v / full:.1f}%)" for m, v in counts.items() if v) + " (retrieval trains none).")
+    return [text]
+
+
+def questions(evals, sweeps):
+    """One paragraph per question of the study (README, "The study"): the measured answer and its verdict."""
+    return (sft_vs_bon(evals, sweeps) + dft_vs_sft(evals) + rl_methods(evals) + ppo_vs_dpo(evals, sweeps)
+            + imitation(evals) + adaptation(evals))
 
 
 # ------------------------------------------------------------------------------------------------ report
 
-def questions(evals, sweeps):
-    """One short paragraph per question of the study (README, "The study"): the measured answer and whether
-    the claim held, was refuted or is inconclusive here (report.verdict: two standard errors, paired over the
-    shared prompts, or from the seeds' spread when that is larger)."""
-    a, s = evals.get("arith", []), evals.get("sentiment", [])
-    of = lambda rows, m: [r for r in rows if r["method"] == m]  # noqa: E731
-    sft_rows, dft_rows = of(a, "sft"), of(a, "dft")
-    start = [r for r in sft_rows if r["seed"] == 0]  # the policy RL and best-of-N start from
-    out = []
-
-    sweep = sweeps.get("arith/bon-test", [])
-    bon = {r["n"]: r["reward"] for r in sweep}
-    if start and bon:
-        sft0 = start[0]["test_reward"]
-        # overtakes: ahead by more than two standard errors (the sweep's own, and the greedy answer's binomial one)
-        sft_var = sft0 * (1 - sft0) / start[0]["n_eval"]
-        beats = [r["n"] for r in sweep if r["reward"] - sft0 > 2 * (r.get("reward_se", 0) ** 2 + sft_var) ** 0.5]
-        out.append("**(1) SFT vs best-of-N (Somerstep et al. 2025).** The SFT policy (seed 0), one greedy answer: "
-                   f"{sft0:.3f} test accuracy. Best-of-N from it with the verifier as selector: "
-                   + ", ".join(f"N={n}: {v:.3f}" for n, v in sorted(bon.items())) + ". "
-                   + ("Best-of-N is ahead of the SFT policy's greedy answer by more than two standard errors at "
-                      + ", ".join(f"N={n}" for n in beats) if beats else
-                      "Best-of-N never clearly overtakes the SFT policy at these N")
-                   + ". Caveat: the verifier is an oracle selector; the claim's setting (a learned reward) is "
-                   "the sentiment sweep below.")
-    if sft_rows and dft_rows:
-        sft_ood, dft_ood = mean_of(a, "sft", "ood_reward"), mean_of(a, "dft", "ood_reward")
-        out.append(f"**(2) DFT vs SFT out of distribution (Wu et al. 2025).** OOD accuracy (greedy) SFT "
-                   f"{fmt([r['ood_reward'] for r in sft_rows])}, DFT {fmt([r['ood_reward'] for r in dft_rows])}; in "
-                   f"distribution SFT {mean_of(a, 'sft', 'test_reward'):.3f}, DFT {mean_of(a, 'dft', 'test_reward'):.3f}. "
-                   "Both continue from the same short SFT warm-up (from the raw base, DFT cannot learn the chat "
-                   "format: its weight p is ~0 on the format's tokens). The claim (DFT generalises better) "
-                   + verdict(dft_ood - sft_ood, noise(dft_rows, sft_rows, "ood_rewards")) + ".")
-    rl = {m: of(a, m) for m in ("nft", "rft", "grpo", "ppo")}
-    if start and all(rl.values()):
-        s0 = start[0]
-        gains = {m: (rows[0]["test_sample_reward"] - s0["test_sample_reward"], noise(rows, start, "test_sample_rewards"))
-                 for m, rows in rl.items()}
-        best = max(gains, key=lambda m: gains[m][0])
-        out.append("**(3) NFT vs RFT vs GRPO (Chen et al. 2025).** From the same SFT policy (seed 0: test accuracy "
-                   f"{s0['test_reward']:.3f} greedy, {s0['test_sample_reward']:.3f} with T = 1 samples), greedy / T = 1: "
-                   + ", ".join(f"{m.upper()} {rows[0]['test_reward']:.3f} / {rows[0]['test_sample_reward']:.3f}"
-                               for m, rows in rl.items())
-                   + ". Gain in T = 1 accuracy over SFT (± two paired standard errors): "
-                   + ", ".join(f"{m.upper()} {g:+.3f} ± {n:.3f}" for m, (g, n) in gains.items())
-                   + f". Most: {best.upper()}. The claim NFT >= RFT "
-                   + verdict(rl["nft"][0]["test_sample_reward"] - rl["rft"][0]["test_sample_reward"],
-                             noise(rl["nft"], rl["rft"], "test_sample_rewards")) + " (T = 1 accuracy).")
-    ppo = [r for r in s if r["method"].startswith("ppo")]
-    dpo = [r for r in s if r["method"].startswith("dpo")]
-    sft_s = mean_of(s, "sft", "test_sample_reward")
-    if ppo and dpo and sft_s is not None:
-        # gain per nat only where the KL estimate is clearly above zero (a ratio over ~0 nats means nothing)
-        eff = lambda rs: max([(r["test_sample_reward"] - sft_s) / r["kl_to_sft"] for r in rs if r["kl_to_sft"] > 0.1],  # noqa: E731
-                             default=None)
-        e_ppo, e_dpo = eff(ppo), eff(dpo)
-        text = ("**(4) PPO vs DPO reward per KL (Rafailov et al. 2023).** Ground-truth reward (T = 1 samples) and KL "
-                f"to SFT (SFT itself: {sft_s:.3f}): "
-                + "; ".join(f"{r['method']} {r['test_sample_reward']:.3f} at {r['kl_to_sft']:.2f} nats" for r in ppo + dpo))
-        if e_ppo is not None and e_dpo is not None:
-            text += (f". Best reward gain per nat: PPO {e_ppo:.3f}, DPO {e_dpo:.3f} (DPO "
-                     + ("ahead" if e_dpo > e_ppo else "behind") + "). The paper's claim (DPO reaches a better "
-                     "frontier) is inconclusive here: one seed per strength, so no interval (a reward model "
-                     "trained with another seed can move PPO's reward by half its range; see the frontier plot)")
-        out.append(text + ".")
-    imit, student = of(a, "imitation"), of(a, "student-sft")
-    if imit and student and start:
-        t, i, st = start[0], imit[0], student[0]
-        gap, format_gap = t["test_reward"] - i["test_reward"], t["test_format"] - i["test_format"]
-        copied = abs(format_gap) <= 0.05
-        out.append("**(5) Imitation (Gudibande et al. 2023).** Teacher: the SFT policy (seed 0): format "
-                   f"{t['test_format']:.3f}, accuracy {t['test_reward']:.3f}. A smaller model fine-tuned on the "
-                   f"teacher's greedy answers: format {i['test_format']:.3f}, accuracy {i['test_reward']:.3f}; the "
-                   f"same smaller model on the true demonstrations: format {st['test_format']:.3f}, accuracy "
-                   f"{st['test_reward']:.3f} (imitation minus true data: {i['test_reward'] - st['test_reward']:+.3f} "
-                   f"± {noise(imit, student, 'test_rewards'):.3f}). The claim (the imitator copies the style, "
-                   "|format gap| <= 0.05, but not the capability) "
-                   + (verdict(gap, noise(start, imit, "test_rewards")) if copied else
-                      f"was refuted here: the style was not copied either (format gap {format_gap:+.3f})") + ".")
-    out += adaptation_question(sft_rows, [r for r in a if r["method"].startswith(CHEAP)])
-    return out
+def read_sweeps(out: Path, stages) -> dict:
+    """stage name -> the rows of its sweep.jsonl (best-of-N stages)."""
+    return {st.name: read_jsonl(Path(out) / st.name / "sweep.jsonl") for st in stages if st.script == "bon"}
 
 
-def adaptation_question(sft_rows, cheap_rows):
-    """(6): full SFT against the best cheap adaptation, in and out of distribution, and what each cost."""
-    if not sft_rows or not cheap_rows:
-        return []
-    groups = by_method(cheap_rows)
-    text = ("**(6) Full SFT vs cheap adaptation (LoRA, prompt tuning, retrieval).** Greedy accuracy test / ood: "
-            f"full SFT {mean_of(sft_rows, 'sft', 'test_reward'):.3f} / {mean_of(sft_rows, 'sft', 'ood_reward'):.3f}; "
-            + "; ".join(f"{m} {mean_of(g, m, 'test_reward'):.3f} / {mean_of(g, m, 'ood_reward'):.3f}"
-                        for m, g in groups.items()) + ".")
-    for split, what in (("test", "in domain"), ("ood", "out of distribution")):
-        best = max(groups, key=lambda m: mean_of(groups[m], m, f"{split}_reward"))
-        diff = mean_of(sft_rows, "sft", f"{split}_reward") - mean_of(groups[best], best, f"{split}_reward")
-        text += (f" The claim that full SFT holds the edge {what} (against the best cheap method there, {best}) "
-                 + verdict(diff, noise(sft_rows, groups[best], f"{split}_rewards")) + ".")
-    short = [f"{r['method']} {r['retrieve_short']} of {2 * r['n_eval']}" for r in cheap_rows if r.get("retrieve_short")]
-    if short:
-        text += (" Retrieval keeps only the examples that fit the context beside the response budget: prompts "
-                 "holding fewer than k: " + ", ".join(short) + ".")
-    full = mean_sd([r.get("trainable_params") for r in sft_rows])[0]
-    trained = {m: mean_sd([r.get("trainable_params") for r in g])[0] for m, g in groups.items()}
-    if full:
-        text += (" Trainable parameters: full " + f"{full:,.0f}; " + "; ".join(
-            f"{m} {v:,.0f} ({100 * v / full:.1f}%)" for m, v in trained.items() if v) + " (retrieval trains none).")
-    return [text]
-
-
-def write_report(out: Path, stages, scale, evals: dict) -> Path:
-    """evals: task -> rows of the policies' eval.json (plus name, method, seed), as pipeline.collect_evals."""
+def write_report(out: Path, stages, scale, evals: dict, made=()) -> Path:
+    """evals: task -> rows of the policies' eval.json (plus name, method, seed), as pipeline.collect_evals;
+    made: the PNG files plots.plots drew beside it."""
     out = Path(out)
     evals = {t: evals.get(t, []) for t in ("arith", "sentiment")}
-    sweeps = {st.name: read_jsonl(out / st.name / "sweep.jsonl") for st in stages if st.script == "bon"}
-    made = plots(out, stages, evals, sweeps)
+    sweeps = read_sweeps(out, stages)
+    a = evals["arith"]
     md = ["# minipost study report", "",
           "Every number below is read from the files the stages wrote (eval.json, sweep.jsonl, metrics.jsonl) "
           f"under `{out}`. Scale: {scale.base_steps} base steps, {scale.sft_steps} SFT steps, {scale.rl_steps} "
-          f"RL rollout steps, {scale.n_eval} evaluation prompts per split, {scale.seeds} SFT/DFT seed(s).", "",
+          f"RL rollout steps, {scale.n_eval} evaluation prompts per split, {scale.seeds} seed(s) of every chain. "
+          "Each verdict states its effect, the two-standard-error interval and, when inconclusive, the smallest "
+          "effect this many prompts and seeds could detect."
+          + ("" if scale.seeds >= 3 else " With one seed a verdict reflects prompt noise only, not seed noise: "
+             "this run is a demonstration; `python pipeline.py --scale full` is the study that answers."), "",
           "## Questions", ""]
     md += [q + "\n" for q in questions(evals, sweeps)]
-    md += ["## arith (accuracy by the verifier; greedy answers)", "",
-           method_table(evals["arith"], ARITH_COLUMNS), ""]
+    main = [r for r in a if not r["method"].startswith(IMITATION + CHEAP) and "-lr" not in r["method"]]
+    md += ["## arith (accuracy by the verifier)", "", method_table(main, ARITH_COLUMNS), ""]
+    lr_rows = [r for r in a if r["method"].startswith(("sft", "dft"))]
+    md += ["Learning rates of SFT and DFT (question 2; each picked on validation accuracy):", "",
+           method_table(lr_rows, LR_COLUMNS), ""]
     for split in ("test", "ood"):
-        if sweeps.get(f"arith/bon-{split}"):
-            md += [f"Best-of-N from the SFT policy on {split}, verifier selects:", "",
-                   sweep_table(sweeps[f"arith/bon-{split}"]), ""]
-    adapt = [r for r in evals["arith"] if r["method"] == "sft" or r["method"].startswith(CHEAP)]
+        by_seed = sweep_rows(sweeps, f"arith/bon-{split}")
+        if by_seed:
+            md += [f"Best-of-N from the warm-up policy on {split} (reward model selects; mean over {len(by_seed)} "
+                   "seed(s); ± the standard error over seeds, or over prompts with one seed):", "",
+                   sweep_table(mean_sweep(by_seed)), ""]
+    adapt = [r for r in a if r["method"] == "sft" or r["method"].startswith(CHEAP)]
     if any(r["method"] != "sft" for r in adapt):
         md += ["Full SFT vs cheap adaptation (question 6). SFT, LoRA and prompt tuning all continue from the "
-               "same full-SFT warm-up for the same steps; retrieval rows are frozen models (the base, or the SFT "
-               "policy) prompted with k solved train examples (BM25), so they train nothing of their own. Tensor "
-               "memory: the distinct parameter, gradient and optimizer-state tensors a run holds; peak RSS: the "
-               "whole process (mostly the runtime on a CPU).", "",
+               "same full-SFT warm-up for the same steps; retrieval rows are frozen models (the warm-up, or each "
+               "seed's SFT policy) prompted with k solved train examples (BM25). Tensor memory: the distinct "
+               "parameter, gradient and optimizer-state tensors a run holds; peak RSS: the whole process.", "",
                method_table(adapt, ADAPT_COLUMNS), ""]
+    imit = [r for r in a if r["method"].startswith(IMITATION)]
+    if imit:
+        md += ["Imitation (question 5): the teacher, and each student size x data amount on the teacher's answers "
+               "(imitation-) or on true demonstrations (student-):", "", method_table(imit, IMITATION_COLUMNS), ""]
     md += ["## sentiment (hidden ground-truth reward of sampled continuations, T = 1)", "",
            method_table(evals["sentiment"], SENTIMENT_COLUMNS), ""]
-    if sweeps.get("sentiment/bon-test"):
-        md += ["Best-of-N from the SFT policy, the learned reward model selects, the ground truth scores:", "",
-               sweep_table(sweeps["sentiment/bon-test"]), ""]
+    by_seed = sweep_rows(sweeps, "sentiment/bon-test")
+    if by_seed:
+        md += ["Best-of-N from each seed's SFT policy, its reward model selects, the ground truth scores:", "",
+               sweep_table(mean_sweep(by_seed)), ""]
     md += ["## Plots", ""] + [f"![{m}]({m})" for m in made] + [""]
     md += ["## How each number was made", "", "Stages (each a script call; rerun one to reproduce it):", ""]
     md += [f"- `{st.name}`: `{st.command}`" for st in stages]
     md += ["", "KL to SFT: mean over test prompts of the summed per-token log-ratio log pi(y_t) - log pi_SFT(y_t) "
-           "on k T = 1 samples of the policy per prompt (k = 4 by default). Reward: the task's verifier (arith, greedy answer) or "
-           "hidden lexicon score (sentiment, T = 1 samples). Best-of-N: the KL estimate is a plug-in from the "
-           "sampled pool; log N - (N-1)/N is only an upper bound (Beirami et al. 2024)."]
+           "on k T = 1 samples of the policy per prompt (k = 4), against the SFT policy of the same seed. Reward: "
+           "the task's verifier (arith, greedy answer unless marked T = 1) or hidden lexicon score (sentiment, "
+           "T = 1 samples). Best-of-N: expected over N-subsets of a pool of samples per prompt; the KL estimate is "
+           "a plug-in from the pool; log N - (N-1)/N is only an upper bound (Beirami et al. 2024). Every number "
+           "here comes from one thread per stage on this machine's CPU: another thread count or device changes "
+           "the training bits (~1e-7 from the first steps) and so the exact numbers, not the verdicts' intervals."]
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path

@@ -166,10 +166,13 @@ def sample_candidates(model, tokenizer, prompts: list[list[int]], n: int, max_ne
 
 
 @torch.no_grad()
-def sample_kl(policy, ref, tokenizer, rows, max_new_tokens, temperature=1.0, seed=0, reward_fn=None, k=1) -> dict:
+def sample_kl(policy, ref, tokenizer, rows, max_new_tokens, temperature=1.0, seed=0, reward_fn=None, k=1,
+              proxy=None) -> dict:
     """Sequence KL(policy || ref) on the policy's own samples (k per prompt) and its token entropy:
     kl = mean over sequences of sum_t (logp_t - ref_t), both at the sampling temperature.
-    With reward_fn (a TRL-style reward function), also "reward": its mean over the same samples."""
+    With reward_fn (a TRL-style reward function), also "reward": its mean over the same samples ("rewards":
+    per sample, prompt-major). With proxy (a rewards.Reward, e.g. a reward model), also "proxy" and "proxies",
+    its scores of the same samples: proxy and ground truth side by side show reward over-optimisation."""
     r = sample_rollout(policy, tokenizer, rows, k, max_new_tokens, temperature, seed)
     logp, ent = sequence_logprobs(policy, r.seqs, temperature, entropy=True)
     ref_logp = sequence_logprobs(ref, r.seqs, temperature)
@@ -178,4 +181,7 @@ def sample_kl(policy, ref, tokenizer, rows, max_new_tokens, temperature=1.0, see
     if reward_fn is not None:
         values = call_reward(reward_fn, r.rows, r.texts)  # prompt-major: k consecutive values per prompt
         out["reward"], out["rewards"] = sum(values) / len(values), values
+    if proxy is not None:
+        scores = r.score(proxy).tolist()
+        out["proxy"], out["proxies"] = sum(scores) / len(scores), scores
     return out

@@ -7,6 +7,7 @@ Every task gives four kinds of data, all a pure function of (split, n, seed) thr
     reward(prompts, completions, **columns) -> list[float]     TRL-style; extra columns arrive as lists
 
 arith      short word problems with a worked answer ("12 + 7 = 19. 19 - 5 = 14. The answer is 14.").
+           Rows carry "answer" (str); prompt rows also "steps" (int, the number of arithmetic steps).
            Verifier reward 1/0. Splits train / test (same distribution, disjoint problem texts) and ood
            (three steps instead of one or two).
 sentiment  the DPO paper's IMDb experiment in miniature: synthetic movie reviews, prompts are review openings,
@@ -280,8 +281,9 @@ class ArithTask(Task):
     name = "arith"
     splits = ("train", "test", "ood")
 
-    def _problems(self, split: str, n: int, seed: int) -> list[tuple[str, str, int]]:
-        """n distinct problems of a split -> (question, worked answer, answer); shared by demos and prompts."""
+    def _problems(self, split: str, n: int, seed: int) -> list[tuple[str, str, int, int]]:
+        """n distinct problems of a split -> (question, worked answer, answer, steps); shared by demos and
+        prompts. Drawn one after another from one generator, so a larger n extends a smaller n's list."""
         self._check_split(split)
         rng = self._rng(split, seed)
         out, seen = [], set()
@@ -293,16 +295,18 @@ class ArithTask(Task):
             if q in seen or (split != "ood" and _is_test_text(q) != (split == "test")):
                 continue
             seen.add(q)
-            out.append((q, _worked_answer(p), p["steps"][-1][3]))
+            out.append((q, _worked_answer(p), p["steps"][-1][3], len(p["steps"])))
         return out
 
     def demos(self, split, n, seed=0):
         return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": w}], "answer": str(a)}
-                for q, w, a in self._problems(split, n, seed)]
+                for q, w, a, _ in self._problems(split, n, seed)]
 
     def prompts(self, split, n, seed=0):
-        return [{"prompt": [{"role": "user", "content": q}], "answer": str(a)}
-                for q, _, a in self._problems(split, n, seed)]
+        """Rows {"prompt", "answer": str, "steps": int}: steps (1-3, a "boxes of" intro counting as one) lets
+        a report break accuracy down by problem length; reward functions ignore it (**kwargs)."""
+        return [{"prompt": [{"role": "user", "content": q}], "answer": str(a), "steps": k}
+                for q, _, a, k in self._problems(split, n, seed)]
 
     def corpus(self, n_docs, seed=0):
         rng = self._rng("corpus", seed)

@@ -21,7 +21,7 @@ from minipost.engine import generate
 from minipost.evaluate import prompt_ids, sample_completions
 from minipost.model import GPT, GPTConfig
 from minipost.rewards import checked_rewards, load_reward_fn, score_with_reward_model
-from minipost.tasks import arith_reward, get_task
+from minipost.tasks import ArithTask, arith_reward, get_task
 from minipost.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -269,6 +269,53 @@ def test_sweep_end_to_end(work, rewards_importable, capsys):
         assert r["gen_s_per_prompt"] > 0
     assert results[0]["proxy"] == pytest.approx(sum(sum(p["scores"]) for p in pool) / 24)
     assert results[0]["kl_est"] == pytest.approx(0.0, abs=1e-12)  # best-of-1 is the policy
+    for r in results:  # per prompt, in prompt order
+        assert r["rewards"] == pytest.approx([brute_force_best_of_n(p["scores"], p["rewards"], r["n"]) for p in pool],
+                                             abs=1e-12)
+        assert sum(r["rewards"]) / 3 == pytest.approx(r["reward"], abs=1e-15) and r["prompt_seed"] == 0
+
+
+def test_sweep_oracle_is_the_ground_truth_selecting_from_the_same_pool(work, rewards_importable, monkeypatch):
+    """oracle_reward(s): best-of-N of the pool selected by the gold reward itself. A tiny random policy never
+    solves arith, so the task's reward is swapped for a gold that varies (distinct characters mod 3)."""
+    def gold(prompts, completions, **kwargs):
+        return [float(len(set(c)) % 3) for c in completions]
+    monkeypatch.setattr(ArithTask, "reward", lambda self, prompts, completions, **kw: gold(prompts, completions))
+    out = work / "sweep-oracle"
+    results = sample_bon.main(["--init", str(work / "policy"), "--n-prompts", "3", "--sweep", "1,2,4",
+                               "--pool-factor", "2", "--max-new-tokens", "6", "--time-prompts", "1",
+                               "--reward", "bon_test_rewards:length_reward", "--keep-all", "--device", "cpu",
+                               "--out", str(out)])
+    pool = read_jsonl(out / "pool.jsonl")
+    for p in pool:
+        assert p["rewards"] == gold(None, p["completions"]) and p["scores"] == [float(len(c)) for c in p["completions"]]
+    assert len({v for p in pool for v in p["rewards"]}) > 1  # the gold varies, so selection matters
+    for r in results:
+        n = r["n"]
+        assert r["oracle_rewards"] == pytest.approx(
+            [brute_force_best_of_n(p["rewards"], p["rewards"], n) for p in pool], abs=1e-12)
+        assert sum(r["oracle_rewards"]) / 3 == pytest.approx(r["oracle_reward"], abs=1e-15)
+        assert all(o >= g - 1e-12 for o, g in zip(r["oracle_rewards"], r["rewards"]))
+        assert sum(r["rewards"]) / 3 == pytest.approx(r["reward"], abs=1e-15)
+    assert results[0]["oracle_rewards"] == pytest.approx(results[0]["rewards"], abs=1e-12)  # N = 1: no choice
+    assert results[-1]["oracle_reward"] > results[-1]["reward"]  # length is not the gold: the oracle does better
+
+
+def test_sweep_prompt_seed_and_no_oracle_for_the_ground_truth(work):
+    """--prompt-seed 1 takes the first n of seed 1's prompts (what minipost.evaluate scores); selecting by the
+    task's own reward writes no oracle columns (it is the oracle)."""
+    out = work / "sweep-seed1"
+    results = sample_bon.main(["--init", str(work / "policy"), "--n-prompts", "3", "--sweep", "1,2",
+                               "--max-new-tokens", "4", "--time-prompts", "1", "--prompt-seed", "1", "--keep-all",
+                               "--device", "cpu", "--out", str(out)])
+    task = get_task("arith")
+    want = task.prompts("test", 3, seed=1)
+    assert [p["prompt"] for p in read_jsonl(out / "pool.jsonl")] == [r["prompt"] for r in want]
+    assert [r["prompt"] for r in want] != [r["prompt"] for r in task.prompts("test", 3, seed=0)]
+    assert want == task.prompts("test", 50, seed=1)[:3]  # the first 3 of an evaluation's 50
+    for r in results:
+        assert "oracle_reward" not in r and "oracle_rewards" not in r and r["prompt_seed"] == 1
+        assert len(r["rewards"]) == 3 and sum(r["rewards"]) / 3 == pytest.approx(r["reward"], abs=1e-15)
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 import pipeline
-from minipost.report import ADAPT_COLUMNS, ARITH_COLUMNS, SENTIMENT_COLUMNS, fmt, read_jsonl
+from minipost.report import (ADAPT_COLUMNS, ARITH_COLUMNS, IMITATION_COLUMNS, LR_COLUMNS, SENTIMENT_COLUMNS, fmt,
+                             mean_sweep, read_jsonl, sweep_rows)
 
 
 @pytest.fixture(scope="module")
@@ -25,52 +26,54 @@ def test_every_stage_completes_and_rerun_skips(study, capsys):
     assert printed.count("complete, skipped") == len(stages)
 
 
+def table_cells(section, method):
+    line = next(ln for ln in section.splitlines() if ln.startswith(f"| {method} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
 def test_report_tables_match_eval_files(study):
+    """Every method table: one line per method, each cell the mean (± sd over seeds) of its eval.json values."""
     evals = pipeline.collect_evals(pipeline.plan(pipeline.SCALES["quick"], study, "cpu"), study)
     report = (study / "report.md").read_text()
-    sections = {"arith": report.split("## arith")[1].split("## sentiment")[0],
-                "sentiment": report.split("## sentiment")[1].split("## Plots")[0]}
-    for task, columns in (("arith", ARITH_COLUMNS), ("sentiment", SENTIMENT_COLUMNS)):
-        rows = evals[task]
-        methods = {r["method"] for r in rows}
-        assert {"sft", "dft", "grpo", "nft", "rft", "ppo"} <= methods if task == "arith" else {"sft"} <= methods
+    arith = report.split("## arith")[1].split("## sentiment")[0]
+    tables = {  # (section, columns, methods that must be there)
+        "main": (arith.split("Learning rates")[0], ARITH_COLUMNS, {"sft", "dft", "grpo", "nft", "rft"}),
+        "lr": (arith.split("Learning rates")[1].split("Best-of-N")[0], LR_COLUMNS, {"sft", "dft"}),
+        "adapt": (arith.split("question 6")[1].split("Imitation")[0], ADAPT_COLUMNS,
+                  {"sft", "lora-r4", "prompt-tuning", "rag-warmup-k2", "rag-sft-k2"}),
+        "imitation": (arith.split("Imitation (question 5)")[1], IMITATION_COLUMNS,
+                      {"teacher", "student-micro-n100", "imitation-micro-n100"}),
+        "sentiment": (report.split("## sentiment")[1].split("## Plots")[0], SENTIMENT_COLUMNS,
+                      {"sft", "dpo-beta0.1", "ppo-beta0.05"}),
+    }
+    for name, (section, columns, methods) in tables.items():
+        rows = evals["sentiment" if name == "sentiment" else "arith"]
         for method in methods:
             group = [r for r in rows if r["method"] == method]
-            line = next(ln for ln in sections[task].splitlines() if ln.startswith(f"| {method} |"))
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            assert len(cells) == len(columns) + 1
-            for cell, (_, key, digits) in zip(cells[1:], columns):
-                assert cell == fmt([r[key] for r in group], digits)
-            assert any(r[columns[0][1]] is not None for r in group)
-
-
-def test_adaptation_table_matches_eval_files(study):
-    """Question 6's table: full SFT, LoRA, prompt tuning and retrieval rows with what each cost, from eval.json."""
-    evals = pipeline.collect_evals(pipeline.plan(pipeline.SCALES["quick"], study, "cpu"), study)["arith"]
-    report = (study / "report.md").read_text()
-    section = report.split("Full SFT vs cheap adaptation (question 6)")[1].split("## sentiment")[0]
-    rows = [r for r in evals if r["method"] == "sft" or r["method"].startswith(("lora-", "prompt", "rag-"))]
-    methods = {r["method"] for r in rows}
-    assert {"sft", "lora-r4", "prompt-tuning", "rag-base-k0", "rag-base-k2", "rag-sft-k2"} <= methods
-    for method in methods:
-        group = [r for r in rows if r["method"] == method]
-        line = next(ln for ln in section.splitlines() if ln.startswith(f"| {method} |"))
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[1:] == [fmt([r.get(key) for r in group], digits) for _, key, digits in ADAPT_COLUMNS]
-    lora = next(r for r in rows if r["method"] == "lora-r4")
-    full = next(r for r in rows if r["method"] == "sft")
+            assert group, (name, method)
+            assert table_cells(section, method) == [fmt([r.get(key) for r in group], d) for _, key, d in columns]
+    lora = next(r for r in evals["arith"] if r["method"] == "lora-r4")
+    full = next(r for r in evals["arith"] if r["method"] == "sft")
     assert 0 < lora["trainable_params"] < full["trainable_params"] / 5
-    assert next(r for r in rows if r["method"] == "rag-sft-k2")["retrieve"] == 2
-    assert "**(6) Full SFT vs cheap adaptation" in report
+    assert next(r for r in evals["arith"] if r["method"] == "rag-sft-k2")["retrieve"] == 2
+    for q in ("(1) SFT vs best-of-N", "(2) DFT vs SFT", "(3) NFT vs RFT vs GRPO", "(4) PPO vs DPO", "(5) Imitation",
+              "(6) Full SFT vs cheap adaptation"):
+        assert f"**{q}" in report, q
+    assert "underpowered" in report  # one seed: the report says so
 
 
 def test_report_sweep_tables_match_sweep_files(study):
     report = (study / "report.md").read_text()
-    for name in ("arith/bon-test", "arith/bon-ood", "sentiment/bon-test"):
-        for r in read_jsonl(study / name / "sweep.jsonl"):
-            assert f"| {r['n']} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['format']:.3f} | {r['kl_est']:.3f} |" \
-                in report
-    assert (study / "frontier.png").stat().st_size > 0 and "![frontier.png](frontier.png)" in report
+    sweeps = {name: read_jsonl(study / name / "sweep.jsonl") for name in
+              ("arith/bon-test-seed0", "arith/bon-ood-seed0", "sentiment/bon-test-seed0")}
+    for prefix in ("arith/bon-test", "arith/bon-ood", "sentiment/bon-test"):
+        for r in mean_sweep(sweep_rows(sweeps, prefix)):
+            oracle = f"{r['oracle_reward']:.3f} | " if "oracle_reward" in r else ""
+            assert f"| {r['n']:.0f} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {oracle}{r['format']:.3f} | " \
+                   f"{r['kl_est']:.3f} |" in report
+    for png in ("frontier.png", "overoptimisation.png", "bon_arith.png", "bon_length.png", "rl_curves.png",
+                "imitation.png"):
+        assert (study / png).stat().st_size > 0 and f"![{png}]({png})" in report
 
 
 def test_eval_rows_are_sane(study):
@@ -86,19 +89,33 @@ def test_eval_rows_are_sane(study):
 
 
 def test_plan_dependencies_follow_the_flags(tmp_path):
-    stages = {st.name: st for st in pipeline.plan(pipeline.SCALES["cpu"], tmp_path, "cpu")}
+    stages = {st.name: st for st in pipeline.plan(pipeline.SCALES["full"], tmp_path, "cpu")}
     assert stages["arith/base"].deps == []
-    assert stages["arith/imitation"].deps == ["arith/student-base", "arith/teacher-samples"]
-    assert stages["arith/teacher-samples"].deps == ["arith/sft-seed0"]  # the SFT policy is the teacher
-    # every DPO run trains on the reward model's pairs
-    assert set(stages["sentiment/dpo-beta0.1"].deps) == {"sentiment/sft-seed0", "sentiment/rm"}
-    assert set(stages["arith/eval/grpo"].deps) == {"arith/sft-seed0", "arith/grpo"}
-    assert stages["arith/eval/grpo"].init == str(tmp_path / "arith/grpo")
-    assert set(stages["sentiment/ppo-beta0.2"].deps) == {"sentiment/sft-seed0", "sentiment/rm"}
+    # every chain is its own per seed: RL from that seed's SFT policy, PPO / DPO from that seed's reward model
+    assert set(stages["arith/grpo-seed2"].deps) == {"arith/sft-seed2"}
+    assert set(stages["sentiment/rm-seed1"].deps) == {"sentiment/sft-seed1"}
+    assert set(stages["sentiment/dpo-beta0.05-seed1"].deps) == {"sentiment/sft-seed1", "sentiment/rm-seed1"}
+    assert set(stages["sentiment/ppo-beta0.8-seed2"].deps) == {"sentiment/sft-seed2", "sentiment/rm-seed2"}
+    assert set(stages["sentiment/eval/ppo-beta0.2-seed1"].deps) == {"sentiment/ppo-beta0.2-seed1",
+                                                                      "sentiment/sft-seed1", "sentiment/rm-seed1"}
+    assert set(stages["arith/eval/grpo-seed1"].deps) == {"arith/sft-seed1", "arith/grpo-seed1"}
+    assert stages["arith/eval/grpo-seed1"].init == str(tmp_path / "arith/grpo-seed1")
+    # SFT vs best-of-N: both from the warm-up; the selector is that seed's reward model
+    assert set(stages["arith/bon-ood-seed2"].deps) == {"arith/warmup", "arith/rm-seed2"}
+    assert stages["arith/rm-seed0"].deps == ["arith/warmup"]
+    # learning rates: every one of the sweep from the warm-up, scored on validation after the SFT demonstrations
+    assert {"arith/sft-lr0.001-seed0", "arith/sft-lr0.004-seed2", "arith/dft-seed1", "arith/dft-lr0.012-seed2"} <= \
+        set(stages)
+    assert stages["arith/dft-lr0.012-seed2"].deps == ["arith/warmup"]
+    ev = stages["arith/eval/dft-lr0.005-seed1"].argv
+    assert ev[ev.index("--validation-from") + 1] == str(pipeline.SCALES["full"].n_train)
+    # imitation: the teacher trained longer than the SFT policy; 2 sizes x 2 amounts x 3 seeds of each data
+    assert stages["arith/teacher"].steps > stages["arith/sft-seed0"].steps
+    assert set(stages["arith/imitation-mini-n1000-seed2"].deps) == {"arith/student-mini-base", "arith/teacher-samples"}
+    assert len([n for n in stages if n.startswith(("arith/imitation-", "arith/student-")) and "base" not in n]) == 24
     assert stages["arith/lora-r16-seed1"].deps == ["arith/warmup"]  # cheap adaptation continues the warm-up, as SFT
-    assert set(stages["arith/eval/rag-sft-k4"].deps) == {"arith/sft-seed0"}
-    assert "--retrieve" in stages["arith/eval/rag-base-k2"].argv and stages["arith/eval/rag-base-k2"].deps == \
-        ["arith/base", "arith/sft-seed0"]  # the base is scored; the SFT model is the KL's reference
+    assert set(stages["arith/eval/rag-sft-k1-seed2"].deps) == {"arith/sft-seed2"}
+    assert set(stages["arith/eval/rag-warmup-k2"].deps) == {"arith/warmup", "arith/sft-seed0"}
     order = list(stages)
     assert all(order.index(d) < order.index(name) for name, st in stages.items() for d in st.deps)
 
@@ -124,7 +141,7 @@ def test_report_time_and_samples_come_from_the_runs_metrics(study):
             assert r["train_time_s"] == metrics[-1]["time_s"]
             logged = [m["samples_used"] for m in metrics if "samples_used" in m]
             if logged:
-                assert r["samples"] == sum(logged) and r["method"] in ("grpo", "nft", "rft", "ppo", "ppo-beta0.05")
+                assert r["samples"] == sum(logged) and r["method"] in ("grpo", "nft", "rft", "ppo-beta0.05")
             else:
                 meta = json.loads((study / r["name"] / "ckpt" / "meta.json").read_text())
                 assert r["samples"] == meta["args"]["batch_size"] * meta["step"]
@@ -132,31 +149,62 @@ def test_report_time_and_samples_come_from_the_runs_metrics(study):
 
 def test_noise_is_paired_over_prompts_and_uses_seed_spread():
     from minipost.report import noise, verdict
-    a = [{"test_rewards": [1.0, 0.0, 1.0, 1.0], "test_reward": 0.75}]
-    b = [{"test_rewards": [0.0, 0.0, 1.0, 0.0], "test_reward": 0.25}]
+    a = [{"test_rewards": [1.0, 0.0, 1.0, 1.0]}]
+    b = [{"test_rewards": [0.0, 0.0, 1.0, 0.0]}]
     # differences 1, 0, 0, 1: sd = sqrt(4 * 0.25 / 3), two standard errors = 2 sd / sqrt(4)
     assert abs(noise(a, b, "test_rewards") - math.sqrt(1 / 3)) < 1e-12
-    # two seeds a side: per-prompt differences are all 0.5 (paired noise 0), the seeds' spread is not:
-    # sample variance 0.125 on each side over 2 seeds -> 2 sqrt(0.125 / 2 + 0.125 / 2)
-    a2 = [{"test_rewards": [1.0, 1.0], "test_reward": 1.0}, {"test_rewards": [0.5, 0.5], "test_reward": 0.5}]
-    b2 = [{"test_rewards": [0.0, 0.0], "test_reward": 0.0}, {"test_rewards": [0.5, 0.5], "test_reward": 0.5}]
-    assert abs(noise(a2, b2, "test_rewards") - 2 * math.sqrt(0.0625 + 0.0625)) < 1e-12
+    # seeds 0 and 1 on both sides: per-prompt differences are all 0.5 (paired noise 0), the per-seed
+    # differences are 1 and 0: sd sqrt(0.5), two standard errors 2 sqrt(0.5) / sqrt(2) = 1
+    a2 = [{"seed": 0, "test_rewards": [1.0, 1.0]}, {"seed": 1, "test_rewards": [0.5, 0.5]}]
+    b2 = [{"seed": 0, "test_rewards": [0.0, 0.0]}, {"seed": 1, "test_rewards": [0.5, 0.5]}]
+    assert abs(noise(a2, b2, "test_rewards") - 1.0) < 1e-12
+    # other seeds on the other side: unpaired, each side's seed variance over its n: 2 sqrt(0.125/2 + 0.125/2)
+    b3 = [dict(r, seed=r["seed"] + 5) for r in b2]
+    assert abs(noise(a2, b3, "test_rewards") - 2 * math.sqrt(0.125)) < 1e-12
+    # one row (a teacher) against two seeds: only the seeds' side has a seed variance
+    assert abs(noise(a2[:1], b3, "test_rewards") - 2 * math.sqrt(0.0625)) < 1e-12
     assert verdict(0.5, 0.6).startswith("is inconclusive (difference +0.500, interval [-0.100, +1.100]; the "
                                         "smallest effect this n could detect is 0.840)")
     assert verdict(-0.7, 0.6).startswith("was refuted (difference -0.700, interval [-1.300, -0.100])")
     assert verdict(0.7, 0.6) == "held (difference +0.700, interval [+0.100, +1.300])"
 
 
-def test_best_of_n_overtakes_only_beyond_two_standard_errors():
-    """SFT greedy 0.2 on 100 prompts (binomial variance 0.0016). N=1 at 0.21 (se 0.01) is within
-    2 sqrt(0.0001 + 0.0016) = 0.082; N=2 at 0.30 (se 0.02) is 0.1 ahead, beyond 2 sqrt(0.0004 + 0.0016) = 0.089."""
-    from minipost.report import questions
-    sft = {"method": "sft", "seed": 0, "test_reward": 0.2, "n_eval": 100}
-    sweep = [{"n": 1, "reward": 0.21, "reward_se": 0.01}, {"n": 2, "reward": 0.30, "reward_se": 0.02}]
-    (q1,) = questions({"arith": [sft]}, {"arith/bon-test": sweep})
-    assert "by more than two standard errors at N=2." in q1
-    (q1,) = questions({"arith": [sft]}, {"arith/bon-test": sweep[:1]})
-    assert "never clearly overtakes" in q1
+def test_learning_rate_is_picked_on_validation_not_test():
+    from minipost.report import lr_choice
+    rows = [{"method": "sft", "val_reward": 0.2, "test_reward": 0.9}, {"method": "sft-lr0.004", "val_reward": 0.3,
+            "test_reward": 0.1}, {"method": "sft-lr0.004", "val_reward": 0.5, "test_reward": 0.1},
+            {"method": "dft", "val_reward": 0.1}, {"method": "dft-lr0.008", "val_reward": 0.05}]
+    assert lr_choice(rows, "sft") == ("sft-lr0.004", {"sft": 0.2, "sft-lr0.004": 0.4})
+    assert lr_choice(rows, "dft")[0] == "dft"
+
+
+def test_length_gaps_by_arithmetic_steps():
+    """arith's test prompts alternate 1 and 2 steps (seed 1: 1, 2, 1, 2, ...), ood has 3: SFT's greedy
+    per-prompt accuracy minus best-of-4's, by steps, with two paired standard errors."""
+    from minipost.report import length_gaps, prompt_steps
+    assert prompt_steps("test", 4) == [1, 2, 1, 2] and prompt_steps("ood", 2) == [3, 3]
+    sft = {"method": "sft", "seed": 0, "test_rewards": [1.0, 1.0, 0.0, 1.0, 0.0], "ood_rewards": [1.0, 0.0, 1.0]}
+    sweeps = {"arith/bon-test-seed0": [{"n": 4, "n_prompts": 4, "rewards": [0.0, 1.0, 0.0, 0.0]}],
+              "arith/bon-ood-seed0": [{"n": 4, "n_prompts": 2, "rewards": [0.5, 0.5]}]}
+    gaps = length_gaps({"arith": [sft]}, sweeps, 4)
+    # 1 step: prompts 0, 2: differences 1, 0 -> gap 0.5, sd sqrt(0.5), 2 se = 2 sqrt(0.5) / sqrt(2) = 1
+    assert gaps[1] == (0.5, 1.0, 2)
+    assert gaps[2][0] == 0.5 and abs(gaps[2][1] - 1.0) < 1e-12  # prompts 1, 3: differences 0, 1
+    assert gaps[3] == (0.0, 1.0, 2)  # differences 0.5, -0.5
+
+
+def test_ppo_and_dpo_are_compared_within_the_kl_both_reach():
+    from minipost.report import ppo_vs_dpo
+    def rows(method, kl, rewards):
+        return [{"method": method, "seed": s, "kl_to_sft": kl, "test_sample_reward": sum(r) / len(r),
+                 "test_sample_rewards": r, "test_proxy_reward": 1.0} for s, r in enumerate(rewards)]
+    evals = {"sentiment": rows("sft", 0.0, [[0.0, 0.0]]) + rows("ppo-beta0.05", 5.0, [[0.7, 0.7]])
+             + rows("ppo-beta0.8", 0.95, [[0.3, 0.3]]) + rows("dpo-beta0.05", 0.9, [[0.4, 0.4]])
+             + rows("dpo-beta0.2", 0.5, [[0.35, 0.35]])}
+    (text,) = ppo_vs_dpo(evals, {})
+    # the budget is DPO's largest KL, 0.9; PPO's 5-nat point lies beyond it, its 0.95-nat one within 10%
+    assert "Within 0.90 nats (the largest KL both reach): PPO's best ppo-beta0.8, DPO's best dpo-beta0.05" in text
+    assert "DPO reaches more reward there held (difference +0.100" in text
 
 
 def fake_checkpoint(run_dir, step):
@@ -169,15 +217,15 @@ def fake_checkpoint(run_dir, step):
 
 def test_an_evaluation_reruns_when_its_policy_will_train_further(tmp_path):
     stages = [st for st in pipeline.plan(pipeline.SCALES["cpu"], tmp_path, "cpu")
-              if st.name in ("arith/sft-seed0", "arith/grpo", "arith/eval/grpo")]
+              if st.name in ("arith/sft-seed0", "arith/grpo-seed0", "arith/eval/grpo-seed0")]
     fake_checkpoint(tmp_path / "arith/sft-seed0", pipeline.SCALES["cpu"].sft_steps)
-    fake_checkpoint(tmp_path / "arith/grpo", 2)  # an older, shorter run (e.g. --quick into the same OUT)
-    (tmp_path / "arith/eval/grpo").mkdir(parents=True)
-    (tmp_path / "arith/eval/grpo/eval.json").write_text(json.dumps(
+    fake_checkpoint(tmp_path / "arith/grpo-seed0", 2)  # an older, shorter run (e.g. --quick into the same OUT)
+    (tmp_path / "arith/eval/grpo-seed0").mkdir(parents=True)
+    (tmp_path / "arith/eval/grpo-seed0/eval.json").write_text(json.dumps(
         {"step": 2, "n_eval": pipeline.SCALES["cpu"].n_eval, "test_rewards": []}))
     assert pipeline.stage_done(stages[2], tmp_path)  # it does score the checkpoint that is there today ...
     todo, done, _ = pipeline.pending(stages, tmp_path)
-    assert [s.name for s in todo] == ["arith/grpo", "arith/eval/grpo"] and done == {"arith/sft-seed0"}  # ... rerun
+    assert [s.name for s in todo] == ["arith/grpo-seed0", "arith/eval/grpo-seed0"] and done == {"arith/sft-seed0"}  # ... rerun
 
 
 def test_only_with_no_matching_stage_is_a_user_error(tmp_path):

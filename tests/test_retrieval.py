@@ -225,6 +225,14 @@ def test_evaluate_with_retrieval(ckpt, tmp_path, monkeypatch):
     evaluate.main(common + ["--retrieve", "1", "--out", str(tmp_path / "one.json")])
     assert len(seen["eval"]) == 2 and all(len(row["prompt"]) == 3 for rows in seen["eval"] for row in rows)
     assert seen["kl"] == [seen["eval"][0]]  # the test split, augmented the same way
+    # --validation-from: the val split (train problems 16, 17) is augmented too, never with its own problem,
+    # which the train pool holds
+    seen.clear()
+    evaluate.main(common + ["--retrieve", "1", "--validation-from", "16", "--out", str(tmp_path / "val.json")])
+    val = seen["eval"][2]
+    assert [r["prompt"][-1] for r in val] == [r["prompt"][0] for r in get_task("arith").prompts("train", 18)[16:]]
+    assert all(len(r["prompt"]) == 3 and r["prompt"][0]["content"] != r["prompt"][2]["content"] for r in val)
+    assert len(json.loads((tmp_path / "val.json").read_text())["val_rewards"]) == 2
     # --retrieve 0 (the default): the row has no retrieval keys and the prompts are the task's own
     seen.clear()
     evaluate.main(common + ["--out", str(tmp_path / "zero.json")])

@@ -299,10 +299,49 @@ def test_epoch_indices_are_permutations_of_the_data():
     assert seen[:10] != seen[10:20]
 
 
+def test_demo_pairs_prefer_the_demonstration_to_the_worst_sample(monkeypatch):
+    """demo_pairs on a scripted rollout: the demonstration (chosen) against the worst non-blank sample of its
+    prompt (rejected, finished or cut off), only where the verifier ranks the demonstration higher."""
+    task = get_task("arith")
+    rows = task.prompts("train", 3, seed=0)
+    demos = [d["messages"][-1]["content"] for d in task.demos("train", 3, seed=0)]
+    answers = [int(r["answer"]) for r in rows]
+    texts = [[f"The answer is {answers[0]}.", f"The answer is {answers[0] + 1}."],  # one right, one wrong
+             [f"The answer is {answers[1]}.", f"The answer is {answers[1]}."],  # both right: no pair
+             [" ", f"The answer is {answers[2] + 4}"]]  # blank (never rejected) and a wrong cut-off answer
+
+    class Tok:
+        pad_id, eos_id = 0, 1
+
+        def encode(self, text):
+            return [7] * len(text.split())
+
+        def render_prompt(self, messages):
+            return [5, 6]
+
+    def fake_rollout(model, tokenizer, chunk, k, max_new_tokens, temperature, seed):
+        flat = [t for g in texts[:len(chunk)] for t in g]
+        prompts, responses = [[5, 6]] * len(flat), [[10 + i, 1] for i in range(len(flat))]
+        return Rollout(pack(prompts, responses, 0), [chunk[i // k] for i in range(len(flat))], prompts, responses,
+                       flat, torch.tensor([True, True, True, True, True, False]))
+
+    monkeypatch.setattr(preferences, "sample_rollout", fake_rollout)
+    monkeypatch.setattr(preferences, "prompt_ids", lambda tok, chunk: [[5, 6]] * len(chunk))
+    assert all(task.reward([r["prompt"]], [d], answer=[r["answer"]]) == [1.0] for r, d in zip(rows, demos))
+    pairs, records = preferences.demo_pairs(None, Tok(), Reward("arith", fn=task.reward), rows, demos, 2, 8, 128)
+    assert [r["chosen"] for r in records] == [demos[0], demos[2]]
+    assert [r["rejected"] for r in records] == [texts[0][1], texts[2][1]]
+    assert [(r["chosen_reward"], r["rejected_reward"]) for r in records] == [(1.0, 0.0), (1.0, 0.0)]
+    assert pairs[0] == ([5, 6], [7] * len(demos[0].split()) + [1], [7] * len(texts[0][1].split()) + [1])
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--algo", "dpo", "--init", "{base}"], "is a base model (kind 'base'): fine-tune it first with python train_sft.py"),
     (["--algo", "rm", "--init", "{sft}", "--data", "{bad_pairs}"], "expected prompt+chosen+rejected"),
     (["--algo", "dpo", "--init", "{sft}", "--val-data", "{bad_pairs}"], "--val-data needs --data"),
+    (["--algo", "grpo", "--init", "{sft}", "--pairs-from-demos"], "it is for --algo rm or dpo, not grpo"),
+    (["--algo", "rm", "--init", "{sft}", "--pairs-from-demos", "--data", "{bad_pairs}"],
+     "--pairs-from-demos builds pairs from the task's demonstrations: not with --data"),
 ])
 def test_bad_input_one_line_exit_2(models, argv, message):
     bad = models / "bad_pairs.jsonl"
@@ -419,3 +458,65 @@ def test_group_objectives_get_the_right_samples_and_one_normaliser(models, monke
     assert {args[5] for name, args, _ in seen["grpo"] if name == "dr_grpo_loss"} == {5 * max_new}
     # partial minibatches occurred (a last one with fewer than 5 rows), where the shared constant matters
     assert any(len(args[0]) < 5 for _, args, _ in seen["nft"] + seen["grpo"])
+
+
+# -----------------------------------------------------------------------------------------------------------
+# python -m minipost.evaluate: the validation split and the reward model's score (the SFT model trained on
+# the first 64 train demonstrations)
+
+EVAL = ["--task", "arith", "--n-eval", "3", "--k", "2", "--max-new-tokens", "6", "--device", "cpu"]
+
+
+def test_evaluate_validation_split_is_held_out_train_problems(models, tmp_path, monkeypatch):
+    from minipost import evaluate
+    seen = []
+    policy = evaluate.evaluate_policy
+    monkeypatch.setattr(evaluate, "evaluate_policy", lambda m, t, task, rows, *a, **k: (
+        seen.append(rows), policy(m, t, task, rows, *a, **k))[1])
+    out = tmp_path / "eval.json"
+    evaluate.main(["--init", str(models / "sft"), *EVAL, "--validation-from", "64", "--out", str(out)])
+    row = json.loads(out.read_text())
+    assert row["validation_from"] == 64 and len(row["val_rewards"]) == 3
+    assert row["val_reward"] == pytest.approx(sum(row["val_rewards"]) / 3) and 0 <= row["val_format"] <= 1
+    task = get_task("arith")
+    val = seen[-1]  # test, ood, then val
+    assert val == task.prompts("train", 67, seed=0)[64:]
+    # the problems SFT trained on (train_sft.py: the task's first --n-train demos) are the 64 before them
+    trained = {d["messages"][0]["content"] for d in task.demos("train", 64, seed=0)}
+    questions = [r["prompt"][0]["content"] for r in val]
+    assert not trained & set(questions)
+    assert questions == [d["messages"][0]["content"] for d in task.demos("train", 67, seed=0)[64:]]
+    # greedy, so an independent call gives the same per-prompt rewards
+    ck = load_checkpoint(models / "sft")
+    assert row["val_rewards"] == policy(ck.model.eval(), ck.tokenizer, task, val, 6, 0.0)["rewards"]
+    with pytest.raises(UserError, match="^--validation-from must be >= 0$"):
+        evaluate.main(["--init", str(models / "sft"), *EVAL, "--validation-from", "-1"])
+
+
+def test_evaluate_reward_model_scores_the_kl_samples(models, rm_run, tmp_path):
+    """test_proxy_reward: the reward model's mean score of exactly the k T = 1 samples per test prompt whose
+    ground truth is test_sample_reward, recomputed here from a rollout with the same seed."""
+    from minipost import evaluate
+    from minipost.rewards import score_with_reward_model
+    from minipost.rollout import sample_rollout
+
+    out = tmp_path / "eval.json"
+    evaluate.main(["--init", str(models / "sft"), *EVAL, "--reward-model", str(rm_run), "--out", str(out)])
+    row = json.loads(out.read_text())
+    assert row["reward_model"] == str(rm_run)
+    ck, rm = load_checkpoint(models / "sft"), load_checkpoint(rm_run)
+    task = get_task("arith")
+    r = sample_rollout(ck.model.eval(), ck.tokenizer, task.prompts("test", 3, seed=1), 2, 6, 1.0, seed=7)
+    scores = score_with_reward_model(rm.model.eval(), rm.tokenizer, r.prompts, r.completions)
+    assert row["test_proxy_reward"] == pytest.approx(scores.mean().item(), abs=1e-6)
+    truth = task.reward(None, r.texts, answer=[x["answer"] for x in r.rows])
+    assert row["test_sample_reward"] == pytest.approx(sum(truth) / 6, abs=1e-12)
+    evaluate.main(["--init", str(models / "sft"), *EVAL, "--out", str(tmp_path / "plain.json")])
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert "test_proxy_reward" not in plain and "reward_model" not in plain and "val_reward" not in plain
+    assert plain["test_sample_reward"] == row["test_sample_reward"]  # the reward model changes no sample
+    with pytest.raises(UserError, match=r"^--reward-model .*nowhere: not a minipost checkpoint"):
+        evaluate.main(["--init", str(models / "sft"), *EVAL, "--reward-model", str(tmp_path / "nowhere")])
+    with pytest.raises(UserError, match=r"^--reward-model .*: not a reward model \(kind 'sft'"):
+        evaluate.main(["--init", str(models / "sft"), *EVAL, "--reward-model", str(models / "sft")])
+

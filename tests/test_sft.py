@@ -10,7 +10,7 @@ import torch
 import train_base
 import train_sft
 from minipost.checkpoint import load_checkpoint
-from minipost.cli import read_metrics
+from minipost.cli import UserError, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--n-train", "64", "--n-eval", "4", "--max-new-tokens", "12", "--batch-size", "8", "--warmup", "2"]
@@ -67,6 +67,33 @@ def test_gradient_accumulation_matches_full_batch(base):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7)
+
+
+def test_n_train_limits_task_demos_and_data_rows(tmp_path, capsys):
+    """--n-train: the task's first N demos (4000 by default); with --data the file's first N rows (every row
+    by default, all of them when N is larger)."""
+    from minipost.tasks import get_task
+
+    task = get_task("arith")
+    data = tmp_path / "demos.jsonl"
+    demos = task.demos("train", 5, seed=3)
+    data.write_text("".join(json.dumps(d) + "\n" for d in demos))
+
+    def rows(*flags):
+        return train_sft.training_rows(train_sft.parse_args(["--init", "x", *flags]), task)
+
+    assert train_sft.parse_args(["--init", "x"]).n_train is None
+    assert rows("--data", str(data)) == (demos, [f"{data}:{i}" for i in range(1, 6)])
+    assert rows("--data", str(data), "--n-train", "3") == (demos[:3], [f"{data}:{i}" for i in range(1, 4)])
+    assert "the first 3 of 5 rows" in capsys.readouterr().out
+    assert rows("--data", str(data), "--n-train", "9")[0] == demos
+    assert "the first 5 of 5 rows" in capsys.readouterr().out
+    assert rows("--n-train", "7") == (task.demos("train", 7, seed=0), None)
+    default, where = rows()
+    assert len(default) == 4000 and where is None and default[:7] == task.demos("train", 7, seed=0)
+    for bad in ("0", "-2"):
+        with pytest.raises(UserError, match="^--n-train must be >= 1$"):
+            train_sft.parse_args(["--init", "x", "--data", str(data), "--n-train", bad])
 
 
 def run(*argv):

@@ -83,7 +83,9 @@ def test_prompts_are_the_demos_problems(name):
             assert [m["role"] for m in d["messages"]] == ["user", "assistant"]
             assert [m["role"] for m in p["prompt"]] == ["user"]
             assert _user(d) == _user(p)
-            assert {k: v for k, v in d.items() if k != "messages"} == {k: v for k, v in p.items() if k != "prompt"}
+            # the same extra columns, but for arith's "steps", which only prompt rows carry
+            assert {k: v for k, v in d.items() if k != "messages"} == \
+                {k: v for k, v in p.items() if k not in ("prompt", "steps")}
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -150,6 +152,18 @@ def test_arith_worked_answers_are_correct(split):
         operands = [int(x) for x in re.findall(r"\d+", q)]
         assert operands == [int(steps[0][0])] + [int(s[2]) for s in steps], (q, w)
         assert solve(q) == (prev, len(steps)), (q, w)
+
+
+@pytest.mark.parametrize("split", ["train", "test", "ood"])
+def test_arith_prompt_steps_count_the_worked_steps(split):
+    t = ArithTask()
+    demos, prompts = t.demos(split, 300, seed=4), t.prompts(split, 300, seed=4)
+    assert [_user(d) for d in demos] == [_user(p) for p in prompts]  # same problems, so same step counts
+    got = [p["steps"] for p in prompts]
+    assert all(type(k) is int for k in got)
+    assert got == [_assistant(d).count("=") for d in demos]  # one "a op b = c." per step
+    assert got == [solve(_user(p))[1] for p in prompts]  # and the independent solver agrees
+    assert set(got) == ({3} if split == "ood" else {1, 2})
 
 
 def test_arith_ood_is_harder():
