@@ -1,10 +1,10 @@
 """The whole study on the built-in tasks: every method, one report (OUT/report.md + PNG plots).
 
 Per seed, every chain runs on its own (SFT -> RL; SFT -> reward model -> PPO, DPO, best-of-N; students):
-    arith:      base -> warm-up SFT -> SFT and DFT at each learning rate (picked on validation) -> GRPO, NFT,
-                RFT; reward model on verifier labels of warm-up samples -> best-of-N vs SFT, by answer length;
-                LoRA, prompt tuning, retrieval; a teacher trained longer -> students of 2 sizes on its answers
-                or on true demonstrations, at 2 data amounts
+    arith:      base -> warm-up SFT -> SFT and DFT at each learning rate (picked on validation); SFT trained
+                longer -> GRPO, NFT, RFT; reward model learnt from the demonstrations -> best-of-N vs SFT, by
+                answer length; LoRA, prompt tuning, retrieval; the longer SFT as teacher -> students of 2 sizes
+                on its answers or on true demonstrations, at 2 data amounts
     sentiment:  base -> SFT -> reward model -> PPO and DPO at 3 KL strengths -> best-of-N with the reward
                 model; ground truth and reward-model score of every policy (over-optimisation)
 
@@ -65,7 +65,7 @@ class Scale:
     curve_eval: int = 50  # prompts per split in the training scripts' own evaluations (the RL curves)
     curve_points: int = 4  # evaluations along each RL run
     preset: str = "tiny"  # model.PRESETS shape of every policy
-    teacher_steps: int = 600  # the imitation teacher: the policy's size, SFT this many steps after the warm-up
+    teacher_steps: int = 600  # sft-long: SFT this long after the warm-up; RL starts from it, it is also the teacher
     student_presets: tuple = ("micro",)  # smaller bases fine-tuned on the teacher's answers / true demonstrations
     imitation_sizes: tuple = (1000,)  # demonstrations (imitation or true) each student trains on
     arith_block: int = 256  # arith's context: room for 2-3 retrieved solved examples (~60 tokens each) first
@@ -157,11 +157,15 @@ def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
     for seed in seeds:
         sft(f"sentiment/sft-seed{seed}", "sentiment/base", "sentiment", s.sft_steps, seed=seed)
         sft(f"arith/sft-seed{seed}", "arith/warmup", "arith", s.sft_steps, "--loss", "sft", seed=seed)
-    # RL on arith (Chen et al.): each seed's chain starts from its own SFT policy; equal budgets (same steps,
-    # prompts per step and samples per prompt), evaluated curve_points times along the way
+    # RL on arith (Chen et al.): each seed's chain starts from its own SFT policy trained longer (teacher_steps:
+    # from the plain SFT policy, ~0.13 T = 1 accuracy, a few dozen RL steps move nothing beyond noise); equal
+    # budgets (same steps, prompts per step and samples per prompt), evaluated curve_points times on the way.
+    # sft-long-seed0 is also the imitation study's teacher.
+    for seed in seeds:
+        sft(f"arith/sft-long-seed{seed}", "arith/warmup", "arith", s.teacher_steps, "--loss", "sft", seed=seed)
     for seed in seeds:
         for algo in ("grpo", "nft", "rft"):
-            add(f"arith/{algo}-seed{seed}", "rlhf", ["--algo", algo, "--init", d(f"arith/sft-seed{seed}"), "--task",
+            add(f"arith/{algo}-seed{seed}", "rlhf", ["--algo", algo, "--init", d(f"arith/sft-long-seed{seed}"), "--task",
                 "arith", "--seed", seed, "--max-steps", s.rl_steps, "--n-prompts", s.n_prompts, "--n-eval",
                 s.curve_eval, "--n-kl", s.curve_eval, "--eval-every", s.rl_steps // s.curve_points], s.rl_steps)
     # sentiment (Rafailov et al.; Gao et al.): per seed, SFT -> reward model on pairs of the SFT policy's
@@ -208,11 +212,10 @@ def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
     for seed in seeds:
         for name, flags in cheap:
             sft(f"arith/{name}-seed{seed}", "arith/warmup", "arith", s.sft_steps, *flags, seed=seed)
-    # imitation (Gudibande et al.): a teacher of the policy's size trained longer; smaller students fine-tuned
-    # on its greedy answers, or on as many true demonstrations, for as many steps as the SFT policy had
+    # imitation (Gudibande et al.): the teacher is the policy's size trained longer (sft-long-seed0); smaller
+    # students fine-tuned on its greedy answers, or on as many true demonstrations, as many steps as SFT had
     tuned = s.warmup_steps + s.sft_steps
-    sft("arith/teacher", "arith/warmup", "arith", s.teacher_steps)
-    add("arith/teacher-samples", "bon", ["--init", d("arith/teacher"), "--task", "arith", "--split", "train", "--n",
+    add("arith/teacher-samples", "bon", ["--init", d("arith/sft-long-seed0"), "--task", "arith", "--split", "train", "--n",
         1, "--temperature", 0, "--n-prompts", max(s.imitation_sizes), "--finished-only", "--out",
         d("arith/teacher-samples")], done_file="bon.jsonl")
     for preset in s.student_presets:
@@ -226,7 +229,7 @@ def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
                     "--data", d("arith/teacher-samples") + "/bon.jsonl", seed=seed, n_train=n)
 
     # one identical evaluation of every final policy: reward on each split, KL to its chain's SFT policy (the
-    # same seed's); SFT-like arith runs also on validation (held-out train-distribution prompts); sentiment
+    # same seed's; an RL run's is the policy it started from); SFT-like arith runs also on validation (held-out train-distribution prompts); sentiment
     # policies also get their reward model's (proxy) score, for the over-optimisation plot
     for st in list(stages):
         task, method = st.name.split("/")
@@ -236,8 +239,9 @@ def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
         flags = ["--validation-from", s.n_train] if task == "arith" and method.startswith(("sft", "dft")) else []
         if task == "sentiment":
             flags = ["--reward-model", d(f"sentiment/rm-seed{seed}")]
+        reference = st.init if st.script == "rlhf" else d(f"{task}/sft-seed{seed}")  # the chain's SFT policy
         add(f"{task}/eval/{method}", "eval", ["--init", d(st.name), "--task", task, "--reference",
-            d(f"{task}/sft-seed{seed}"), "--n-eval", s.n_eval, "--seed", seed, *flags, "--out",
+            reference, "--n-eval", s.n_eval, "--seed", seed, *flags, "--out",
             d(f"{task}/eval/{method}") + "/eval.json"], done_file="eval.json")
     # retrieval-augmented prompting: k solved train examples before the question, to the frozen warm-up (the
     # start every adaptation shares; nothing trained, no seed) and to each seed's SFT policy

@@ -5,7 +5,7 @@ Bands and error bars: mean over seeds ± one standard deviation of the seeds (a 
 import json
 from pathlib import Path
 
-from .report import by_method, length_gaps, mean, mean_sd, mean_sweep, read_jsonl, sweep_rows
+from .report import TEACHER, by_method, length_gaps, mean, mean_sd, mean_sweep, read_jsonl, sweep_rows
 
 
 def spread(values):
@@ -22,7 +22,7 @@ def rl_curves(ax, out: Path, stages, algo_names=("grpo", "nft", "rft")):
         for st in runs:
             run = out / st.name
             meta = json.loads((run / "ckpt" / "meta.json").read_text()) if (run / "ckpt" / "meta.json").is_file() else None
-            sft = [r for r in read_jsonl(out / st.init / "metrics.jsonl") if "test_reward" in r]
+            sft = [r for r in read_jsonl(Path(st.init) / "metrics.jsonl") if "test_reward" in r]
             points = [(r["step"], r["test_reward"]) for r in read_jsonl(run / "metrics.jsonl") if "test_reward" in r]
             if meta and sft and points:
                 per_step = int(meta["args"]["batch_size"]) * int(meta["args"]["k"])  # samples generated a step
@@ -116,7 +116,7 @@ def bon_length(ax, evals, sweeps):
 def imitation_plot(axes, evals):
     """Accuracy and format against imitation data, per student size: imitation vs true data, teacher line."""
     rows = evals.get("arith", [])
-    teacher = [r for r in rows if r["method"] == "teacher"]
+    teacher = [r for r in rows if r["method"] == TEACHER and r["seed"] == 0]
     groups = by_method([r for r in rows if r["method"].startswith(("imitation-", "student-"))])
     series = {}
     for m, g in groups.items():

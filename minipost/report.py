@@ -22,7 +22,8 @@ from .tasks import get_task
 ORDER = ("sft", "dft", "grpo", "nft", "rft", "lora-", "prompt-tuning", "rag-", "teacher", "student-", "imitation-",
          "dpo-", "ppo-")
 CHEAP = ("lora-", "prompt-tuning", "rag-")  # the cheap adaptations (question 6), by method-name prefix
-IMITATION = ("teacher", "student-", "imitation-")
+IMITATION = ("student-", "imitation-")
+TEACHER = "sft-long"  # SFT trained longer: RL starts from it (each seed), and seed 0 is the imitation teacher
 
 
 def read_jsonl(path):
@@ -269,14 +270,15 @@ def dft_vs_sft(evals):
 def rl_methods(evals):
     """(3) Chen et al.: NFT, RFT and GRPO from the same SFT policies, at equal sample budgets."""
     a = evals.get("arith", [])
-    sft, rl = of(a, "sft"), {m: of(a, m) for m in ("nft", "rft", "grpo")}
+    sft, rl = of(a, TEACHER), {m: of(a, m) for m in ("nft", "rft", "grpo")}
     if not sft or not all(rl.values()):
         return []
     key = "test_sample_rewards"
     parts = [f"{m.upper()} {fmt([r['test_sample_reward'] for r in rows])}" for m, rows in rl.items()]
     gains = [f"for {m.upper()} it " + compare(rows, sft, key) for m, rows in rl.items()]
     return ["**(3) NFT vs RFT vs GRPO (Chen et al. 2025).** Each seed's chain starts from its own SFT policy "
-            f"(T = 1 test accuracy {fmt([r['test_sample_reward'] for r in sft])}); every method generates the "
+            f"trained longer ({TEACHER}; T = 1 test accuracy {fmt([r['test_sample_reward'] for r in sft])}); every "
+            "method generates the "
             f"same samples per step for the same steps ({seeds_note(sft)}). T = 1 test accuracy after RL: "
             + ", ".join(parts) + ". The claim that RL improves on the SFT policy: " + "; ".join(gains)
             + ". The claim that NFT beats RFT " + compare(rl["nft"], rl["rft"], key) + "; that GRPO beats NFT "
@@ -331,12 +333,13 @@ def imitation(evals):
     """(5) Gudibande et al.: imitation copies style, not capability; more imitation data does not close the gap,
     a bigger base does."""
     a = evals.get("arith", [])
-    teacher = of(a, "teacher")
+    teacher = [r for r in of(a, TEACHER) if r["seed"] == 0]
     groups = {m: g for m, g in by_method(a).items() if m.startswith("imitation-")}
     if not teacher or not groups:
         return []
     t = teacher[0]
-    text = (f"**(5) Imitation (Gudibande et al. 2023).** Teacher: the policy's size trained longer (format "
+    text = (f"**(5) Imitation (Gudibande et al. 2023).** Teacher: the policy's size trained longer ({TEACHER}, seed "
+            "0; format "
             f"{t['test_format']:.3f}, test accuracy {t['test_reward']:.3f}). Students fine-tuned on its greedy answers "
             "(imitation) or on as many true demonstrations, format / accuracy: ")
     parts = []
@@ -389,8 +392,9 @@ def adaptation(evals):
             text += (f" The claim that retrieval added to the SFT policy ({m}) raises its ood accuracy "
                      + compare(g, sft, "ood_rewards") + ".")
     trained = {m: g for m, g in groups.items() if not m.startswith("rag-")}
-    short = [f"{r['method']} {r['retrieve_short']} of {2 * r['n_eval']}" for g in groups.values() for r in g
-             if r.get("retrieve_short")]
+    short = {r["method"]: f"{r['method']} {r['retrieve_short']} of {2 * r['n_eval']}" for g in groups.values()
+             for r in g if r.get("retrieve_short")}  # the same prompts for every seed
+    short = list(short.values())
     if short:
         text += (" Retrieval keeps only the examples that fit the context beside the response budget: prompts "
                  "holding fewer than k: " + ", ".join(short) + ".")
@@ -434,7 +438,7 @@ def write_report(out: Path, stages, scale, evals: dict, made=()) -> Path:
     md += [q + "\n" for q in questions(evals, sweeps)]
     main = [r for r in a if not r["method"].startswith(IMITATION + CHEAP) and "-lr" not in r["method"]]
     md += ["## arith (accuracy by the verifier)", "", method_table(main, ARITH_COLUMNS), ""]
-    lr_rows = [r for r in a if r["method"].startswith(("sft", "dft"))]
+    lr_rows = [r for r in a if r["method"] in ("sft", "dft") or r["method"].startswith(("sft-lr", "dft-lr"))]
     md += ["Learning rates of SFT and DFT (question 2; each picked on validation accuracy):", "",
            method_table(lr_rows, LR_COLUMNS), ""]
     for split in ("test", "ood"):
@@ -450,10 +454,11 @@ def write_report(out: Path, stages, scale, evals: dict, made=()) -> Path:
                "seed's SFT policy) prompted with k solved train examples (BM25). Tensor memory: the distinct "
                "parameter, gradient and optimizer-state tensors a run holds; peak RSS: the whole process.", "",
                method_table(adapt, ADAPT_COLUMNS), ""]
-    imit = [r for r in a if r["method"].startswith(IMITATION)]
+    imit = [r for r in a if r["method"].startswith(IMITATION) or (r["method"] == TEACHER and r["seed"] == 0)]
     if imit:
-        md += ["Imitation (question 5): the teacher, and each student size x data amount on the teacher's answers "
-               "(imitation-) or on true demonstrations (student-):", "", method_table(imit, IMITATION_COLUMNS), ""]
+        md += [f"Imitation (question 5): the teacher ({TEACHER}, seed 0), and each student size x data amount on the "
+               "teacher's answers (imitation-) or on true demonstrations (student-):", "",
+               method_table(imit, IMITATION_COLUMNS), ""]
     md += ["## sentiment (hidden ground-truth reward of sampled continuations, T = 1)", "",
            method_table(evals["sentiment"], SENTIMENT_COLUMNS), ""]
     by_seed = sweep_rows(sweeps, "sentiment/bon-test")

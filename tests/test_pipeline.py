@@ -42,7 +42,7 @@ def test_report_tables_match_eval_files(study):
         "adapt": (arith.split("question 6")[1].split("Imitation")[0], ADAPT_COLUMNS,
                   {"sft", "lora-r4", "prompt-tuning", "rag-warmup-k2", "rag-sft-k2"}),
         "imitation": (arith.split("Imitation (question 5)")[1], IMITATION_COLUMNS,
-                      {"teacher", "student-micro-n100", "imitation-micro-n100"}),
+                      {"sft-long", "student-micro-n100", "imitation-micro-n100"}),
         "sentiment": (report.split("## sentiment")[1].split("## Plots")[0], SENTIMENT_COLUMNS,
                       {"sft", "dpo-beta0.1", "ppo-beta0.05"}),
     }
@@ -91,14 +91,17 @@ def test_eval_rows_are_sane(study):
 def test_plan_dependencies_follow_the_flags(tmp_path):
     stages = {st.name: st for st in pipeline.plan(pipeline.SCALES["full"], tmp_path, "cpu")}
     assert stages["arith/base"].deps == []
-    # every chain is its own per seed: RL from that seed's SFT policy, PPO / DPO from that seed's reward model
-    assert set(stages["arith/grpo-seed2"].deps) == {"arith/sft-seed2"}
+    # every chain is its own per seed: RL from that seed's longer SFT, PPO / DPO from that seed's reward model
+    assert set(stages["arith/grpo-seed2"].deps) == {"arith/sft-long-seed2"}
+    assert stages["arith/sft-long-seed2"].deps == ["arith/warmup"]
     assert set(stages["sentiment/rm-seed1"].deps) == {"sentiment/sft-seed1"}
     assert set(stages["sentiment/dpo-beta0.05-seed1"].deps) == {"sentiment/sft-seed1", "sentiment/rm-seed1"}
     assert set(stages["sentiment/ppo-beta0.8-seed2"].deps) == {"sentiment/sft-seed2", "sentiment/rm-seed2"}
     assert set(stages["sentiment/eval/ppo-beta0.2-seed1"].deps) == {"sentiment/ppo-beta0.2-seed1",
                                                                       "sentiment/sft-seed1", "sentiment/rm-seed1"}
-    assert set(stages["arith/eval/grpo-seed1"].deps) == {"arith/sft-seed1", "arith/grpo-seed1"}
+    assert set(stages["arith/eval/grpo-seed1"].deps) == {"arith/sft-long-seed1", "arith/grpo-seed1"}  # its start
+    ev = stages["arith/eval/grpo-seed1"].argv
+    assert ev[ev.index("--reference") + 1] == str(tmp_path / "arith/sft-long-seed1")
     assert stages["arith/eval/grpo-seed1"].init == str(tmp_path / "arith/grpo-seed1")
     # SFT vs best-of-N: both from the warm-up; the selector is that seed's reward model
     assert set(stages["arith/bon-ood-seed2"].deps) == {"arith/warmup", "arith/rm-seed2"}
@@ -110,7 +113,8 @@ def test_plan_dependencies_follow_the_flags(tmp_path):
     ev = stages["arith/eval/dft-lr0.005-seed1"].argv
     assert ev[ev.index("--validation-from") + 1] == str(pipeline.SCALES["full"].n_train)
     # imitation: the teacher trained longer than the SFT policy; 2 sizes x 2 amounts x 3 seeds of each data
-    assert stages["arith/teacher"].steps > stages["arith/sft-seed0"].steps
+    assert stages["arith/sft-long-seed0"].steps > stages["arith/sft-seed0"].steps
+    assert stages["arith/teacher-samples"].deps == ["arith/sft-long-seed0"]
     assert set(stages["arith/imitation-mini-n1000-seed2"].deps) == {"arith/student-mini-base", "arith/teacher-samples"}
     assert len([n for n in stages if n.startswith(("arith/imitation-", "arith/student-")) and "base" not in n]) == 24
     assert stages["arith/lora-r16-seed1"].deps == ["arith/warmup"]  # cheap adaptation continues the warm-up, as SFT
@@ -217,15 +221,15 @@ def fake_checkpoint(run_dir, step):
 
 def test_an_evaluation_reruns_when_its_policy_will_train_further(tmp_path):
     stages = [st for st in pipeline.plan(pipeline.SCALES["cpu"], tmp_path, "cpu")
-              if st.name in ("arith/sft-seed0", "arith/grpo-seed0", "arith/eval/grpo-seed0")]
-    fake_checkpoint(tmp_path / "arith/sft-seed0", pipeline.SCALES["cpu"].sft_steps)
+              if st.name in ("arith/sft-long-seed0", "arith/grpo-seed0", "arith/eval/grpo-seed0")]
+    fake_checkpoint(tmp_path / "arith/sft-long-seed0", pipeline.SCALES["cpu"].teacher_steps)
     fake_checkpoint(tmp_path / "arith/grpo-seed0", 2)  # an older, shorter run (e.g. --quick into the same OUT)
     (tmp_path / "arith/eval/grpo-seed0").mkdir(parents=True)
     (tmp_path / "arith/eval/grpo-seed0/eval.json").write_text(json.dumps(
         {"step": 2, "n_eval": pipeline.SCALES["cpu"].n_eval, "test_rewards": []}))
     assert pipeline.stage_done(stages[2], tmp_path)  # it does score the checkpoint that is there today ...
     todo, done, _ = pipeline.pending(stages, tmp_path)
-    assert [s.name for s in todo] == ["arith/grpo-seed0", "arith/eval/grpo-seed0"] and done == {"arith/sft-seed0"}  # ... rerun
+    assert [s.name for s in todo] == ["arith/grpo-seed0", "arith/eval/grpo-seed0"] and done == {"arith/sft-long-seed0"}  # ... rerun
 
 
 def test_only_with_no_matching_stage_is_a_user_error(tmp_path):
