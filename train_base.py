@@ -138,7 +138,8 @@ def main(argv=None):
         raise UserError(f"--preset {args.preset} with --block-size {config.block_size}: {e}")
     writable_dir(out)  # before the work
     start_step, state = 0, None
-    ckpt = load_resumed(out, "base") if args.resume else None
+    task = None if args.data else args.task  # what the checkpoint records: a --data base belongs to no task
+    ckpt = load_resumed(out, "base", task=task) if args.resume else None
     resuming = ckpt is not None
     if resuming:
         model, tokenizer = ckpt.model, ckpt.tokenizer
@@ -182,8 +183,7 @@ def main(argv=None):
     elapsed = state["elapsed"] if state else 0.0
 
     def checkpoint(step, last_metrics):
-        meta = {"script": "train_base.py", "kind": "base", "task": None if args.data else args.task,
-                "args": vars(args), "step": step,
+        meta = {"script": "train_base.py", "kind": "base", "task": task, "args": vars(args), "step": step,
                 "metrics": last_metrics, "elapsed_s": elapsed + time.time() - t_start}
         save_checkpoint(out, model, tokenizer, meta,
                         {"optimizer": opt.state_dict(), "rng": rng_state(), "step": step,

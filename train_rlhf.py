@@ -200,7 +200,7 @@ def load_init(args, device):
                         f"python train_sft.py --init {args.init} --out out/sft")
     if ck.is_reward_model:
         raise UserError(f"--init {args.init} is a reward model; pass the SFT checkpoint (use it as --reward-model)")
-    resumed = load_resumed(args.out, args.algo, device, task) if args.resume else None
+    resumed = load_resumed(args.out, args.algo, device, args.task) if args.resume else None
     if resumed is not None and not same_tokenizer(resumed.tokenizer, ck.tokenizer):  # its reference is --init
         raise UserError(f"--resume: {resumed.path} has another tokenizer than --init {args.init} (a run from "
                         "another --init?)")

@@ -127,7 +127,7 @@ def main(argv=None):
     task = task_from_flag(args.task)
 
     task_check = None if args.allow_other_task else task.name
-    resumed = load_resumed(out, args.loss, task=task_check) if args.resume else None
+    resumed = load_resumed(out, args.loss, task=task.name) if args.resume else None
     resuming = resumed is not None
     ckpt = resumed or load_checkpoint(args.init, flag="--init", task=task_check)
     if ckpt.is_reward_model:  # its scalar head would ride along into a checkpoint labelled as a policy

@@ -181,14 +181,18 @@ def load_adapted(model: GPT, spec: dict, state: dict, device, where: str) -> GPT
 
 
 def load_resumed(out, kind: str, device="cpu", task=None) -> Checkpoint | None:
-    """--resume: OUT/ckpt of a run of this kind (meta["kind"]: base, sft, dft, or train_rlhf.py's --algo), or
-    None, with a line saying so, when OUT holds no checkpoint yet (the run then starts at step 0)."""
+    """--resume: OUT/ckpt of a run of this kind (meta["kind"]: base, sft, dft, or train_rlhf.py's --algo) and,
+    if it records one, this task, or None, with a line saying so, when OUT holds no checkpoint yet (the run
+    then starts at step 0)."""
     if find_checkpoint(out) is None:
         print(f"--resume: no checkpoint in {Path(out) / 'ckpt'} yet, starting from step 0")
         return None
-    ck = load_checkpoint(out, device, flag="--resume from", task=task)
+    ck = load_checkpoint(out, device, flag="--resume from")
     if ck.meta.get("kind") != kind:
         raise UserError(f"--resume: {ck.path} holds a {ck.meta.get('kind')!r} run, not a {kind!r} one")
+    if ck.meta.get("task") not in (None, task):  # a run continues on its own task, whatever --allow-other-task says
+        asked = f"--task {task}" if task else "--data"  # task None: train_base.py on a text file
+        raise UserError(f"--resume: {ck.path} holds a run on task '{ck.meta['task']}', not on {asked}")
     return ck
 
 

@@ -25,6 +25,7 @@ from minipost.checkpoint import load_checkpoint, save_checkpoint
 from minipost.cli import read_metrics
 from minipost.model import GPT, GPTConfig
 from minipost.tasks import get_task
+from minipost.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY = {"base": "train_base.py", "sft": "train_sft.py", "rlhf": "train_rlhf.py", "bon": "sample_bon.py",
@@ -67,18 +68,32 @@ for line in sys.stdin:
 '''
 
 
+def command(entry, *args) -> list[str]:
+    """The command line that runs an entry point (a key of ENTRY) from anywhere."""
+    script = ENTRY[entry].split()
+    return [*(script if script[0] == "-m" else [str(ROOT / script[0])]), *(str(a) for a in args)]
+
+
+def fresh_python(entry, *args, cwd=None, timeout=120):
+    """A plain `python SCRIPT ARGS` process: what the fork server stands in for."""
+    return subprocess.run([sys.executable, *command(entry, *args)], cwd=cwd or ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """run(entry, *args, cwd=...) -> CompletedProcess: one entry point (a key of ENTRY) in a forked process."""
+    """run(entry, *args, cwd=...) -> CompletedProcess: one entry point (a key of ENTRY) in a forked process
+    (a fresh python elsewhere)."""
+    if sys.platform != "linux":  # fork after importing torch is only safe to rely on here
+        yield fresh_python
+        return
     logs = tmp_path_factory.mktemp("logs")
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(ROOT)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, cwd=ROOT,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     def call(entry, *args, cwd=None, timeout=120):
-        script = ENTRY[entry].split()
-        argv = script if script[0] == "-m" else [str(ROOT / script[0])]
-        job = {"argv": argv + [str(a) for a in args], "cwd": str(cwd or logs), "timeout": timeout,
+        job = {"argv": command(entry, *args), "cwd": str(cwd or ROOT), "timeout": timeout,
                "stdout": str(logs / "stdout"), "stderr": str(logs / "stderr")}
         server.stdin.write(json.dumps(job) + "\n")
         server.stdin.flush()
@@ -94,6 +109,7 @@ def run(tmp_path_factory):
 def error_line(r) -> str:
     """The one `error: ...` line, last on stderr (after any progress bar), with no traceback anywhere."""
     assert "Traceback" not in r.stderr and "Warning" not in r.stderr, r.stderr[-3000:]
+    assert "weights_only" not in r.stderr  # torch's advice to load a refused pickle in full is never passed on
     lines = [ln.strip() for ln in re.split(r"[\r\n]", r.stderr) if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error: ")]
     assert len(errors) == 1 and lines[-1] == errors[0], r.stderr[-3000:]
@@ -168,6 +184,10 @@ def fx(run, tmp_path_factory):
     torch.save({"optimizer": Payload(), "rng": {}, "step": 2, "elapsed": 0.0}, d / "evil-state" / "ckpt" / "state.pt")
 
     copy_ckpt(d / "sft", d / "other-task", meta=lambda m: {**m, "task": "sentiment"})
+    # a DPO run in OUT whose tokenizer (same size, other merges) is not --init's: not a run from that --init
+    copy_ckpt(d / "sft", d / "other-tokenizer", meta=lambda m: {**m, "kind": "dpo"})
+    train_bpe(get_task("sentiment").corpus(300, seed=0), sft.tokenizer.vocab_size).save(
+        d / "other-tokenizer" / "ckpt" / "tokenizer.json")
     copy_ckpt(d / "rm", d / "rm-other-task", meta=lambda m: {**m, "task": "sentiment"})
     copy_ckpt(d / "sft", d / "nan-weights", weights=lambda s: {k: v * float("nan") if k.endswith("wte.weight") else v
                                                                for k, v in s.items()})
@@ -239,10 +259,14 @@ ROWS = [  # (id, entry, argv with {fx} for the fixture directory, exit code, wha
      "empty-chosen.jsonl:1: chosen[0] is an assistant message with empty content"),
     ("sft-empty-completion", "sft", "--init {fx}/base --data {fx}/empty-completion.jsonl", 2,
      "empty-completion.jsonl:1: completion[0] is an assistant message with empty content"),
+    ("base-resume-other-task", "base", "--task sentiment --resume --out {fx}/base", 2,
+     "--resume: {fx}/base/ckpt holds a run on task 'arith', not on --task sentiment"),
     ("base-resume-sft-run", "base", "--resume --out {fx}/sft", 2, "holds a 'sft' run, not a 'base' one"),
     ("sft-resume-base-run", "sft", "--resume --init {fx}/base --out {fx}/base", 2, "holds a 'base' run, not a 'sft'"),
     ("dft-resume-sft-run", "sft", "--resume --loss dft --init {fx}/base --out {fx}/sft", 2,
      "holds a 'sft' run, not a 'dft' one"),
+    ("rlhf-resume-other-tokenizer", "rlhf", "--algo dpo --init {fx}/sft --resume --out {fx}/other-tokenizer", 2,
+     "--resume: {fx}/other-tokenizer/ckpt has another tokenizer than --init {fx}/sft"),
     ("eval-reference-reward-model", "eval", "--init {fx}/sft --reference {fx}/rm --task arith", 2,
      "--reference {fx}/rm is a reward model, not a policy"),
     # 3. tracebacks that must be one line: malicious pickles (refused, never run), data, reward functions
@@ -378,11 +402,7 @@ def test_fork_server_matches_a_fresh_python(fx, run, tmp_path):
                  "eval-out-unwritable", "pipeline-jobs-0"):
         _, entry, argv, code, _ = next(row for row in ROWS if row[0] == name)
         args = row_argv(fx, entry, argv, tmp_path / name)
-        script = ENTRY[entry].split()
-        fresh = subprocess.run([sys.executable, *(script if script[0] == "-m" else [str(ROOT / script[0])]), *args],
-                               cwd=fx, capture_output=True, text=True, timeout=120,
-                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-        forked = run(entry, *args, cwd=fx)
+        fresh, forked = fresh_python(entry, *args, cwd=fx), run(entry, *args, cwd=fx)
         assert fresh.returncode == forked.returncode == code, (name, fresh.stderr[-2000:])
         assert error_line(fresh) == error_line(forked), name
 
