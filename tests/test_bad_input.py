@@ -182,6 +182,9 @@ def fx(run, tmp_path_factory):
             pickle.dump({"transformer.wte.weight": Payload()}, f)
     copy_ckpt(d / "sft", d / "evil-state")  # --resume reads state.pt too
     torch.save({"optimizer": Payload(), "rng": {}, "step": 2, "elapsed": 0.0}, d / "evil-state" / "ckpt" / "state.pt")
+    torch.load(d / "evil-state" / "ckpt" / "state.pt", weights_only=False)  # the payload is live: a full load
+    assert (d / "pwned").exists()  # runs it, so the rows' check that no row did can fail
+    (d / "pwned").unlink()
 
     copy_ckpt(d / "sft", d / "other-task", meta=lambda m: {**m, "task": "sentiment"})
     # a DPO run in OUT whose tokenizer (same size, other merges) is not --init's: not a run from that --init
