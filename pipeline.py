@@ -34,7 +34,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from minipost.checkpoint import find_checkpoint
-from minipost.cli import UserError, pick_device, run_main
+from minipost.cli import UserError, pick_device, require_positive, run_main, writable_dir
 from minipost.plots import plots
 from minipost.report import read_sweeps, write_report
 
@@ -408,11 +408,11 @@ def main(argv=None):
     name = "quick" if args.quick else args.scale
     scale, device = SCALES[name], pick_device(args.device)
     out = Path(args.out or {"quick": "out/quick", "cpu": "out/study"}.get(name, f"out/study-{name}"))
+    require_positive(args, "jobs")
     jobs = args.jobs or (1 if device.type == "cuda" else min(2, available_cores()))
-    if jobs < 1:
-        raise UserError("--jobs must be >= 1")
     if args.report_only and not out.is_dir():
         raise UserError(f"--report-only: {out} does not exist (run the pipeline into it first, or pass --out)")
+    writable_dir(out)
     stages = plan(scale, out, device.type)
     signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the stages too, as Ctrl-C does
     if not args.report_only:

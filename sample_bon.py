@@ -58,12 +58,15 @@ import time
 from pathlib import Path
 
 from minipost.checkpoint import load_checkpoint
-from minipost.cli import UserError, pick_device, require_positive, run_main, task_from_flag
+from minipost.cli import UserError, pick_device, require_positive, run_main, task_from_flag, writable_dir
 from minipost.data import read_jsonl
 from minipost.retrieval import add_retrieval_flags, check_retrieval_flags, retrieval_prompts
 from minipost.rewards import call_reward, make_reward
 from minipost.rollout import completion_text, prompt_ids, sample_candidates
 from minipost.tasks import TASKS
+
+
+MAX_SAMPLES = 2**16  # per prompt: the candidates (or a sweep's pool) of one prompt are drawn in one batch
 
 
 def log(*args):
@@ -81,6 +84,8 @@ def parse_args(argv=None):
     # Data
     p.add_argument("--task", default="arith", help=f"built-in task: {', '.join(TASKS)} (prompts, and the "
                    "default and ground-truth reward)")
+    p.add_argument("--allow-other-task", action="store_true", help="accept an --init or --reward-model trained "
+                   "on another task than --task (refused by default)")
     p.add_argument("--split", default="test", help="task split to take prompts from")
     p.add_argument("--prompt-seed", type=int, default=0, help="which prompts of the task split: the first "
                    "--n-prompts of this seed's (minipost.evaluate scores seed 1's: pass 1 to pair a sweep with "
@@ -118,9 +123,14 @@ def parse_args(argv=None):
     args.sweep = parse_sweep(args.sweep) if args.sweep is not None else None
     require_positive(args, "n", "pool_factor", "max_new_tokens", "batch_size", "time_prompts", "n_prompts", "top_k")
     check_retrieval_flags(args)
-    if args.temperature < 0:
-        raise UserError("--temperature must be >= 0")
+    # below 0.01, logits / T overflow float32 long before the samples differ from greedy ones
+    if not (args.temperature == 0 or math.isfinite(args.temperature) and args.temperature >= 0.01):
+        raise UserError(f"--temperature must be 0 (greedy) or >= 0.01 (got {args.temperature})")
     largest = max(args.sweep) if args.sweep else args.n
+    pool = largest * (args.pool_factor if args.sweep else 1)
+    if pool > MAX_SAMPLES:  # one prompt's samples are one generate call: its batch would not fit in memory
+        raise UserError(f"--{'sweep' if args.sweep else 'n'}: {pool} samples per prompt"
+                        f"{' (max N x --pool-factor)' if args.sweep else ''}; at most {MAX_SAMPLES}")
     if args.temperature == 0 and largest > 1:
         raise UserError("--temperature 0 is greedy: all N candidates would be the same completion")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -305,8 +315,9 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     task = task_from_flag(args.task)
-    ckpt = load_checkpoint(args.init, device)
-    if ckpt.meta.get("kind") == "rm":
+    task_check = None if args.allow_other_task else task.name
+    ckpt = load_checkpoint(args.init, device, task=task_check)
+    if ckpt.is_reward_model:
         raise UserError(f"--init {args.init} is a reward model; give a policy (base, SFT, ...) checkpoint")
     model, tokenizer = ckpt.model.eval(), ckpt.tokenizer
 
@@ -320,12 +331,14 @@ def main(argv=None):
             raise UserError(f"prompt {i + 1} is {len(p)} tokens: no room to generate in a context of {block}")
     # --n 1 on a bare --prompt is plain sampling: nothing to select, so no default score is needed
     explicit = args.reward or args.reward_model
-    reward = (make_reward(task, tokenizer, device, args.reward, args.reward_model, args.batch_size)
-              if explicit or args.prompt is None or args.n > 1 else None)
+    reward = None
+    if explicit or args.prompt is None or args.n > 1:
+        reward = make_reward(task, tokenizer, device, args.reward, args.reward_model, args.batch_size,
+                             other_task_ok=args.allow_other_task)
     to_stdout = args.prompt is not None and args.out is None
     out = Path(args.out or "out/bon")
     if not to_stdout:
-        out.mkdir(parents=True, exist_ok=True)
+        writable_dir(out)  # before the sampling
     if args.sweep:
         return run_sweep(args, model, tokenizer, task, rows, prompts, reward, out)
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minipost.checkpoint import find_checkpoint, load_checkpoint, load_train_state, rng_state, save_checkpoint, set_rng_state
-from minipost.cli import (MetricsLog, UserError, autocast, cosine_lr, pick_device, require_positive, run_main,
-                          task_from_flag)
+from minipost.checkpoint import load_resumed, load_train_state, rng_state, save_checkpoint, set_rng_state
+from minipost.cli import (MetricsLog, UserError, autocast, cosine_lr, finite_or_stop, pick_device, require_numbers,
+                          require_positive, run_main, task_from_flag, writable_dir)
+from minipost.data import existing_file
 from minipost.engine import generate
 from minipost.model import GPT, PRESETS, GPTConfig
 from minipost.tasks import TASKS
@@ -54,16 +55,18 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt if it exists")
     args = p.parse_args(argv)
-    require_positive(args, "max_steps", "batch_size", "eval_every", "ckpt_every", "eval_batches")
+    require_positive(args, "max_steps", "batch_size", "eval_every", "ckpt_every", "eval_batches", "corpus_docs")
+    require_numbers(args, lr="> 0", min_lr=">= 0", weight_decay=">= 0", grad_clip=">= 0", dropout="in [0, 1)",
+                    val_frac="in [0, 1)", warmup=">= 0")
+    if args.block_size is not None and args.block_size < 2:  # one token to read, one to predict
+        raise UserError(f"--block-size must be >= 2 (got {args.block_size})")
     return args
 
 
 def load_documents(args) -> list[str]:
     if args.data is None:
         return task_from_flag(args.task).corpus(args.corpus_docs, seed=0)  # the corpus is data: fixed seed
-    path = Path(args.data)
-    if not path.is_file():
-        raise UserError(f"--data {path}: no such file")
+    path = existing_file(args.data, "--data")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -129,10 +132,16 @@ def main(argv=None):
     config = GPTConfig(**PRESETS[args.preset], dropout=args.dropout)
     if args.block_size:
         config.block_size = args.block_size
+    try:
+        config.check()
+    except ValueError as e:
+        raise UserError(f"--preset {args.preset} with --block-size {config.block_size}: {e}")
+    writable_dir(out)  # before the work
     start_step, state = 0, None
-    resuming = args.resume and find_checkpoint(out) is not None
+    task = None if args.data else args.task  # what the checkpoint records: a --data base belongs to no task
+    ckpt = load_resumed(out, "base", task=task) if args.resume else None
+    resuming = ckpt is not None
     if resuming:
-        ckpt = load_checkpoint(out, flag="--resume from")
         model, tokenizer = ckpt.model, ckpt.tokenizer
         want = {k: v for k, v in config.to_dict().items() if k != "vocab_size"}
         have = {k: v for k, v in ckpt.model.config.to_dict().items() if k != "vocab_size"}
@@ -143,7 +152,10 @@ def main(argv=None):
         start_step = state["step"]
     else:
         t0 = time.time()
-        tokenizer = train_bpe(docs, args.vocab_size)
+        try:
+            tokenizer = train_bpe(docs, args.vocab_size)
+        except ValueError as e:  # too small a vocabulary
+            raise UserError(f"--vocab-size: {e}")
         print(f"trained BPE tokenizer: {tokenizer.vocab_size} tokens in {time.time() - t0:.1f}s")
         config.vocab_size = tokenizer.vocab_size
         torch.manual_seed(args.seed)
@@ -171,7 +183,7 @@ def main(argv=None):
     elapsed = state["elapsed"] if state else 0.0
 
     def checkpoint(step, last_metrics):
-        meta = {"script": "train_base.py", "kind": "base", "args": vars(args), "step": step,
+        meta = {"script": "train_base.py", "kind": "base", "task": task, "args": vars(args), "step": step,
                 "metrics": last_metrics, "elapsed_s": elapsed + time.time() - t_start}
         save_checkpoint(out, model, tokenizer, meta,
                         {"optimizer": opt.state_dict(), "rng": rng_state(), "step": step,
@@ -191,10 +203,11 @@ def main(argv=None):
             loss = lm_loss(model, x.to(device), y.to(device))
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        checked = finite_or_stop(step + 1, {"loss": loss, "gradient norm": grad_norm})  # before the update
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-        last = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+        last = {"step": step + 1, "loss": checked["loss"], "lr": lr, "grad_norm": checked["gradient norm"],
                 "tokens": (step + 1) * args.batch_size * block, "time_s": elapsed + time.time() - t_start}
         done = step + 1 == args.max_steps
         if (step + 1) % args.eval_every == 0 or done:

@@ -53,15 +53,16 @@ from tqdm import tqdm
 
 from minipost import losses
 from minipost.adapters import BaseView, adapt, add_adapter_flags, check_adapter_flags, has_adapters, merge_adapters
-from minipost.checkpoint import find_checkpoint, load_checkpoint
-from minipost.cli import UserError, pick_device, require_positive, run_main, task_from_flag
+from minipost.checkpoint import load_checkpoint, load_resumed
+from minipost.cli import (UserError, pick_device, require_numbers, require_positive, run_main, task_from_flag,
+                          writable_dir)
 from minipost.data import epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy
-from minipost.loop import end_step, start_run, training_steps
+from minipost.loop import end_step, optimizer_step, start_run, training_steps
 from minipost.model import GPT, GPTConfig
 from minipost.preferences import (build_pairs, demo_pairs, load_pairs, pair_accuracy, pair_logprob_sums,
                                   pair_sequences, reference_samples, split_pairs, write_pairs)
-from minipost.rewards import eos_scores, make_reward
+from minipost.rewards import eos_scores, make_reward, same_tokenizer
 from minipost.rollout import prompt_ids, sample_kl, sample_rollout, sequence_logprobs, step_seed, token_values
 from minipost.tasks import TASKS
 
@@ -102,6 +103,8 @@ def parse_args(argv=None):
     add_adapter_flags(p)  # LoRA / prompt tuning: the reference is then the base with the adapters off
     # Data
     p.add_argument("--task", default="arith", help=f"built-in task: {', '.join(TASKS)} (prompts, reward, evaluation)")
+    p.add_argument("--allow-other-task", action="store_true", help="accept an --init or --reward-model trained "
+                   "on another task than --task (refused by default)")
     p.add_argument("--data", default=None, help="rm/dpo: JSONL pairs (prompt/chosen/rejected); ppo/nft/rft/grpo: "
                    "JSONL prompts (prompt + columns for the reward). The task still provides evaluation")
     p.add_argument("--n-prompts", type=int, default=None, help="task train prompts to build pairs from (rm, "
@@ -165,8 +168,12 @@ def parse_args(argv=None):
                      "minibatch_size", "eval_every", "ckpt_every", "warmup")
     args.eval_every = args.eval_every or -(-args.max_steps // 4)
     args.ckpt_every = args.ckpt_every or args.eval_every
-    if args.temperature <= 0:
-        raise UserError("--temperature must be > 0 (log-probs are taken at the sampling temperature)")
+    # log-probs are taken at the sampling temperature: 0 is not a distribution, and below 0.01 logits / T
+    # overflow float32 long before the samples differ from greedy ones
+    require_numbers(args, lr="> 0", beta="> 0" if args.algo == "dpo" else ">= 0", temperature=">= 0.01",
+                    val_frac="in (0, 1)", grad_clip=">= 0", label_smoothing="in [0, 0.5)", center_coef=">= 0",
+                    clip="> 0", vf_coef=">= 0", gae_lambda="in [0, 1]", target_kl="> 0", kl_coef=">= 0")
+    require_positive(args, "kl_horizon")
     if args.pairs_from_demos and args.algo not in ("rm", "dpo"):
         raise UserError(f"--pairs-from-demos builds preference pairs: it is for --algo rm or dpo, not {args.algo}")
     if args.pairs_from_demos and args.data:
@@ -184,28 +191,20 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------ shared plumbing
 
 def load_init(args, device):
-    """--init must be a policy: SFT (or DFT, or another post-trained policy), not a base or a reward model."""
-    ck = load_checkpoint(args.init, device, flag="--init")
-    kind = ck.meta.get("kind")
-    if kind == "base":
+    """--init must be a policy of --task: SFT (or DFT, or another post-trained policy), not a base or a reward
+    model. With --resume, OUT/ckpt (or None when OUT has none yet) too -> (init, resumed)."""
+    task = None if args.allow_other_task else args.task
+    ck = load_checkpoint(args.init, device, flag="--init", task=task)
+    if ck.meta.get("kind") == "base":
         raise UserError(f"--init {args.init} is a base model (kind 'base'): fine-tune it first with "
                         f"python train_sft.py --init {args.init} --out out/sft")
-    if kind == "rm" or ck.model.config.scalar_head:
+    if ck.is_reward_model:
         raise UserError(f"--init {args.init} is a reward model; pass the SFT checkpoint (use it as --reward-model)")
-    return ck
-
-
-def load_resumed(args, out, device):
-    """--resume: OUT/ckpt of a run of the same --algo, or None (with a line saying so) when there is none."""
-    if not args.resume:
-        return None
-    if find_checkpoint(out) is None:
-        print(f"--resume: no checkpoint in {out / 'ckpt'} yet, starting from step 0")
-        return None
-    resumed = load_checkpoint(out, device, flag="--resume from")
-    if resumed.meta.get("kind") != args.algo:
-        raise UserError(f"--resume: {resumed.path} holds a {resumed.meta.get('kind')!r} run, not --algo {args.algo}")
-    return resumed
+    resumed = load_resumed(args.out, args.algo, device, args.task) if args.resume else None
+    if resumed is not None and not same_tokenizer(resumed.tokenizer, ck.tokenizer):  # its reference is --init
+        raise UserError(f"--resume: {resumed.path} has another tokenizer than --init {args.init} (a run from "
+                        "another --init?)")
+    return ck, resumed
 
 
 def frozen_copy(model):
@@ -231,28 +230,17 @@ def scalar_model(model):
     return out
 
 
-def clip_and_step(opt, loss, models, grad_clip):
-    """One optimizer step on loss; each model's gradient norm clipped on its own. -> the first model's norm."""
-    loss.backward()
-    norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), grad_clip or float("inf")) for m in models]
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norms[0].item()
-
-
 def preference_pairs(args, sft, tokenizer, task, out):
     """(train, held-out) pairs: --data, or the built-in pairs from the SFT model's samples (also written
     to OUT/pairs-train.jsonl and OUT/pairs-val.jsonl for inspection and reuse with --data)."""
     block = sft.config.block_size
     if args.data:
-        pairs, dropped = load_pairs(args.data, tokenizer, block)
+        pairs, _ = load_pairs(args.data, tokenizer, block)
         if args.val_data:  # e.g. a built-in run's pairs-train.jsonl / pairs-val.jsonl, reused as they were
-            train, (val, dropped_val) = pairs, load_pairs(args.val_data, tokenizer, block, "--val-data")
-            dropped += dropped_val
+            train, (val, _) = pairs, load_pairs(args.val_data, tokenizer, block, "--val-data")
         else:
             train, val = split_pairs(pairs, args.val_frac, args.seed)
-        print(f"pairs: {len(train)} train, {len(val)} held out from {args.val_data or args.data} "
-              f"({dropped} too long, dropped)")
+        print(f"pairs: {len(train)} train, {len(val)} held out from {args.val_data or args.data}")
         return train, val
     reward = make_reward(task, tokenizer, next(sft.parameters()).device, args.reward)
     built = {}
@@ -348,7 +336,7 @@ def train_reward_model(args, init, resumed, task, device, out):
     for step in training_steps(run, evaluate):
         rc, rr = scores([train[i] for i in epoch_indices(step, args.batch_size, len(train), args.seed)])
         loss = losses.bradley_terry_loss(rc, rr, args.center_coef)
-        grad_norm = clip_and_step(run.opt, loss, [model], args.grad_clip)
+        grad_norm = optimizer_step(run, step, loss, [model])
         logs = {"loss": loss.item(), "accuracy": pair_accuracy(rc, rr), "margin": (rc - rr).mean().item(),
                 "grad_norm": grad_norm}
         end_step(run, step, logs, evaluate, model, save_meta=centre_bias)
@@ -386,7 +374,7 @@ def train_dpo(args, init, resumed, task, device, out):
         total = logp.sum(1) / (seqs.mask.sum(1) if args.ipo else 1)  # (2P,)
         pi_c, pi_r = total.view(2, -1)
         loss, (rc, rr) = preference_loss(pi_c, pi_r, ref_train[0][idx], ref_train[1][idx])
-        grad_norm = clip_and_step(run.opt, loss, [policy], args.grad_clip)
+        grad_norm = optimizer_step(run, step, loss, [policy])
         logs = {"loss": loss.item(), "accuracy": pair_accuracy(rc, rr), "margin": (rc - rr).mean().item(),
                 "chosen_reward": rc.mean().item(), "rejected_reward": rr.mean().item(),
                 "entropy": losses.token_mean(ent, seqs.mask).item(), "grad_norm": grad_norm}
@@ -401,7 +389,7 @@ def train_ppo(args, init, resumed, task, device, out):
     tok, temperature = init.tokenizer, args.temperature
     policy, ref = policy_and_reference(args, init, resumed, device)
     evaluate = policy_evaluation(args, policy, ref, tok, task)
-    reward = make_reward(task, tok, device, args.reward, args.reward_model)
+    reward = make_reward(task, tok, device, args.reward, args.reward_model, other_task_ok=args.allow_other_task)
     pool = prompt_pool(args, tok, task, policy.config.block_size - policy.n_prefix)
     if reward.model is not None:
         critic = copy.deepcopy(reward.model).requires_grad_(True)
@@ -425,7 +413,7 @@ def train_ppo(args, init, resumed, task, device, out):
             old_logp, ent = sequence_logprobs(policy, seqs, temperature, entropy=True)  # (N, T-1)
             ref_logp = sequence_logprobs(ref, seqs, temperature)
             old_values = token_values(critic, seqs)  # (N, T-1)
-            raw = r.score(reward)  # (N,)
+            raw = r.score(reward, step + 1)  # (N,)
             rewards, score, kl = losses.ppo_token_rewards(raw, r.finished, old_logp, ref_logp, mask, seqs.last,
                                                           kl_coef)  # (N, T-1): -kl_coef k1, + score at the EOS
             adv, returns = losses.gae(rewards, old_values, mask, 1.0, args.gae_lambda)
@@ -439,7 +427,7 @@ def train_ppo(args, init, resumed, task, device, out):
                 pg, clipfrac, approx_kl = losses.ppo_policy_loss(logp, old_logp[mb], adv[mb], mask[mb], args.clip)
                 vf = losses.ppo_value_loss(token_values(critic, seqs[mb]), old_values[mb], returns[mb], mask[mb],
                                            args.clip)
-                clip_and_step(run.opt, pg + args.vf_coef * vf, [policy, critic], args.grad_clip)
+                optimizer_step(run, step, pg + args.vf_coef * vf, [policy, critic])
                 minibatch_logs.append([pg.item(), vf.item(), clipfrac.item(), approx_kl.item()])
         seq_kl, used_coef = kl.sum(1).mean().item(), kl_coef
         if args.target_kl:  # adaptive controller (Ziegler et al. 2019)
@@ -470,7 +458,7 @@ def train_group(args, init, resumed, task, device, out):
     tok, temperature, K = init.tokenizer, args.temperature, args.k
     policy, ref = policy_and_reference(args, init, resumed, device)
     evaluate = policy_evaluation(args, policy, ref, tok, task)
-    reward = make_reward(task, tok, device, args.reward, args.reward_model)
+    reward = make_reward(task, tok, device, args.reward, args.reward_model, other_task_ok=args.allow_other_task)
     pool = prompt_pool(args, tok, task, policy.config.block_size - policy.n_prefix)
     run, _ = start_run(args, out, [policy], tok, resumed,
                        held=[ref] + ([reward.model] if reward.model is not None else []))
@@ -481,7 +469,7 @@ def train_group(args, init, resumed, task, device, out):
         rows = [pool[i] for i in epoch_indices(step, args.batch_size, len(pool), args.seed)]
         r = sample_rollout(policy, tok, rows, K, args.max_new_tokens, temperature, step_seed(args.seed, step))
         seqs, mask = r.seqs, r.seqs.mask  # mask (N, T-1), N = G * K
-        rewards = r.score(reward).view(-1, K)  # (G, K)
+        rewards = r.score(reward, step + 1).view(-1, K)  # (G, K)
         correct = (rewards > 0.5).view(-1)  # (N,)
         # which samples carry signal, and what each objective needs of its group
         if args.algo == "grpo":
@@ -512,7 +500,7 @@ def train_group(args, init, resumed, task, device, out):
                 else:
                     loss = losses.grpo_loss(logp, old_logp[mb], ref_logp[mb], adv[mb], mask[mb], args.clip,
                                             args.kl_coef)
-                clip_and_step(run.opt, loss, [policy], args.grad_clip)
+                optimizer_step(run, step, loss, [policy])
                 used.append(loss.item())
         logs = {"reward": rewards.mean().item(), "accuracy": correct.float().mean().item(),
                 "kl": ((old_logp - ref_logp) * mask).sum(1).mean().item(),
@@ -533,8 +521,8 @@ def main(argv=None):
     device = pick_device(args.device)
     out = Path(args.out)
     task = task_from_flag(args.task)
-    init = load_init(args, device)
-    resumed = load_resumed(args, out, device)
+    init, resumed = load_init(args, device)
+    writable_dir(out)  # before the work: DPO and rm sample their pairs first
     torch.manual_seed(args.seed)
     TRAIN[args.algo](args, init, resumed, task, device, out)
     print(f"done: checkpoint in {out / 'ckpt'}")

@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from minipost import losses
 from minipost.adapters import adapt, add_adapter_flags, check_adapter_flags, has_adapters, merge_adapters
-from minipost.checkpoint import find_checkpoint, load_checkpoint, load_train_state, rng_state, save_checkpoint, set_rng_state
-from minipost.cli import (MetricsLog, UserError, autocast, cosine_lr, peak_memory_mb, pick_device, require_positive,
-                          run_main, task_from_flag, tensor_memory_mb)
+from minipost.checkpoint import (load_checkpoint, load_resumed, load_train_state, rng_state, save_checkpoint,
+                                 set_rng_state)
+from minipost.cli import (MetricsLog, UserError, autocast, cosine_lr, finite_or_stop, peak_memory_mb, pick_device,
+                          require_numbers, require_positive, run_main, task_from_flag, tensor_memory_mb, writable_dir)
 from minipost.data import collate, encode_conversations, epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy
 from minipost.tasks import TASKS
@@ -39,6 +40,8 @@ def parse_args(argv=None):
     add_adapter_flags(p)
     # Data
     p.add_argument("--task", default="arith", help=f"built-in task: {', '.join(TASKS)}")
+    p.add_argument("--allow-other-task", action="store_true", help="accept an --init trained on another task "
+                   "than --task (refused by default)")
     p.add_argument("--data", default=None, help="JSONL demonstrations instead of the task's (messages, "
                    "prompt+completion or text); the task still provides evaluation")
     p.add_argument("--n-train", type=int, default=None, help="demonstrations to train on: the task's first N "
@@ -66,6 +69,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     require_positive(args, "max_steps", "batch_size", "grad_accum", "eval_every", "ckpt_every", "n_train", "n_eval",
                      "max_new_tokens")
+    require_numbers(args, lr="> 0", min_lr=">= 0", weight_decay=">= 0", grad_clip=">= 0", warmup=">= 0")
     check_adapter_flags(args)
     if args.batch_size % args.grad_accum:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
@@ -122,8 +126,13 @@ def main(argv=None):
     out = Path(args.out)
     task = task_from_flag(args.task)
 
-    resuming = args.resume and find_checkpoint(out) is not None
-    ckpt = load_checkpoint(out if resuming else args.init, flag="--resume from" if resuming else "--init")
+    task_check = None if args.allow_other_task else task.name
+    resumed = load_resumed(out, args.loss, task=task.name) if args.resume else None
+    resuming = resumed is not None
+    ckpt = resumed or load_checkpoint(args.init, flag="--init", task=task_check)
+    if ckpt.is_reward_model:  # its scalar head would ride along into a checkpoint labelled as a policy
+        raise UserError(f"--init {args.init} is a reward model (kind 'rm'); SFT starts from a base or a policy "
+                        "checkpoint")
     if resuming and has_adapters(ckpt.model) != bool(args.lora_r or args.prompt_tuning):
         raise UserError(f"--resume: {ckpt.path} was trained {'with' if has_adapters(ckpt.model) else 'without'} "
                         "adapters; pass the same --lora-r / --prompt-tuning as the first run")
@@ -131,6 +140,7 @@ def main(argv=None):
     model = adapt((ckpt.model if resuming else merge_adapters(ckpt.model)).to(device), args, args.init, args.seed)
     tokenizer = ckpt.tokenizer
     block = model.config.block_size - model.n_prefix  # prompt tuning's virtual tokens take context too
+    writable_dir(out)  # before the work
 
     # Data: demonstrations -> (ids, mask) with mask 1 on assistant tokens and their <|end|>
     rows, where = training_rows(args, task)
@@ -187,10 +197,11 @@ def main(argv=None):
             ce_sum += losses.sft_loss(logp.detach(), mask, n_tokens).item()  # plain CE, logged beside DFT
             p_sum += (logp.detach().exp() * mask).sum().item() / n_tokens.item()  # what DFT maximises
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or float("inf"))
+        grad_norm = finite_or_stop(step + 1, {"loss": loss_sum, "gradient norm": grad_norm})["gradient norm"]
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-        last = {"step": step + 1, "loss": loss_sum, "ce": ce_sum, "p_mean": p_sum, "lr": lr, "grad_norm": grad_norm.item(),
+        last = {"step": step + 1, "loss": loss_sum, "ce": ce_sum, "p_mean": p_sum, "lr": lr, "grad_norm": grad_norm,
                 "time_s": elapsed + time.time() - t_start}
         done = step + 1 == args.max_steps
         if (step + 1) % args.eval_every == 0 or done:
@@ -201,8 +212,8 @@ def main(argv=None):
         metrics.log(**last)
         bar.set_postfix(loss=f"{loss_sum:.3f}", ce=f"{ce_sum:.3f}")
         if (step + 1) % args.ckpt_every == 0 or done:
-            meta = {"script": "train_sft.py", "kind": args.loss, "args": vars(args), "step": step + 1,
-                    "metrics": last, "init": str(args.init), "elapsed_s": last["time_s"]}
+            meta = {"script": "train_sft.py", "kind": args.loss, "task": args.task, "args": vars(args),
+                    "step": step + 1, "metrics": last, "init": str(args.init), "elapsed_s": last["time_s"]}
             save_checkpoint(out, model, tokenizer, meta, {"optimizer": opt.state_dict(), "rng": rng_state(),
                                                           "step": step + 1, "elapsed": last["time_s"]})
     print(f"done: checkpoint in {out / 'ckpt'}")

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cli import UserError
+from .cli import UserError, require_numbers
 from .model import GPT
 
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # attention qkv, attention and MLP output, MLP input
@@ -75,8 +75,7 @@ def check_adapter_flags(args, block_size=None):
         raise UserError(f"--prompt-tuning must be >= 1 (got {args.prompt_tuning})")
     if args.lora_r and args.prompt_tuning:
         raise UserError("choose one of --lora-r and --prompt-tuning")
-    if not 0 <= args.lora_dropout < 1:
-        raise UserError(f"--lora-dropout must be in [0, 1) (got {args.lora_dropout})")
+    require_numbers(args, lora_alpha="> 0", lora_dropout="in [0, 1)")
     targets = [t for t in args.lora_targets.split(",") if t.strip()]
     unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown or not targets:

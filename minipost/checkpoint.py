@@ -3,7 +3,7 @@
     OUT/ckpt/model.pt        state dict (float32 tensors only; read back with torch.load(weights_only=True))
     OUT/ckpt/config.json     GPTConfig
     OUT/ckpt/tokenizer.json  the tokenizer, as text
-    OUT/ckpt/meta.json       {"script", "kind", "args", "step", "metrics", ...}
+    OUT/ckpt/meta.json       {"script", "kind", "task", "args", "step", "metrics", ...}
     OUT/ckpt/state.pt        resume state: optimizer, RNG, step (training scripts only)
     OUT/metrics.jsonl        the run's metrics, beside the checkpoint (cli.MetricsLog)
 
@@ -16,9 +16,16 @@ Atomic: everything is written to OUT/ckpt.tmp, then OUT/ckpt is renamed to OUT/c
 and ckpt.old removed. A run killed at any point leaves either ckpt or ckpt.old complete, and the loader
 takes whichever is there. `--init OUT` and `--init OUT/ckpt` both work, and so does a Hugging Face-layout
 GPT-2 folder (minipost/gpt2.py), e.g. `--init path/to/gpt2`.
+
+Loading refuses, with one line naming the flag and the file: a pickle that needs more than tensors (never run),
+a config whose sizes no model could have, weights that do not fit it or hold NaN, and a checkpoint of another
+task than the script's (meta "task": the built-in task it was trained on; none for a base trained on --data).
+Which kinds a script accepts (a policy, a reward model, a run of its own kind for --resume) is the script's call.
 """
 import json
+import pickle
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +46,10 @@ class Checkpoint:
     tokenizer: Tokenizer
     meta: dict
     path: Path
+
+    @property
+    def is_reward_model(self) -> bool:
+        return self.meta.get("kind") == "rm" or self.model.config.scalar_head
 
 
 def save_checkpoint(out_dir, model: GPT, tokenizer: Tokenizer, meta: dict, train_state: dict | None = None):
@@ -76,40 +87,79 @@ def find_checkpoint(path) -> Path | None:
     return None
 
 
-def load_checkpoint(path, device="cpu", flag="--init") -> Checkpoint:
-    """Rebuild model and tokenizer from a checkpoint directory. Raises UserError naming the path if unusable."""
+def load_checkpoint(path, device="cpu", flag="--init", task=None) -> Checkpoint:
+    """Rebuild model and tokenizer from a checkpoint directory. Raises UserError naming the path if unusable,
+    or if `task` is given and the checkpoint records another (meta["task"]; a checkpoint that records none,
+    a GPT-2 import or a base trained on --data, passes)."""
+    where = f"{flag} {path}"
     ckpt = find_checkpoint(path)
     if ckpt is None and is_gpt2_folder(path):
         try:
             model, tokenizer = load_gpt2_folder(path)
         except ValueError as e:
-            raise UserError(f"{flag} {path}: {e}")
+            raise UserError(f"{where}: {e}")
         return Checkpoint(model.to(device), tokenizer, {"kind": "gpt2", "script": "gpt2 import", "step": 0},
                           Path(path))
     if ckpt is None:
-        raise UserError(f"{flag} {path}: not a minipost checkpoint (expected {Path(path) / 'ckpt'} with "
+        raise UserError(f"{where}: not a minipost checkpoint (expected {Path(path) / 'ckpt'} with "
                         f"{', '.join(FILES)})")
-    try:
-        config = GPTConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
-        meta = json.loads((ckpt / "meta.json").read_text())
-        tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
-        state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
-    except (ValueError, TypeError, RuntimeError, OSError) as e:
-        raise UserError(f"{flag} {path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    def read(name, parse):
+        try:
+            return parse(ckpt / name)
+        except (ValueError, TypeError, OSError) as e:
+            raise UserError(f"{where}: {name} is unusable ({type(e).__name__}: {str(e).splitlines()[0]})")
+
+    meta = read("meta.json", json_object)
+    config = read("config.json", lambda f: GPTConfig.from_dict(json_object(f)))  # sizes checked before allocating
+    tokenizer = read("tokenizer.json", Tokenizer.load)
+    state = load_tensors(ckpt / "model.pt", where)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"{where}: weight {bad} holds NaN or infinite values")
+    have = meta.get("task")
+    if task is not None and have is not None and have != task:
+        raise UserError(f"{where}: trained on task '{have}', not --task {task} (pass --allow-other-task to use "
+                        "it anyway)")
     model = GPT(config)
     try:
         if "adapter" in meta:
-            model = load_adapted(model, meta["adapter"], state, device, f"{flag} {path}")
+            model = load_adapted(model, meta["adapter"], state, device, where)
         else:
             model.load_state_dict(state)
     except RuntimeError as e:
         first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "Missing" in ln
                       or "Unexpected" in ln), str(e).splitlines()[0])
-        raise UserError(f"{flag} {path}: weights do not fit the saved config ({first})")
+        raise UserError(f"{where}: weights do not fit the saved config ({first})")
     if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(f"{flag} {path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+        raise UserError(f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{config.vocab_size}")
     return Checkpoint(model.to(device), tokenizer, meta, ckpt)
+
+
+def json_object(file: Path) -> dict:
+    value = json.loads(file.read_text())
+    if not isinstance(value, dict):
+        raise ValueError(f"holds a {type(value).__name__}, not an object")
+    return value
+
+
+def load_tensors(file: Path, where: str) -> dict:
+    """A dict of tensors saved by torch.save, read with weights_only=True: a pickle that needs anything but
+    tensors and plain containers (code, custom classes) is refused, never run."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
+            warnings.simplefilter("ignore")
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own message suggests weights_only=False: never repeat that
+        raise UserError(f"{where}: {file.name} refused as unsafe: not a plain tensor file (the weights-only load "
+                        "failed); minipost never executes code from a checkpoint")
+    except Exception as e:  # truncated or garbage bytes surface as EOFError, KeyError, RuntimeError, ...
+        raise UserError(f"{where}: {file.name} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise UserError(f"{where}: {file.name} holds a {type(state).__name__}, not a dict of named tensors")
+    if file.name == "model.pt" and not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{where}: {file.name} holds values that are not tensors")
+    return state
 
 
 def load_adapted(model: GPT, spec: dict, state: dict, device, where: str) -> GPT:
@@ -130,10 +180,32 @@ def load_adapted(model: GPT, spec: dict, state: dict, device, where: str) -> GPT
     return model
 
 
-def load_train_state(ckpt_dir: Path) -> dict | None:
-    """The resume state saved beside the weights, or None if this checkpoint has none."""
-    f = Path(ckpt_dir) / "state.pt"
-    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+def load_resumed(out, kind: str, device="cpu", task=None) -> Checkpoint | None:
+    """--resume: OUT/ckpt of a run of this kind (meta["kind"]: base, sft, dft, or train_rlhf.py's --algo) and,
+    if it records one, this task, or None, with a line saying so, when OUT holds no checkpoint yet (the run
+    then starts at step 0)."""
+    if find_checkpoint(out) is None:
+        print(f"--resume: no checkpoint in {Path(out) / 'ckpt'} yet, starting from step 0")
+        return None
+    ck = load_checkpoint(out, device, flag="--resume from")
+    if ck.meta.get("kind") != kind:
+        raise UserError(f"--resume: {ck.path} holds a {ck.meta.get('kind')!r} run, not a {kind!r} one")
+    if ck.meta.get("task") not in (None, task):  # a run continues on its own task, whatever --allow-other-task says
+        asked = f"--task {task}" if task else "--data"  # task None: train_base.py on a text file
+        raise UserError(f"--resume: {ck.path} holds a run on task '{ck.meta['task']}', not on {asked}")
+    return ck
+
+
+def load_train_state(ckpt_dir: Path) -> dict:
+    """The resume state saved beside the weights (optimizer, RNG, step, elapsed, the trainer's own)."""
+    f, where = Path(ckpt_dir) / "state.pt", f"--resume from {ckpt_dir}"
+    if not f.is_file():
+        raise UserError(f"{where}: no state.pt (the optimizer and RNG state a resume needs)")
+    state = load_tensors(f, where)
+    missing = [k for k in ("optimizer", "rng", "step", "elapsed") if k not in state]
+    if missing:
+        raise UserError(f"{where}: state.pt lacks {', '.join(missing)}")
+    return state
 
 
 def rng_state() -> dict:

@@ -1,27 +1,54 @@
 """Plumbing every script shares: user-facing errors and flag checks, the device, the metrics log, the LR schedule.
 
-A user's mistake (a missing file, a bad flag value, a malformed row) raises UserError; `run_main` turns it
-into one line on stderr and exit code 2, never a traceback. Bugs still raise normally.
+Two kinds of failure end a script with one line on stderr (`error: ...`), never a traceback:
+    UserError  bad input found by a check (a missing file, a bad flag value, a malformed row, a checkpoint of
+               the wrong kind, a reward function that fails): exit code 2, fix the command or the input.
+    Diverged   a training run's own numbers went non-finite (loss or gradient norm): exit code 1, the run
+               failed although every input passed its checks. finite_or_stop raises it before the optimizer
+               step, so no update and no checkpoint ever holds the bad step.
+Bugs still raise normally (a traceback, exit code 1).
 """
 import json
 import math
+import operator
+import os
 import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
 
 
+class Diverged(Exception):
+    """A training run's loss or gradient norm became NaN or infinite: reported as one line, exit code 1."""
+
+
 def run_main(main):
-    """Call main(); report a UserError as `error: ...` and exit 2."""
+    """Call main(); report a UserError (exit 2) or a Diverged run (exit 1) as one line `error: ...`."""
     try:
         main()
-    except UserError as e:
+    except (UserError, Diverged) as e:
+        for bar in list(getattr(tqdm, "_instances", ())):  # a bar left mid-line would swallow the message
+            bar.close()
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, UserError) else 1)
+
+
+def finite_or_stop(step: int, values: dict) -> dict:
+    """{name: tensor or number} -> {name: float}; Diverged naming the step and the first non-finite value.
+    Called between backward and the optimizer step: the weights, and so every checkpoint, stay as the last
+    finite step left them. One .item() per value, which the loops log anyway."""
+    out = {}
+    for name, value in values.items():
+        out[name] = value.item() if torch.is_tensor(value) else float(value)
+        if not math.isfinite(out[name]):
+            raise Diverged(f"step {step}: {name} is {out[name]}; training diverged and stopped before this step's "
+                           "update (nothing of it was saved): lower --lr, or check --init's weights")
+    return out
 
 
 def require_positive(args, *flags):
@@ -31,6 +58,56 @@ def require_positive(args, *flags):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+
+
+_COMPARE = {">": operator.gt, ">=": operator.ge}
+
+
+def require_numbers(args, **rules):
+    """UserError unless each named float flag (argparse dest) is finite and obeys its rule, written as the
+    message shows it: "> 0", ">= 0", "in [0, 1)", "in (0, 1]". A flag left at None (unset) passes.
+    argparse's float() accepts "nan" and "inf"; this is where they stop."""
+    for dest, rule in rules.items():
+        value = getattr(args, dest)
+        if value is not None and not (math.isfinite(value) and _obeys(value, rule)):
+            raise UserError(f"--{dest.replace('_', '-')} must be {rule} (got {value})")
+
+
+def _obeys(value, rule: str) -> bool:
+    if rule.startswith("in "):  # "in [lo, hi)": the brackets say which ends are included
+        lo, hi = (float(x) for x in rule[4:-1].split(","))
+        return (value >= lo if rule[3] == "[" else value > lo) and (value <= hi if rule[-1] == "]" else value < hi)
+    op, bound = rule.split()
+    return _COMPARE[op](value, float(bound))
+
+
+def writable_dir(path, flag="--out") -> Path:
+    """Create the output directory now and check that a file can be written in it, so that an unwritable
+    --out fails before the work, not after it."""
+    path = Path(path)
+    _probe(path, f"{flag} {path}")
+    return path
+
+
+def writable_file(path, flag="--out") -> Path:
+    """As writable_dir, for an output file: its directory must take a file, and the path must not be a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory; give a file name")
+    _probe(path.parent, f"{flag} {path}")
+    return path
+
+
+def _probe(directory: Path, where: str):
+    probe = directory / f".write-test-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except FileExistsError:  # a file where the directory should be
+        raise UserError(f"{where}: cannot write there ({directory} is a file, not a directory)")
+    except OSError as e:
+        raise UserError(f"{where}: cannot write there ({type(e).__name__}: {e.strerror or e})")
 
 
 def pick_device(flag: str) -> torch.device:

@@ -28,15 +28,17 @@ ROLES = ("system", "user", "assistant")
 def read_jsonl(path, expect: tuple[str, ...] | None = None) -> tuple[list[dict], str, list[str]]:
     """Read and validate a JSONL file -> (rows, format, where) with where[i] = "FILE:LINE" of rows[i].
     `expect` restricts the formats a script accepts."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
+    path = existing_file(path)
     rows, fmt, wheres = [], None, []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not UTF-8 text (byte {e.start} of the line)")
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -58,6 +60,17 @@ def read_jsonl(path, expect: tuple[str, ...] | None = None) -> tuple[list[dict],
     if not rows:
         raise UserError(f"{path}: empty dataset (no rows)")
     return rows, fmt, wheres
+
+
+def existing_file(path, flag=None) -> Path:
+    """The path of an input file, or a UserError saying what is there instead (nothing, a directory)."""
+    path = Path(path)
+    where = f"{flag} {path}" if flag else str(path)
+    if path.is_dir():
+        raise UserError(f"{where}: is a directory, not a file")
+    if not path.is_file():
+        raise UserError(f"{where}: no such file")
+    return path
 
 
 def _describe(fmt):
@@ -100,12 +113,14 @@ def _check_messages(msgs, col, where):
     if not isinstance(msgs, list) or not msgs:
         raise UserError(f"{where}: column '{col}' must be a non-empty list of {{role, content}} messages")
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or set(m) < {"role", "content"}:
+        if not isinstance(m, dict) or not {"role", "content"} <= set(m):
             raise UserError(f"{where}: {col}[{i}] must be an object with 'role' and 'content'")
         if m["role"] not in ROLES:
             raise UserError(f"{where}: {col}[{i}] has role {m['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise UserError(f"{where}: {col}[{i}].content must be a string")
+        if m["role"] == "assistant" and not m["content"].strip():  # nothing to learn, or to prefer
+            raise UserError(f"{where}: {col}[{i}] is an assistant message with empty content")
 
 
 def as_messages(value, role: str) -> list[dict]:
@@ -146,8 +161,10 @@ def encode_conversations(tokenizer, rows, block_size: int, where=None):
 
 
 def encode_pairs(tokenizer, rows, block_size: int):
-    """Preference rows -> ([(prompt_ids, chosen_ids, rejected_ids)], n_dropped). Responses end with EOS."""
-    pairs, dropped = [], 0
+    """Preference rows -> ([(prompt_ids, chosen_ids, rejected_ids)], {reason: rows dropped}). Responses end
+    with EOS. Dropped: pairs longer than block_size, and pairs whose two responses are the same tokens (no
+    preference to learn: DPO's loss would sit at log 2 and a reward model's at chance)."""
+    pairs, dropped = [], {"longer than the context": 0, "with identical chosen and rejected": 0}
     for row in rows:
         prompt = tokenizer.render_prompt(as_messages(row["prompt"], "user"))
         responses = []
@@ -155,9 +172,11 @@ def encode_pairs(tokenizer, rows, block_size: int):
             msgs = as_messages(row[col], "assistant")
             responses.append(tokenizer.encode(msgs[-1]["content"]) + [tokenizer.eos_id])
         if len(prompt) + max(len(r) for r in responses) > block_size:
-            dropped += 1
-            continue
-        pairs.append((prompt, *responses))
+            dropped["longer than the context"] += 1
+        elif responses[0] == responses[1]:
+            dropped["with identical chosen and rejected"] += 1
+        else:
+            pairs.append((prompt, *responses))
     return pairs, dropped
 
 

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
-from .cli import UserError, pick_device, require_positive, run_main, task_from_flag
+from .cli import UserError, pick_device, require_positive, run_main, task_from_flag, writable_file
 from .retrieval import add_retrieval_flags, check_retrieval_flags, retrieval_prompts
 from .rewards import call_reward, make_reward, same_tokenizer
 from .rollout import completion_text, prompt_ids, sample_candidates, sample_kl
@@ -55,6 +55,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--init", required=True, help="policy checkpoint directory")
     p.add_argument("--task", required=True, help="built-in task whose test splits are scored")
+    p.add_argument("--allow-other-task", action="store_true", help="accept checkpoints trained on another task "
+                   "than --task (refused by default)")
     p.add_argument("--reference", default=None, help="checkpoint for the sequence KL (default: --init itself)")
     p.add_argument("--n-eval", type=int, default=200, help="prompts per split (the same prompts for every policy)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="response budget")
@@ -77,14 +79,19 @@ def main(argv=None):
     check_retrieval_flags(args)
     task, device = task_from_flag(args.task), pick_device(args.device)
     t0 = time.time()
-    ck = load_checkpoint(args.init, device, flag="--init")
-    if ck.model.config.scalar_head:
-        raise UserError(f"--init {args.init} is a reward model, not a policy")
-    ref = load_checkpoint(args.reference, device, flag="--reference") if args.reference else ck
+    task_check = None if args.allow_other_task else task.name
+    ck = load_checkpoint(args.init, device, flag="--init", task=task_check)
+    ref = load_checkpoint(args.reference, device, flag="--reference", task=task_check) if args.reference else ck
+    for flag, path, c in (("--init", args.init, ck), ("--reference", args.reference, ref)):
+        if c.is_reward_model:
+            raise UserError(f"{flag} {path} is a reward model, not a policy")
     if not same_tokenizer(ck.tokenizer, ref.tokenizer):  # the KL compares the two models' ids token by token
         raise UserError(f"--reference {args.reference}: its tokenizer differs from --init {args.init}'s")
     # loaded before any sampling, so that a bad path fails at once (UserError naming --reward-model)
-    proxy = make_reward(task, ck.tokenizer, device, reward_model=args.reward_model) if args.reward_model else None
+    proxy = (make_reward(task, ck.tokenizer, device, reward_model=args.reward_model,
+                         other_task_ok=args.allow_other_task) if args.reward_model else None)
+    if args.out is not None:
+        writable_file(args.out)  # before the evaluation, not after it
     model = ck.model.eval()
     row = {"init": str(args.init), "kind": ck.meta.get("kind"), "step": ck.meta.get("step"),
            "train_time_s": ck.meta.get("elapsed_s"), "samples_used": samples_used(args.init, ck.meta),
@@ -120,7 +127,6 @@ def main(argv=None):
         print(text)
     else:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(text + "\n")
         tmp.replace(out)  # atomic: a killed evaluation leaves no half-written row

@@ -130,8 +130,10 @@ def gpt2_config(hf: dict) -> GPTConfig:
     if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
         raise ValueError("attention scaling other than 1/sqrt(head_dim) is not supported")
     # dropout 0: post-training runs it off (RL, DPO, reward models); a script that wants it sets it itself
-    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
+    config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                       n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
+    config.check()
+    return config
 
 
 def _read_weights(path: Path) -> dict:
@@ -141,8 +143,9 @@ def _read_weights(path: Path) -> dict:
     try:
         # weights_only: the unpickler only rebuilds tensors and plain containers, anything else stops it
         sd = torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{f}: refused: not a plain tensor file ({str(e).splitlines()[0][:200]})")
+    except pickle.UnpicklingError:  # torch's own message suggests weights_only=False: never repeat that
+        raise ValueError(f"{f}: refused as unsafe: not a plain tensor file (the weights-only load failed); "
+                         "minipost never executes code from a checkpoint")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{f}: refused: not a plain tensor file (expected a dict of tensors)")
     return sd

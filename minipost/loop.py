@@ -2,7 +2,8 @@
 
     run, saved = start_run(args, out, models, tokenizer, resumed, held)   AdamW, resume state, metrics log
     for step in training_steps(run, evaluate):                            progress bar, warm-up LR, step 0 eval
-        ... the family's own rollout / loss / optimizer step ...
+        ... the family's own rollout and loss ...
+        optimizer_step(run, step, loss, models)                           backward, clip, finite check, step
         end_step(run, step, logs, evaluate, model, save_state, save_meta) log; evaluate and checkpoint on cadence
 
 A family keeps everything that is its algorithm; this module keeps what every loop repeats: when to
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from .adapters import has_adapters
 from .checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
-from .cli import MetricsLog, peak_memory_mb, tensor_memory_mb
+from .cli import MetricsLog, finite_or_stop, peak_memory_mb, tensor_memory_mb
 
 
 @dataclass
@@ -74,6 +75,18 @@ def training_steps(run, evaluate):
         yield step
 
 
+def optimizer_step(run, step, loss, models) -> float:
+    """One optimizer step on loss, each model's gradient norm clipped on its own (--grad-clip; 0: off) ->
+    the first model's norm. A non-finite loss or norm stops the run (cli.Diverged) before the weights move."""
+    loss.backward()
+    norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), run.args.grad_clip or float("inf")) for m in models]
+    names = ["gradient norm", "critic gradient norm"][:len(models)]  # PPO's second model is its critic
+    finite_or_stop(step + 1, {"loss": loss, **dict(zip(names, norms))})
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    return norms[0].item()
+
+
 def end_step(run, step, logs, evaluate, model, save_state=dict, save_meta=dict):
     """Log a finished step; evaluate and checkpoint `model` (+ save_state() for --resume, save_meta() for
     meta.json) every --eval-every / --ckpt-every steps and at the last."""
@@ -89,8 +102,8 @@ def end_step(run, step, logs, evaluate, model, save_state=dict, save_meta=dict):
     run.metrics.log(**last)
     run.bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "reward", "accuracy", "kl") if k in last})
     if (step + 1) % a.ckpt_every == 0 or done:
-        meta = {"script": "train_rlhf.py", "kind": a.algo, "args": vars(a), "step": step + 1, "init": str(a.init),
-                "elapsed_s": last["time_s"], **save_meta(), "metrics": last}
+        meta = {"script": "train_rlhf.py", "kind": a.algo, "task": a.task, "args": vars(a), "step": step + 1,
+                "init": str(a.init), "elapsed_s": last["time_s"], **save_meta(), "metrics": last}
         save_checkpoint(run.out, model, run.tokenizer, meta, {"optimizer": run.opt.state_dict(), "rng": rng_state(),
                                                               "step": step + 1, "elapsed": last["time_s"],
                                                               "trainer": save_state()})

@@ -34,7 +34,27 @@ class GPTConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**d)
+        config = cls(**d)
+        config.check()
+        return config
+
+    def check(self):
+        """ValueError unless a model can be built from these sizes: integers within SIZE_LIMITS (so that a
+        malformed config fails here, not in an allocation of terabytes), whole heads, booleans as booleans."""
+        for name, limit in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if type(value) is not int or not 1 <= value <= limit:
+                raise ValueError(f"{name} must be an integer in 1..{limit}, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if type(self.dropout) not in (int, float) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if type(self.bias) is not bool or type(self.scalar_head) is not bool:
+            raise ValueError("bias and scalar_head must be true or false")
+
+
+# far above GPT-2 XL (1024 positions, 50257 tokens, 48 layers, 25 heads, 1600 wide), far below what fails to allocate
+SIZE_LIMITS = {"block_size": 2**17, "vocab_size": 2**20, "n_layer": 1024, "n_head": 1024, "n_embd": 2**15}
 
 
 # vocab_size is set from the tokenizer; block_size may be overridden per run

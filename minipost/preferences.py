@@ -83,11 +83,15 @@ def demo_pairs(model, tokenizer, reward, rows, demos, k, max_new_tokens, block_s
 
 
 def load_pairs(path, tokenizer, block_size, flag="--data"):
-    """--data JSONL with prompt/chosen/rejected (strings or message lists) -> pairs as in build_pairs."""
+    """--data JSONL with prompt/chosen/rejected (strings or message lists) -> (pairs as in build_pairs,
+    {reason: pairs dropped}); a line says how many were dropped and why."""
     rows, _, _ = read_jsonl(path, expect=("preference",))
     pairs, dropped = encode_pairs(tokenizer, rows, block_size)
+    why = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n) or "none"
+    print(f"{flag} {path}: {len(pairs)} of {len(rows)} pairs kept; dropped: {why}")
     if not pairs:
-        raise UserError(f"{flag} {path}: every pair is longer than the model's context ({block_size} tokens)")
+        raise UserError(f"{flag} {path}: none of its {len(rows)} pairs is usable ({why}; context {block_size} "
+                        "tokens)")
     return pairs, dropped
 
 

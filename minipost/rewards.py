@@ -15,8 +15,9 @@ and is called the same way whatever it is: reward(rows, prompt_ids, completion_i
     checked_rewards(fn, prompts, completions, **columns) -> list[float]
         Calls fn(prompts, completions, **columns) (the TRL convention: extra dataset columns arrive as lists)
         and checks that it returns one finite number per completion; a UserError naming the function if not.
-        ValueError / TypeError / KeyError raised inside fn (a missing column, a bad signature) become
-        UserErrors too. call_reward(fn, rows, texts) does the same from prompt rows (reward_columns(rows)).
+        An exception raised inside fn (a missing column, a bad signature, a bug) becomes a UserError too,
+        naming its type, message and the file:line it came from. call_reward(fn, rows, texts) does the same
+        from prompt rows (reward_columns(rows)).
     load_reward_model(path, tokenizer, device) -> frozen GPT
         A checkpoint whose meta["kind"] == "rm", whose model has the scalar head and whose tokenizer is the
         policy's; UserError otherwise.
@@ -36,7 +37,9 @@ import math
 import numbers
 import os
 import sys
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -76,8 +79,10 @@ def checked_rewards(fn, prompts, completions, **columns) -> list[float]:
     name = reward_fn_name(fn)
     try:
         out = fn(prompts, completions, **columns)
-    except (ValueError, TypeError, KeyError) as e:
-        raise UserError(f"reward function {name} failed: {type(e).__name__}: {e}")
+    except Exception as e:  # the user's code failing (a missing column, a bad signature, a bug in it)
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        raise UserError(f"reward function {name} failed: {type(e).__name__}: {e} (raised at "
+                        f"{Path(frame.filename).name}:{frame.lineno})")
     if hasattr(out, "tolist"):  # a torch tensor or a numpy array
         out = out.tolist()
     if not isinstance(out, (list, tuple)):
@@ -104,10 +109,11 @@ def call_reward(fn, rows: list[dict], texts: list[str]) -> list[float]:
     return checked_rewards(fn, [r["prompt"] for r in rows], texts, **reward_columns(rows))
 
 
-def load_reward_model(path, tokenizer, device="cpu", flag: str = "--reward-model"):
-    """A reward-model checkpoint (train_rlhf.py --algo rm) for a policy with this tokenizer -> the model,
-    frozen and in eval mode; UserError if it is not a reward model or reads token ids differently."""
-    ckpt = load_checkpoint(path, device, flag)
+def load_reward_model(path, tokenizer, device="cpu", flag: str = "--reward-model", task=None):
+    """A reward-model checkpoint (train_rlhf.py --algo rm) for a policy with this tokenizer (and of this task
+    when given) -> the model, frozen and in eval mode; UserError if it is not a reward model or reads token
+    ids differently."""
+    ckpt = load_checkpoint(path, device, flag, task=task)
     kind = ckpt.meta.get("kind")
     if kind != "rm" or not ckpt.model.config.scalar_head:
         raise UserError(f"{flag} {path}: not a reward model (kind {kind!r}, scalar head "
@@ -180,19 +186,22 @@ class Reward:
     @torch.no_grad()
     def __call__(self, rows, prompt_ids, completion_ids, texts) -> torch.Tensor:
         if self.model is not None:
-            return score_with_reward_model(self.model, self.tokenizer, prompt_ids, completion_ids,
-                                           self.batch_size).cpu().double()
+            scores = score_with_reward_model(self.model, self.tokenizer, prompt_ids, completion_ids, self.batch_size)
+            if not torch.isfinite(scores).all():  # a function's rewards are checked in checked_rewards
+                raise UserError(f"{self.name} gave a NaN or infinite score (are its weights sound?)")
+            return scores.cpu().double()
         return torch.tensor(call_reward(self.fn, rows, texts), dtype=torch.float64)
 
 
 def make_reward(task, tokenizer, device, reward: str | None = None, reward_model: str | None = None,
-                batch_size: int = 64) -> Reward:
-    """--reward-model CKPT, else --reward module:function, else the task's own reward."""
+                batch_size: int = 64, other_task_ok: bool = False) -> Reward:
+    """--reward-model CKPT (trained on `task`, unless other_task_ok), else --reward module:function, else the
+    task's own reward."""
     if reward and reward_model:
         raise UserError("choose one of --reward and --reward-model")
     if reward_model:
-        return Reward(f"reward model {reward_model}", model=load_reward_model(reward_model, tokenizer, device),
-                      tokenizer=tokenizer, batch_size=batch_size)
+        model = load_reward_model(reward_model, tokenizer, device, task=None if other_task_ok else task.name)
+        return Reward(f"reward model {reward_model}", model=model, tokenizer=tokenizer, batch_size=batch_size)
     if reward:
         return Reward(reward, fn=load_reward_fn(reward))
     return Reward(f"{task.name} reward", fn=task.reward)

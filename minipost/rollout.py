@@ -121,11 +121,13 @@ class Rollout:
     texts: list[str]  # decoded responses without their EOS
     finished: torch.Tensor  # (N,) bool: the response ended with EOS within the budget
 
-    def score(self, reward) -> torch.Tensor:
-        """(N,) float32 reward of every sample, on the rollout's device (reward: a rewards.Reward)."""
+    def score(self, reward, step=None) -> torch.Tensor:
+        """(N,) float32 reward of every sample, on the rollout's device (reward: a rewards.Reward); step: the
+        training step, named in the error."""
         values = reward(self.rows, self.prompts, self.completions, self.texts).to(self.seqs.ids.device, torch.float32)
         if not torch.isfinite(values).all():  # finite as float64 (checked_rewards) but not once in float32
-            raise UserError(f"{reward.name} gave a reward beyond float32's range (|r| > 3.4e38); rescale it")
+            at = f"step {step}: " if step is not None else ""
+            raise UserError(f"{at}{reward.name} gave a reward beyond float32's range (|r| > 3.4e38); rescale it")
         return values
 
 

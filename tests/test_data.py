@@ -37,6 +37,10 @@ def test_formats_detected(tmp_path, row, fmt):
     (['{"messages": [{"role": "bot", "content": "hi"}]}'], r"d.jsonl:1: messages\[0\] has role 'bot'"),
     (['{"prompt": "p", "chosen": "", "rejected": "b"}'], r"d.jsonl:1: column 'chosen' is empty"),
     ([''], r"d.jsonl: empty dataset"),
+    (['{"messages": [{"role": "user"}]}'], r"d.jsonl:1: messages\[0\] must be an object with 'role' and 'content'"),
+    (['{"messages": [{"role": "user", "name": "x"}]}'], r"d.jsonl:1: messages\[0\] must be an object with"),
+    (['{"prompt": "p", "completion": [{"role": "assistant", "content": " "}]}'],
+     r"d.jsonl:1: completion\[0\] is an assistant message with empty content"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, lines, message):
     with pytest.raises(UserError, match=message):
@@ -46,6 +50,11 @@ def test_bad_rows_name_file_and_line(tmp_path, lines, message):
 def test_missing_file_and_wrong_format(tmp_path):
     with pytest.raises(UserError, match="nope.jsonl: no such file"):
         read_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(UserError, match=": is a directory, not a file"):
+        read_jsonl(tmp_path)
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 13 of the line\)"):
+        read_jsonl(tmp_path / "latin1.jsonl")
     with pytest.raises(UserError, match="d.jsonl:1: rows of format 'text'.*expected prompt\\+chosen\\+rejected"):
         read_jsonl(write(tmp_path, [{"text": "x"}]), expect=("preference",))
 
@@ -100,8 +109,9 @@ def test_encode_conversations_drops_long_rows_with_count():
 def test_encode_pairs():
     tok = CharTokenizer()
     pairs, dropped = encode_pairs(tok, [{"prompt": "p", "chosen": "good", "rejected": "bad"},
-                                        {"prompt": "p" * 20, "chosen": "a", "rejected": "b"}], block_size=12)
-    assert dropped == 1
+                                        {"prompt": "p" * 20, "chosen": "a", "rejected": "b"},
+                                        {"prompt": "p", "chosen": "same", "rejected": "same"}], block_size=12)
+    assert dropped == {"longer than the context": 1, "with identical chosen and rejected": 1}
     prompt, chosen, rejected = pairs[0]
     assert prompt == tok.render_prompt([{"role": "user", "content": "p"}])
     assert chosen == tok.encode("good") + [1] and rejected == tok.encode("bad") + [1]
