@@ -19,7 +19,7 @@ from .model import PRESETS
 from .tasks import get_task
 
 # row order of the tables: by the first prefix a method name starts with, then by name
-ORDER = ("sft", "dft", "grpo", "nft", "rft", "lora-", "prompt-tuning", "rag-", "teacher", "student-", "imitation-",
+ORDER = ("sft", "dft", "grpo", "nft", "rft", "lora-", "prompt-tuning", "rag-", "student-", "imitation-",
          "dpo-", "ppo-")
 CHEAP = ("lora-", "prompt-tuning", "rag-")  # the cheap adaptations (question 6), by method-name prefix
 IMITATION = ("student-", "imitation-")
