@@ -58,7 +58,7 @@ import time
 from pathlib import Path
 
 from minipost.checkpoint import load_checkpoint
-from minipost.cli import UserError, pick_device, require_positive, run_main, task_from_flag, writable_dir
+from minipost.cli import UserError, autocast, pick_device, require_positive, run_main, task_from_flag, writable_dir
 from minipost.data import read_jsonl
 from minipost.retrieval import add_retrieval_flags, check_retrieval_flags, retrieval_prompts
 from minipost.rewards import call_reward, make_reward
@@ -314,6 +314,12 @@ def sweep_table(results, show_proxy: bool) -> str:
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
+    with autocast(device):  # sampling and reward-model scoring (bf16 on CUDA, off on CPU)
+        return best_of_n(args, device)
+
+
+def best_of_n(args, device):
+    """Sample --n candidates per prompt, score them, write the best (or a --sweep's table)."""
     task = task_from_flag(args.task)
     task_check = None if args.allow_other_task else task.name
     ckpt = load_checkpoint(args.init, device, task=task_check)

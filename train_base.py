@@ -113,8 +113,9 @@ def evaluate(model, stream, args, block_size, device):
 
 def sample_text(model, tokenizer, n_tokens=60, seed=0):
     model.eval()
-    g = generate(model, [[tokenizer.bos_id]], n_tokens, eos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id,
-                 temperature=0.8, top_k=50, seed=seed)
+    with autocast(next(model.parameters()).device):
+        g = generate(model, [[tokenizer.bos_id]], n_tokens, eos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id,
+                     temperature=0.8, top_k=50, seed=seed)
     model.train()
     return tokenizer.decode(g.completions()[0])
 

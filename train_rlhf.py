@@ -54,7 +54,7 @@ from tqdm import tqdm
 from minipost import losses
 from minipost.adapters import BaseView, adapt, add_adapter_flags, check_adapter_flags, has_adapters, merge_adapters
 from minipost.checkpoint import load_checkpoint, load_resumed
-from minipost.cli import (UserError, pick_device, require_numbers, require_positive, run_main, task_from_flag,
+from minipost.cli import (UserError, autocast, pick_device, require_numbers, require_positive, run_main, task_from_flag,
                           writable_dir)
 from minipost.data import epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy
@@ -524,7 +524,8 @@ def main(argv=None):
     init, resumed = load_init(args, device)
     writable_dir(out)  # before the work: DPO and rm sample their pairs first
     torch.manual_seed(args.seed)
-    TRAIN[args.algo](args, init, resumed, task, device, out)
+    with autocast(device):  # rollouts, losses, rewards and evaluations alike (bf16 on CUDA, off on CPU)
+        TRAIN[args.algo](args, init, resumed, task, device, out)
     print(f"done: checkpoint in {out / 'ckpt'}")
 
 

@@ -168,10 +168,11 @@ def main(argv=None):
     loss_fn = LOSSES[args.loss]
 
     def evaluate(step):
-        result = {"val_loss": validation_loss(model, val, tokenizer.pad_id, device)}
-        for split, prompts in eval_splits.items():
-            r = evaluate_policy(model, tokenizer, task, prompts, args.max_new_tokens, task.eval_temperature)
-            result[f"{split}_reward"], result[f"{split}_format"] = r["reward"], r["format"]
+        with autocast(device):  # scored under the same autocast as the training forward
+            result = {"val_loss": validation_loss(model, val, tokenizer.pad_id, device)}
+            for split, prompts in eval_splits.items():
+                r = evaluate_policy(model, tokenizer, task, prompts, args.max_new_tokens, task.eval_temperature)
+                result[f"{split}_reward"], result[f"{split}_format"] = r["reward"], r["format"]
         tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()))
         return result
 
@@ -181,6 +182,7 @@ def main(argv=None):
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc=args.loss)
     model.train()
     for step in bar:
+        t_step = time.time()
         lr = cosine_lr(step, args.max_steps, args.lr, args.min_lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -202,7 +204,7 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
 
         last = {"step": step + 1, "loss": loss_sum, "ce": ce_sum, "p_mean": p_sum, "lr": lr, "grad_norm": grad_norm,
-                "time_s": elapsed + time.time() - t_start}
+                "tokens": int(n_tokens), "step_time_s": time.time() - t_step, "time_s": elapsed + time.time() - t_start}
         done = step + 1 == args.max_steps
         if (step + 1) % args.eval_every == 0 or done:
             last.update(evaluate(step + 1))

@@ -3,6 +3,8 @@
     python -m kernels.bench                  both, default grids (on a GPU: minutes)
     python -m kernels.bench logprob [...]    kernels/bench_logprob.py flags, e.g. --n 8192 --c 4096 --v 131072
     python -m kernels.bench attention [...]  kernels/bench_attention.py flags, e.g. --T 2048 4096 --D 128
+    python -m kernels.bench compile [...]    every CUDA config compiled for sm_90, no GPU needed: registers,
+                                             spills, shared memory, tensor-core instructions (compile_report.py)
 
 On a GPU each prints TFLOP/s, times and peak memory as a markdown table (last). Without one they say so and
 run the correctness comparison in Triton's interpreter instead. Record GPU results in kernels/BENCHMARKS.md.
@@ -17,9 +19,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     which = argv[0] if argv and not argv[0].startswith("-") else "all"
     rest = argv[1:] if which != "all" or (argv and argv[0] == "all") else argv
-    if which not in ("all", "logprob", "attention"):
-        print(f"error: unknown benchmark {which!r} (choose logprob, attention or all)", file=sys.stderr)
+    if which not in ("all", "logprob", "attention", "compile"):
+        print(f"error: unknown benchmark {which!r} (choose logprob, attention, compile or all)", file=sys.stderr)
         return 2
+    if which == "compile":  # ahead-of-time sm_90 compilation: no GPU needed, no interpreter wanted
+        from kernels import compile_report
+        return compile_report.main(rest)
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton's @jit functions
     status = 0

@@ -1,16 +1,21 @@
-"""Benchmark of the fused attention kernel against PyTorch's SDPA, or a correctness check without a GPU.
+"""Benchmark of the fused attention kernel on the path training takes, or a correctness check without a GPU.
 
-    python -m kernels.bench_attention                      # T in 512..8192, D in 64, 128, bf16, causal
+    python -m kernels.bench_attention                      # T in 512..2048, D in 64, 128, bf16, causal
     python -m kernels.bench_attention --T 2048 --D 128     # one shape
     python -m kernels.bench_attention --non-causal --dtype fp16
 
-On CUDA, for each (T, D): B*T = --tokens (16k) and H*D = --hidden (2048), q, k, v (B, H, T, D). Paths:
-  triton      kernels.flash_attention.triton_attention
+On CUDA, for each (T, D): B*T = --tokens (16k) and H*D = --hidden (2048). The inputs are what the model passes
+under autocast: q, k, v (B, H, T, D) are strided views of one packed (B, T, 3*H*D) c_attn output in the 16-bit
+dtype, and the gradient flows back into that packed tensor. Paths:
+  minipost    kernels.attention (the Triton kernel on CUDA)
   sdpa-flash  F.scaled_dot_product_attention with the FlashAttention-2 backend pinned (sdpa_kernel)
   sdpa-cudnn  the same with the cuDNN backend ("n/a" where it is unavailable or fails)
+  naive       softmax(q k^T / sqrt(D) + mask) v in plain torch: the (T, T) scores in memory
+  compile     torch.compile of naive
 Times are triton.testing.do_bench medians (ms) after warm-up (compilation and autotuning done beforehand).
 FLOPs follow FlashAttention's convention: forward 4*B*H*T^2*D, halved when causal; backward 2.5x forward.
-"peak MiB" is the peak memory allocated by one forward+backward beyond the inputs.
+"peak MiB" is the peak memory allocated by one forward+backward beyond the inputs. "max err" compares the
+output and the packed qkv gradient with sdpa-flash's, relative to their largest value.
 
 Without CUDA the kernels run in Triton's interpreter on small CPU shapes and the script prints their max
 errors against a float64 run of kernels/reference.py (exit status 1 if any exceeds its tolerance).
@@ -26,7 +31,7 @@ import torch
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m kernels.bench_attention", description=__doc__.split("\n")[0])
-    p.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192], help="sequence lengths")
+    p.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048], help="sequence lengths")
     p.add_argument("--D", type=int, nargs="+", default=[64, 128], help="head dims")
     p.add_argument("--tokens", type=int, default=16384, help="B*T, total tokens per batch")
     p.add_argument("--hidden", type=int, default=2048, help="H*D, model width")
@@ -52,12 +57,27 @@ def sdpa_path(backend):
     return run
 
 
-def bench_path(fn, q, k, v, do, causal):
-    """(fwd ms, bwd ms, fwd+bwd ms, peak MiB) medians; the first calls compile and autotune."""
+def naive_attention(q, k, v, causal):
+    """The unfused baseline: (B, H, T, T) scores in memory, float32 softmax."""
+    T, D = q.shape[-2], q.shape[-1]
+    s = (q @ k.transpose(-1, -2)).float() / D**0.5  # (B, H, T, T)
+    if causal:
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1).to(v.dtype) @ v  # (B, H, T, D)
+
+
+def minipost_path(q, k, v, causal):
+    import kernels
+
+    return kernels.attention(q, k, v, causal=causal)
+
+
+def bench_path(fn, qkv, split, do, causal):
+    """(fwd ms, bwd ms, fwd+bwd ms, peak MiB, o, dqkv); the first calls compile and autotune."""
     from triton.testing import do_bench
 
     def fwd():
-        return fn(q, k, v, causal)
+        return fn(*split(qkv), causal)
 
     def fwd_bwd():
         fwd().backward(do)
@@ -65,36 +85,39 @@ def bench_path(fn, q, k, v, do, causal):
     fwd_bwd()  # compile + autotune outside the timed region (do_bench sizes its loop from a first call)
     fwd_bwd()
     torch.cuda.synchronize()
-    t_fwd = do_bench(fwd, grad_to_none=[q, k, v], return_mode="median")
+    t_fwd = do_bench(fwd, grad_to_none=[qkv], return_mode="median")
     o = fwd()
-    t_bwd = do_bench(lambda: o.backward(do, retain_graph=True), grad_to_none=[q, k, v], return_mode="median")
+    t_bwd = do_bench(lambda: o.backward(do, retain_graph=True), grad_to_none=[qkv], return_mode="median")
     del o
-    t_all = do_bench(fwd_bwd, grad_to_none=[q, k, v], return_mode="median")
-    for t in (q, k, v):
-        t.grad = None
+    t_all = do_bench(fwd_bwd, grad_to_none=[qkv], return_mode="median")
+    qkv.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    fwd_bwd()
+    o = fwd()
+    o.backward(do)
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return t_fwd, t_bwd, t_all, peak
+    grad, qkv.grad = qkv.grad, None
+    return t_fwd, t_bwd, t_all, peak, o.detach(), grad
+
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6)).item()
 
 
 def gpu_main(args):
     import triton
     from torch.nn.attention import SDPBackend
 
-    from kernels.flash_attention import triton_attention
-
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
     causal = not args.non_causal
-    paths = [("triton", lambda q, k, v, c: triton_attention(q, k, v, causal=c)),
-             ("sdpa-flash", sdpa_path(SDPBackend.FLASH_ATTENTION)),
-             ("sdpa-cudnn", sdpa_path(SDPBackend.CUDNN_ATTENTION))]
+    paths = [("sdpa-flash", sdpa_path(SDPBackend.FLASH_ATTENTION)), ("minipost", minipost_path),
+             ("sdpa-cudnn", sdpa_path(SDPBackend.CUDNN_ATTENTION)), ("naive", naive_attention),
+             ("compile", torch.compile(naive_attention, dynamic=False))]
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{datetime.date.today()} | {args.dtype}, {'causal' if causal else 'non-causal'}, "
-          f"B*T={args.tokens}, H*D={args.hidden}")
+          f"B*T={args.tokens}, H*D={args.hidden}, q/k/v strided views of the packed qkv")
     print("command: python -m kernels.bench_attention " + " ".join(sys.argv[1:]))
     rows = []
     for D in args.D:
@@ -104,29 +127,36 @@ def gpu_main(args):
             if B < 1 or H < 1:
                 print(f"skip T={T} D={D}: B*T={args.tokens} or H*D={args.hidden} too small")
                 continue
+            C = H * D
             g = torch.Generator(device="cuda").manual_seed(0)
-            q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, generator=g) for _ in range(4))
-            q, k, v = (t.requires_grad_() for t in (q, k, v))  # each (B, H, T, D)
+            qkv = torch.randn(B, T, 3 * C, device="cuda", dtype=dtype, generator=g).requires_grad_()  # c_attn out
+            do = torch.randn(B, T, H, D, device="cuda", dtype=dtype, generator=g).transpose(1, 2)  # as the model's
+
+            def split(packed):  # (B, T, 3C) -> q, k, v (B, H, T, D): the views CausalSelfAttention makes
+                return [t.view(B, T, H, D).transpose(1, 2) for t in packed.split(C, dim=2)]
+
             f = flops_fwd(B, H, T, D, causal)
-            with torch.no_grad():
-                ref = sdpa_path(SDPBackend.FLASH_ATTENTION)(q, k, v, causal)  # (B, H, T, D)
+            ref = None
             for name, fn in paths:
                 try:
-                    with torch.no_grad():
-                        err = (fn(q, k, v, causal).float() - ref.float()).abs().max().item()
-                    t_fwd, t_bwd, t_all, peak = bench_path(fn, q, k, v, do, causal)
-                except Exception as e:  # e.g. cuDNN attention missing for this GPU / build
+                    t_fwd, t_bwd, t_all, peak, o, grad = bench_path(fn, qkv, split, do, causal)
+                except Exception as e:  # e.g. cuDNN attention missing for this GPU / build, or out of memory
                     print(f"{name} T={T} D={D}: n/a ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-                    rows.append((D, T, B, H, name) + ("n/a",) * 8)
+                    rows.append((D, T, B, H, name) + ("n/a",) * 9)
+                    torch.cuda.empty_cache()
                     continue
+                if ref is None:
+                    ref = (o, grad)  # sdpa-flash runs first
                 tf = lambda flops, ms: f"{flops / (ms * 1e-3) / 1e12:.0f}"  # noqa: E731
                 rows.append((D, T, B, H, name, f"{t_fwd:.3f}", tf(f, t_fwd), f"{t_bwd:.3f}", tf(2.5 * f, t_bwd),
-                             f"{t_all:.3f}", tf(3.5 * f, t_all), f"{peak:.0f}", f"{err:.1e}"))
+                             f"{t_all:.3f}", tf(3.5 * f, t_all), f"{peak:.0f}", f"{_rel_err(o, ref[0]):.1e}",
+                             f"{_rel_err(grad, ref[1]):.1e}"))
                 print(" | ".join(map(str, rows[-1])), flush=True)
-            del q, k, v, do, ref
+                del o, grad
+            del qkv, do, ref
             torch.cuda.empty_cache()
     header = ["D", "T", "B", "H", "path", "fwd ms", "fwd TFLOP/s", "bwd ms", "bwd TFLOP/s", "fwd+bwd ms",
-              "fwd+bwd TFLOP/s", "peak MiB", "max |o - flash|"]
+              "fwd+bwd TFLOP/s", "peak MiB", "max err o", "max err dqkv"]
     print()
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

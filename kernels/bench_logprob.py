@@ -1,17 +1,22 @@
-"""Benchmark of the fused token log-prob kernel (kernels/logprob.py) against the library paths.
+"""Benchmark of the fused token log-prob op on the path training takes, against the library paths.
 
-    python -m kernels.bench_logprob [--n 4096 16384] [--c 768 4096] [--v 50257 131072] [--dtype bf16]
-                                    [--methods triton torch compile] [--quick]
+    python -m kernels.bench_logprob [--n 4096 16384] [--c 768 2048] [--v 2048 50257] [--dtype autocast]
+                                    [--methods minipost torch compile liger] [--quick]
 
-On CUDA, for every (N, C, V) cell and method:
-  triton   the fused kernel: no (N, V) tensor
-  torch    unfused PyTorch: 16-bit matmul -> float32 log_softmax -> gather (what a plain LM loss does)
-  compile  torch.compile of the same function
-it reports the median time (triton.testing.do_bench) of forward, backward and forward+backward, effective
-TFLOP/s (forward 2*N*C*V, backward 4*N*C*V, both 6*N*C*V: the three matmuls; the kernel's recomputation of
-the logits is not counted) and peak memory of one forward+backward above what was allocated before it
-(torch.cuda.max_memory_allocated delta). A cell that runs out of memory prints "OOM". A markdown table is
-printed last. It first runs the small correctness comparison below, on the GPU.
+On CUDA, for every (N, C, V) cell and method, the SFT objective -mean(logp) over the kept tokens (a prompt-like
+first quarter of the targets is ignored, -100), forward and backward:
+  minipost  kernels.token_logprobs: the fused Triton forward, the chunked backward; no (N, V) tensor
+  torch     unfused PyTorch: matmul -> float32 log_softmax -> gather (what a plain LM loss does)
+  compile   torch.compile of the same function
+  liger     Liger-Kernel's fused linear cross-entropy, when liger_kernel is installed ("n/a" otherwise)
+--dtype autocast (the default) is the production path: hidden states and LM head are float32 tensors (what
+ln_f and the parameter are) and everything runs under torch.autocast(bf16). bf16 / fp16 / fp32 pass tensors of
+that dtype without autocast. Reported: median times (triton.testing.do_bench) of forward, backward and both;
+TFLOP/s counting only kept tokens (forward 2 n C V, backward 4 n C V: the useful matmuls, not the kernel's
+recomputation); peak memory of one forward+backward above the inputs; and the errors of logp, dhidden and
+dweight against a float32 torch run on the same (rounded) inputs, relative to their largest value.
+A cell that runs out of memory prints "OOM". A markdown table is printed last. It first runs the small
+correctness comparison below, on the GPU.
 
 Without CUDA it says so and runs only that correctness comparison (against float64 runs of the torch
 reference) in Triton's interpreter on CPU tensors.
@@ -23,8 +28,9 @@ import sys
 
 import torch
 
-GRID = dict(n=[4096, 16384], c=[768, 4096], v=[50257, 131072])  # 50257: GPT-2's vocabulary, an odd size
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+GRID = dict(n=[4096, 16384], c=[768, 2048], v=[2048, 50257])  # 50257: GPT-2's vocabulary, an odd size
+DTYPES = {"autocast": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+IGNORE = -100  # the ignore index every method understands
 
 
 def unfused_token_logprobs(hidden, weight, targets, temperature=1.0):
@@ -72,43 +78,80 @@ def _free():
     torch.cuda.empty_cache()
 
 
-def bench_cell(method, fn, N, C, V, dtype, args):
-    """Times and peak memory of one method at one size -> dict (values None where it ran out of memory)."""
+def _methods():
+    """name -> fn(hidden, weight, targets) -> SFT loss, or None where the method is not installed."""
+    import kernels
+
+    def minipost(hidden, weight, targets):
+        keep = targets >= 0
+        return -(kernels.token_logprobs(hidden, weight, targets) * keep).sum() / keep.sum()
+
+    def torch_loss(hidden, weight, targets):
+        return -(unfused_token_logprobs(hidden, weight, targets) * (targets >= 0)).sum() / (targets >= 0).sum()
+
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
+        liger = lambda hidden, weight, targets: liger_fn(weight, hidden, targets)  # noqa: E731
+    except ImportError:
+        liger = None
+    return dict(minipost=minipost, torch=torch_loss, compile=torch.compile(torch_loss, dynamic=False), liger=liger)
+
+
+def _reference(hidden, weight, targets):
+    """dhidden, dweight of the SFT loss in float32 torch, from the inputs as the methods round them."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    dtype = torch.bfloat16 if hidden.dtype == torch.float32 and torch.is_autocast_enabled("cuda") else hidden.dtype
+    with torch.autocast("cuda", enabled=False):
+        logits = h.to(dtype).float() @ w.to(dtype).float().T  # (N, V) float32 from the rounded inputs
+        logp = torch.log_softmax(logits, dim=-1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+        keep = targets >= 0
+        (-(logp * keep).sum() / keep.sum()).backward()
+    return h.grad, w.grad
+
+
+def bench_cell(method, fn, N, C, V, args):
+    """Times, peak memory and errors of one method at one size -> dict (missing values where it failed)."""
     import triton.testing
 
-    device = "cuda"
+    device, dtype = "cuda", DTYPES[args.dtype]
     g = torch.Generator(device=device).manual_seed(0)
-    hidden = torch.randn(N, C, device=device, dtype=dtype, generator=g).requires_grad_()  # (N, C)
+    hidden = torch.randn(N, C, device=device, generator=g).to(dtype).requires_grad_()  # (N, C): ln_f output
     weight = (torch.randn(V, C, device=device, generator=g) / C**0.5).to(dtype).requires_grad_()  # (V, C)
     targets = torch.randint(0, V, (N,), device=device, generator=g)  # (N,)
-    targets[: N // 8] = -1  # a prompt-like ignored prefix
-    upstream = torch.randn(N, device=device, generator=g)  # dL/dlogp
-    out = dict(method=method, N=N, C=C, V=V)
+    targets[: N // 4] = IGNORE  # a prompt-like ignored prefix: not counted in the flops
+    out = dict(method=method, N=N, C=C, V=V, kept=int((targets >= 0).sum()))
     bench = dict(warmup=args.warmup, rep=args.rep, return_mode="median")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.dtype == "autocast")
     try:
-        # peak memory of one forward+backward, above the inputs already allocated
-        hidden.grad = weight.grad = None
-        _free()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        logp = fn(hidden, weight, targets)
-        logp.backward(upstream)
-        torch.cuda.synchronize()
-        out["mem_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-        out["logp"] = logp.detach()[targets >= 0]
-        del logp
-        grads = [hidden, weight]
-        out["fwd"] = triton.testing.do_bench(lambda: fn(hidden, weight, targets), **bench)
-        logp = fn(hidden, weight, targets)
-        out["bwd"] = triton.testing.do_bench(lambda: logp.backward(upstream, retain_graph=True), grad_to_none=grads,
-                                             **bench)
-        del logp
-        out["fwd+bwd"] = triton.testing.do_bench(lambda: fn(hidden, weight, targets).backward(upstream),
-                                                 grad_to_none=grads, **bench)
+        with autocast:
+            want = _reference(hidden, weight, targets) if args.check else None
+            hidden.grad = weight.grad = None
+            _free()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            loss = fn(hidden, weight, targets)
+            loss.backward()
+            torch.cuda.synchronize()
+            out["mem_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+            if want is not None:
+                out["err_dh"], out["err_dw"] = [((a.float() - b).abs().max() / b.abs().max()).item()
+                                                for a, b in zip((hidden.grad, weight.grad), want)]
+            del loss, want
+            hidden.grad = weight.grad = None
+            grads = [hidden, weight]
+            out["fwd"] = triton.testing.do_bench(lambda: fn(hidden, weight, targets), **bench)
+            loss = fn(hidden, weight, targets)
+            out["bwd"] = triton.testing.do_bench(lambda: loss.backward(retain_graph=True), grad_to_none=grads, **bench)
+            del loss
+            out["fwd+bwd"] = triton.testing.do_bench(lambda: fn(hidden, weight, targets).backward(),
+                                                     grad_to_none=grads, **bench)
     except torch.cuda.OutOfMemoryError:
         out["oom"] = True
-    except Exception as e:  # e.g. torch.compile failing: report it, keep the other cells
+    except Exception as e:  # e.g. torch.compile or liger failing: report it, keep the other cells
         out["error"] = True
         print(f"{method} N={N} C={C} V={V}: {type(e).__name__}: {str(e)[:200]}", flush=True)
     hidden.grad = weight.grad = None
@@ -120,67 +163,51 @@ def _missing(cell):
     return "OOM" if cell.get("oom") else "error" if cell.get("error") else "-"
 
 
-def _fmt_ms(cell, key):
-    return "%.3f" % cell[key] if key in cell else _missing(cell)
+def _fmt(cell, key, pattern="%.3f"):
+    return pattern % cell[key] if key in cell else _missing(cell)
 
 
 def _fmt_tflops(cell, key, flops):
-    return "%.1f" % (flops / (cell[key] * 1e-3) / 1e12) if key in cell else _missing(cell)
+    return "%.0f" % (flops / (cell[key] * 1e-3) / 1e12) if key in cell else _missing(cell)
 
 
 def bench(args):
     import torch._dynamo
     import triton
 
-    from kernels.logprob import triton_token_logprobs
-
-    dtype = DTYPES[args.dtype]
     for name in ("recompile_limit", "cache_size_limit"):  # one compiled graph per cell, never an eager fallback
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 256)
-    methods = {"triton": lambda h, w, t: triton_token_logprobs(h, w, t), "torch": unfused_token_logprobs,
-               "compile": torch.compile(unfused_token_logprobs, dynamic=False)}
+    methods = _methods()
     name = torch.cuda.get_device_name()
     print(f"device: {name}; torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}; "
-          f"dtype {args.dtype}; median of do_bench(warmup={args.warmup} ms, rep={args.rep} ms)")
+          f"--dtype {args.dtype}; median of do_bench(warmup={args.warmup} ms, rep={args.rep} ms)")
+    print("command: python -m kernels.bench_logprob " + " ".join(sys.argv[1:]))
     cells = []
-    for N in args.n:
-        for C in args.c:
-            for V in args.v:
-                reference = None
-                for method in args.methods:
-                    cell = bench_cell(method, methods[method], N, C, V, dtype, args)
-                    logp = cell.pop("logp", None)
-                    if logp is not None and method == "torch":
-                        reference = logp
-                    if logp is not None:
-                        cell["max_logp"] = logp.max().item()
-                        if reference is not None:
-                            cell["err"] = (logp - reference).abs().max().item()
-                    cells.append(cell)
-                    print(_row(cell), flush=True)
-                    del logp
-                del reference
-                _free()
-    print(f"\n### token log-prob, {args.dtype}, {name}\n")
+    for N, C, V in args.cells:
+        for method in args.methods:
+            if methods[method] is None:
+                cells.append(dict(method=method, N=N, C=C, V=V, kept=0, error=True))
+                print(f"{method}: not installed (pip install liger-kernel)")
+                continue
+            cells.append(bench_cell(method, methods[method], N, C, V, args))
+            print(_row(cells[-1]), flush=True)
+    print(f"\n### token log-prob (SFT loss), --dtype {args.dtype}, {name}\n")
     print("| N | C | V | method | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s "
-          "| peak mem GB | max logp | max abs diff vs torch* |")
+          "| peak mem GB | err dhidden | err dweight |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for cell in cells:
         print(_row(cell))
-    print("\nTFLOP/s are effective: 2NCV forward, 4NCV backward, 6NCV both; peak memory is above the inputs.")
-    print("* max |logp - logp_torch| over non-ignored tokens; the torch path rounds its logits to the input dtype,"
-          " so this is mostly the torch path's own rounding")
+    print("\nTFLOP/s count kept tokens n only: 2nCV forward, 4nCV backward, 6nCV both. Peak memory is above the "
+          "inputs. Errors: max |grad - float32 torch on the same rounded inputs| / max |that grad|.")
 
 
 def _row(cell):
-    ncv = cell["N"] * cell["C"] * cell["V"]
-    mem = "%.2f" % cell["mem_gb"] if "mem_gb" in cell else _missing(cell)
-    return (f"| {cell['N']} | {cell['C']} | {cell['V']} | {cell['method']} | {_fmt_ms(cell, 'fwd')} | "
-            f"{_fmt_tflops(cell, 'fwd', 2 * ncv)} | {_fmt_ms(cell, 'bwd')} | {_fmt_tflops(cell, 'bwd', 4 * ncv)} | "
-            f"{_fmt_ms(cell, 'fwd+bwd')} | {_fmt_tflops(cell, 'fwd+bwd', 6 * ncv)} | {mem} | "
-            + ("%.2g" % cell["max_logp"] if "max_logp" in cell else "-") + " | "
-            + ("%.2g" % cell["err"] if "err" in cell else "-") + " |")
+    ncv = cell["kept"] * cell["C"] * cell["V"]
+    return (f"| {cell['N']} | {cell['C']} | {cell['V']} | {cell['method']} | {_fmt(cell, 'fwd')} | "
+            f"{_fmt_tflops(cell, 'fwd', 2 * ncv)} | {_fmt(cell, 'bwd')} | {_fmt_tflops(cell, 'bwd', 4 * ncv)} | "
+            f"{_fmt(cell, 'fwd+bwd')} | {_fmt_tflops(cell, 'fwd+bwd', 6 * ncv)} | {_fmt(cell, 'mem_gb', '%.2f')} | "
+            f"{_fmt(cell, 'err_dh', '%.1e')} | {_fmt(cell, 'err_dw', '%.1e')} |")
 
 
 def parse_args(argv=None):
@@ -189,16 +216,18 @@ def parse_args(argv=None):
     p.add_argument("--c", type=int, nargs="+", default=GRID["c"], help="hidden size C")
     p.add_argument("--v", type=int, nargs="+", default=GRID["v"], help="vocabulary size V")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--methods", nargs="+", choices=["triton", "torch", "compile"],
-                   default=["triton", "torch", "compile"])
-    p.add_argument("--quick", action="store_true", help="one mid-size cell: N=8192, C=2048, V=50257")
+    p.add_argument("--methods", nargs="+", choices=["minipost", "torch", "compile", "liger"],
+                   default=["minipost", "torch", "compile", "liger"])
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the gradient check (it holds "
+                   "float32 (N, V) logits: large cells may not fit)")
+    p.add_argument("--quick", action="store_true", help="two cells: (N, C, V) = (16384, 768, 50257), (8192, 2048, 2048)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     args = p.parse_args(argv)
-    if args.quick:
-        args.n, args.c, args.v = [8192], [2048], [50257]
-    if "torch" in args.methods:  # run first: the others report their difference from it
-        args.methods = ["torch"] + [m for m in args.methods if m != "torch"]
+    if args.quick:  # the two cells kernels/logprob.py's cost model predicts
+        args.cells = [(16384, 768, 50257), (8192, 2048, 2048)]
+    else:
+        args.cells = [(n, c, v) for n in args.n for c in args.c for v in args.v]
     return args
 
 

@@ -26,8 +26,9 @@ Saved for backward: q, k, v, o and lse2 (B*H, Tq) float32; nothing of size Tq x 
 Head dims 16, 32, 64 and 128 run as they are; any other D <= 128 is padded to the next power of two with
 masked loads. Inputs may be float32 (full-precision "ieee" dots), float16 or bfloat16 (tensor cores,
 float32 accumulation; P and dS are rounded to the input dtype before their matmuls, as in FlashAttention).
-Any strides are accepted. On CUDA the block sizes are autotuned over a few configs per head dim; under
-Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) small fixed blocks keep the tests fast.
+Any strides are accepted. On CUDA the block sizes are autotuned over a few configs per dtype and head dim, none
+of which spills on sm_90 (`python -m kernels.bench compile`); under Triton's interpreter (TRITON_INTERPRET=1,
+CPU tensors) small fixed blocks keep the tests fast.
 """
 import math
 
@@ -334,37 +335,54 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
 # what the @triton.jit decorators above did: TRITON_INTERPRET=1 at import time makes them interpreted functions
 _INTERPRET = not isinstance(_attn_fwd_kernel, triton.runtime.JITFunction)
 
-# (BLOCK_M, BLOCK_N, num_stages, num_warps) tried per padded head dim on CUDA (H100-sized: 128-row query
-# tiles, 64/128-key tiles; the last, small config always fits in shared memory, e.g. float32 at D = 128).
+# (BLOCK_M, BLOCK_N, num_stages, num_warps) tried per padded head dim on CUDA, for 16-bit inputs (H100-sized:
+# 128-row query tiles, 64/128-key tiles). Every one compiles for sm_90 without spilling and within shared
+# memory: `python -m kernels.bench compile` checks it (registers, spills and wgmma counts from the cubin).
 _CONFIGS = {
     "fwd": {16: [(128, 64, 3, 4), (128, 128, 3, 8), (64, 64, 3, 4), (64, 32, 2, 4)],
             64: [(128, 64, 3, 4), (128, 128, 3, 8), (128, 64, 4, 8), (64, 64, 3, 4), (64, 32, 2, 4)],
-            128: [(128, 64, 3, 8), (128, 128, 3, 8), (128, 64, 2, 4), (64, 64, 3, 4), (64, 32, 2, 4)]},
+            128: [(128, 64, 3, 8), (128, 128, 3, 8), (128, 64, 2, 8), (64, 64, 3, 4), (64, 32, 2, 4)]},
     # dK/dV: BLOCK_N keys stay on chip while BLOCK_M queries stream past
     "dkdv": {16: [(32, 128, 3, 4), (64, 128, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)],
-             64: [(32, 128, 3, 4), (64, 128, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)],
-             128: [(32, 128, 3, 4), (64, 128, 2, 8), (32, 64, 3, 4), (64, 64, 2, 4), (32, 32, 2, 4)]},
+             64: [(32, 128, 3, 8), (64, 128, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)],
+             128: [(32, 128, 3, 8), (32, 128, 2, 8), (32, 64, 3, 4), (64, 64, 2, 8), (32, 32, 2, 4)]},
     # dQ: BLOCK_M queries stay on chip while BLOCK_N keys stream past
     "dq": {16: [(128, 32, 3, 4), (128, 64, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)],
            64: [(128, 32, 3, 4), (128, 64, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)],
-           128: [(128, 32, 3, 4), (128, 64, 2, 8), (64, 64, 3, 4), (32, 32, 2, 4)]},
+           128: [(128, 32, 3, 8), (128, 64, 2, 8), (64, 64, 3, 4), (32, 32, 2, 4)]},
+}
+# Float32 inputs take "ieee" dots: FMA loops on CUDA cores that hold far more live values, so small tiles, also
+# spill-free on sm_90 (for tests and users who ask for float32; training runs bf16 under autocast).
+_FP32_CONFIGS = {
+    "fwd": {16: [(32, 32, 2, 4), (32, 16, 2, 4)], 64: [(32, 32, 2, 4), (32, 16, 2, 4)], 128: [(32, 16, 2, 4)]},
+    "dkdv": {16: [(32, 32, 2, 4), (32, 16, 2, 4)], 64: [(32, 32, 2, 8), (32, 16, 2, 4)], 128: [(32, 16, 2, 8)]},
+    "dq": {16: [(32, 32, 2, 4), (32, 16, 2, 4)], 64: [(32, 32, 2, 4), (32, 16, 2, 4)],
+           128: [(32, 32, 2, 8), (32, 16, 2, 4)]},
 }
 _CONFIGS = {name: {**table, 32: table[16]} for name, table in _CONFIGS.items()}  # D = 32 tiles like D = 16
+_FP32_CONFIGS = {name: {**table, 32: table[16]} for name, table in _FP32_CONFIGS.items()}
+
+
+def cuda_configs(name, dtype, head_dim):
+    """The (BLOCK_M, BLOCK_N, num_stages, num_warps) configs kernel `name` tries for this dtype and padded head dim."""
+    return (_FP32_CONFIGS if dtype == torch.float32 else _CONFIGS)[name][head_dim]
 
 
 def _configs(name):
-    """The union of one kernel's configs over all head dims; `_pruner` keeps the call's own head dim list."""
+    """The union of one kernel's configs over all dtypes and head dims; `_pruner` keeps the call's own list."""
     seen = {}
-    for dims in _CONFIGS[name].values():
-        for bm, bn, stages, warps in dims:
-            seen[(bm, bn, stages, warps)] = triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_stages=stages,
-                                                          num_warps=warps)
+    for table in (_CONFIGS, _FP32_CONFIGS):
+        for dims in table[name].values():
+            for bm, bn, stages, warps in dims:
+                seen[(bm, bn, stages, warps)] = triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_stages=stages,
+                                                              num_warps=warps)
     return list(seen.values())
 
 
 def _pruner(name):
     def prune(configs, named_args, **kwargs):
-        wanted = set(_CONFIGS[name][kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))])
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        wanted = set(cuda_configs(name, named_args["Q"].dtype, head_dim))
         return [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps) in wanted]
     return prune

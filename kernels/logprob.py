@@ -1,4 +1,4 @@
-"""Fused per-token log-prob (and entropy) of the LM head, in Triton: the (N, V) logits never reach memory.
+"""Fused per-token log-prob (and entropy) of the LM head, in Triton, without ever holding the (N, V) logits.
 
     triton_token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False) -> logp [, entropy]
 
@@ -12,10 +12,10 @@ With logits z = hidden @ weight.T / temperature  (N, V),  lse_i = log sum_j exp(
 Both are float32 of shape (N,). Semantics are those of kernels/reference.py:token_logprobs_reference.
 
 Forward (_token_logprob_fwd_kernel): one program per (token block, vocabulary split). It walks its vocabulary
-tiles; each logits tile (BLOCK_N, BLOCK_V) is a float32 tl.dot accumulated over C in BLOCK_C chunks, then folded
-into a running max m, sum s and u (online log-sum-exp, base-2 exp2), and the target logit is picked out when its
-column passes by. The splits (there only to fill the GPU when N is small) are merged on the host in O(N * splits).
-Saved for backward: hidden, weight, targets, lse (N,) float32 and, if returned, entropy (N,). Nothing (N, V).
+tiles; each logits tile (BLOCK_N, BLOCK_V) is a tl.dot accumulated in float32 over C in BLOCK_C chunks, then
+folded into a running max m, sum s and u (online log-sum-exp, base-2 exp2), and the target logit is picked out
+when its column passes by. The splits (there only to fill the GPU when N is small) are merged on the host in
+O(N * splits). Saved for backward: hidden, weight, targets, lse (N,) float32 and, if returned, entropy (N,).
 
 Backward. With upstream gradients g_i = dL/dlogp_i and k_i = dL/dentropy_i (both 0 on ignored rows):
     dlogp_i/dz_ij    = [j = t_i] - p_ij
@@ -23,22 +23,39 @@ Backward. With upstream gradients g_i = dL/dlogp_i and k_i = dL/dentropy_i (both
         (H = lse - sum_k p_k z_k;  d/dz_j sum_k p_k z_k = p_j + p_j (z_j - sum_k p_k z_k) = p_j + p_j (log p_j + H))
     dz_ij = g_i ([j = t_i] - p_ij) - k_i p_ij (log p_ij + entropy_i)
     dhidden = (dz / temperature) @ weight   (N, C)        dweight = (dz / temperature).T @ hidden   (V, C)
-Both backward kernels recompute logits tiles from (hidden, weight) and get p from the saved lse, so no atomics:
-  _token_logprob_bwd_kernel     (dhidden): program per (token block, vocabulary split), walks vocabulary tiles;
-  _token_logprob_bwd_dw_kernel  (dweight): program per vocabulary block, walks token blocks.
-Each adds dz_tile @ (weight or hidden) chunk by chunk of C into a float32 buffer it alone owns (read-modify-write:
-C up to 4096+ does not fit on chip), cast to the input dtype at the end. Token blocks whose targets are all
-ignored are skipped in every kernel (prompt and padding tokens cost nothing).
+It goes through the kept tokens (target >= 0) in chunks of n (CHUNK_BYTES of dz): `_dlogits_kernel` recomputes
+the chunk's logits from (hidden, weight) and writes dz (n, V) in the input dtype, with p from the saved lse; then
+two GEMMs (cuBLAS): dh = dz @ W, complete for those tokens, and dW += dz^T h, accumulated in float32.
 
-Cost: forward 2NCV flops; backward 8NCV (each kernel recomputes the logits, 2NCV, then one 2NCV matmul), against
-6NCV for an unfused forward+backward that keeps the (N, V) logits. The float32 read-modify-write moves about
-8NC * V/BLOCK_V bytes (dhidden) and 8VC * N/BLOCK_N bytes (dweight): 64 flops per byte at 128 x 128 tiles, which
-L2 only partly absorbs when C is large; this, not the matmuls, is what to watch in a GPU profile.
+Why recompute rather than keep gradients from the forward (Liger's fused linear cross-entropy computes dh and
+dW during the forward and needs no backward matmuls at all): this op returns per-token log-probs, and their
+upstream gradient (a PPO ratio, a DPO margin, an entropy bonus) is unknown until the backward. So the logits
+are computed twice; the question is only how the backward spends its 6NCV flops and its bytes.
+
+Cost of forward + backward, flops and bytes of the (N, V) terms (B: 2 for bf16):
+                                           flops    bytes per logit      memory beyond inputs
+  unfused torch (16-bit matmul, float32     6NCV    ~42: B logits, float32  ~14 bytes x N x V
+    log_softmax and its backward)                   copies, softmax grad
+  this kernel                               8NCV    6: dz written, read     n x V x B (CHUNK_BYTES) + VC x 4
+                                                    by both GEMMs; + dW
+                                                    float32 adds per chunk
+  Cut Cross-Entropy (recompute inside one   8NCV    ~0 (all on chip),       none
+    kernel, atomics for the gradients)              plus atomics
+  previous version here (two recompute      10NCV   N V C/16 of float32     none
+    kernels, read-modify-write of dh/dW)            read-modify-write
+Predicted on an H100/H200 (bf16 GEMMs at ~600 TFLOP/s achieved, ~3 TB/s; not yet measured on a GPU):
+  (N, C, V) = (16384, 768, 50257): unfused 3.8 TFLOP = 6.3 ms + 35 GB = 11.5 ms -> ~18 ms, ~10 GB;
+      this kernel 5.1 TFLOP = 8.4 ms + 4.9 GB dz + 4.3 GB dW adds (7 chunks) = 3 ms -> ~11 ms (1.6x), 0.4 GB.
+  (N, C, V) = (8192, 2048, 2048): unfused 0.21 TFLOP = 0.34 ms + 0.7 GB = 0.23 ms -> ~0.6 ms;
+      this kernel 0.27 TFLOP = 0.46 ms + 0.1 GB -> ~0.5 ms (1.1x): a small vocabulary gains little either way.
+kernels/bench_logprob.py measures these; kernels/BENCHMARKS.md records what a GPU gave.
 
 Precision: float32 accumulation everywhere. Float32 inputs use input_precision="ieee" dots (full float32; TF32's
 10-bit mantissa would miss the 1e-5 target). bf16/fp16 inputs use tensor-core dots with float32 accumulation:
 products of 16-bit numbers are exact in float32, so logits lose nothing; dz is rounded to the input dtype only as
-the operand of the gradient matmuls (as in any bf16 autograd graph), never the logits or lse.
+the operand of the gradient GEMMs (as in any bf16 autograd graph), never the logits or lse. Under autocast,
+kernels/__init__.py hands this op the autocast dtype (hidden and weight rounded to it), so training takes the
+tensor-core path.
 """
 import math
 import os
@@ -91,23 +108,6 @@ def _dlogits(z, is_target, col_ok, lse, g, k, ent, HAS_ENT: tl.constexpr):
     if HAS_ENT:
         dz -= k * p * (logp + ent)
     return dz
-
-
-@triton.jit
-def _accumulate_rows(out_ptr, out_idx, out_mask, stride_out, d, src_ptr, src_idx, src_mask, stride_s0, stride_s1,
-                     K, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """out[out_idx, :] += d @ src[src_idx, :] on a float32 buffer this program owns, BLOCK_K columns at a time."""
-    out_rows = out_ptr + out_idx.to(tl.int64)[:, None] * stride_out  # (BLOCK_A, 1)
-    src_rows = src_ptr + src_idx.to(tl.int64)[:, None] * stride_s0  # (BLOCK_B, 1)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        src = tl.load(src_rows + ks[None, :] * stride_s1, mask=src_mask[:, None] & k_ok[None, :], other=0.0)  # (B, K)
-        out_ptrs = out_rows + ks[None, :]  # (A, K)
-        out_ok = out_mask[:, None] & k_ok[None, :]
-        acc = tl.load(out_ptrs, mask=out_ok, other=0.0)
-        acc = _dot(d, src, acc, DOT_PRECISION, UPCAST)
-        tl.store(out_ptrs, acc, mask=out_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,80 +163,39 @@ def _token_logprob_fwd_kernel(
 
 
 @triton.jit
-def _token_logprob_bwd_kernel(
-    h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr,  # (N, C), (V, C), then (N,) each
-    dh_ptr,  # (SPLITS, N, C) float32, zero-initialised; summed over splits on the host
-    N, V, C, tiles_per_split, inv_temp,
-    stride_hn, stride_hc, stride_wv, stride_wc,
+def _dlogits_kernel(
+    h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr,  # (N, C), (V, C), then (N,) each: one token chunk
+    dz_ptr,  # (N, V) in the input dtype: this chunk's dL/dlogits, times 1/temperature
+    N, V, C, inv_temp,
+    stride_hn, stride_hc, stride_wv, stride_wc, stride_dn,
     HAS_ENT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dhidden[rows] += (dz / temperature) @ weight over one vocabulary split; logits recomputed from lse."""
-    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+    """dz[rows, cols] = dL/dz / temperature for one (token block, vocabulary block); logits recomputed, p from lse.
+
+    Token blocks vary fastest along the grid, so the programs running together share one weight tile (read once
+    from memory) and re-read the chunk's hidden rows, which stay in L2."""
+    pid_n, pid_v = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-    valid = tgt >= 0
-    n_valid = tl.sum(valid.to(tl.int32), axis=0)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)  # (BLOCK_N,), all >= 0 on real rows (compacted)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.where(valid, tl.load(g_ptr + rows, mask=row_ok, other=0.0), 0.0)
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
     if HAS_ENT:
-        k = tl.where(valid, tl.load(k_ptr + rows, mask=row_ok, other=0.0), 0.0)
+        k = tl.load(k_ptr + rows, mask=row_ok, other=0.0)
         ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
     else:
         k = g
         ent = lse
-    dh_split = dh_ptr + pid_s.to(tl.int64) * N * C
-
-    v_begin = pid_s * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
-    v_end = tl.where(n_valid > 0, v_end, v_begin)
-    for v0 in range(v_begin, v_end, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
-        z = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, stride_hn, stride_hc, stride_wv, stride_wc, C,
-                         BLOCK_N, BLOCK_V, BLOCK_C, DOT_PRECISION, UPCAST) * inv_temp  # (BLOCK_N, BLOCK_V)
-        dz = _dlogits(z, cols[None, :] == tgt[:, None], col_ok[None, :], lse[:, None], g[:, None], k[:, None],
-                      ent[:, None], HAS_ENT) * inv_temp
-        _accumulate_rows(dh_split, rows, row_ok, C, dz.to(w_ptr.dtype.element_ty), w_ptr, cols, col_ok,
-                         stride_wv, stride_wc, C, BLOCK_C, DOT_PRECISION, UPCAST)
-
-
-@triton.jit
-def _token_logprob_bwd_dw_kernel(
-    h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr,
-    dw_ptr,  # (V, C) float32, zero-initialised
-    N, V, C, inv_temp,
-    stride_hn, stride_hc, stride_wv, stride_wc,
-    HAS_ENT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """dweight[cols] += (dz / temperature).T @ hidden over all token blocks; logits recomputed from lse."""
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < V
-    for n0 in range(0, N, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-        valid = tgt >= 0
-        if tl.sum(valid.to(tl.int32), axis=0) > 0:  # skip token blocks whose targets are all ignored
-            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-            g = tl.where(valid, tl.load(g_ptr + rows, mask=row_ok, other=0.0), 0.0)
-            if HAS_ENT:
-                k = tl.where(valid, tl.load(k_ptr + rows, mask=row_ok, other=0.0), 0.0)
-                ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-            else:
-                k = g
-                ent = lse
-            # tokens on the row axis, as in the other kernels: per-token values then cost a few registers
-            z = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, stride_hn, stride_hc, stride_wv, stride_wc,
-                             C, BLOCK_N, BLOCK_V, BLOCK_C, DOT_PRECISION, UPCAST) * inv_temp  # (BLOCK_N, BLOCK_V)
-            dz = _dlogits(z, cols[None, :] == tgt[:, None], col_ok[None, :], lse[:, None], g[:, None], k[:, None],
-                          ent[:, None], HAS_ENT) * inv_temp
-            _accumulate_rows(dw_ptr, cols, col_ok, C, tl.trans(dz.to(h_ptr.dtype.element_ty)), h_ptr, rows, row_ok,
-                             stride_hn, stride_hc, C, BLOCK_C, DOT_PRECISION, UPCAST)
+    z = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, stride_hn, stride_hc, stride_wv, stride_wc, C,
+                     BLOCK_N, BLOCK_V, BLOCK_C, DOT_PRECISION, UPCAST) * inv_temp  # (BLOCK_N, BLOCK_V)
+    dz = _dlogits(z, cols[None, :] == tgt[:, None], col_ok[None, :], lse[:, None], g[:, None], k[:, None],
+                  ent[:, None], HAS_ENT) * inv_temp
+    ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dn + cols[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,23 +206,23 @@ def _interpreted(t):
     return not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _config(hidden):
-    """Tile and launch options (BLOCK_N, BLOCK_V, BLOCK_C, num_warps, num_stages), and programs to aim for.
+# (BLOCK_N, BLOCK_V, BLOCK_C, num_warps, num_stages) on CUDA, per input dtype, for both kernels: one tile shape
+# so that the backward's recomputed logits are bit-identical to those the forward's lse came from (with other
+# shapes rounding differs, and on near-one-hot rows p_target strays from 1 by the logits' rounding error, and
+# so does the gradient). Chosen by compiling for sm_90 (`python -m kernels.bench compile`: registers, no
+# spills, shared memory, wgmma instructions), not by timing: a GPU run should tune them (kernels/bench_logprob.py).
+# Float32 (ieee dots on CUDA cores, for tests and users who ask for it) gets smaller tiles.
+CUDA_CONFIGS = {torch.bfloat16: (128, 128, 64, 8, 3), torch.float16: (128, 128, 64, 8, 3),
+                torch.float32: (64, 64, 16, 8, 2)}
+INTERPRET_CONFIG = (32, 64, 32, 1, 1)  # small tiles under Triton's interpreter: tests cross tile edges cheaply
 
-    One tile shape for all three kernels: then the backward's recomputed logits are bit-identical to those the
-    forward's lse came from. (With different shapes, rounding differs; on near-one-hot rows p_target then
-    strays from 1 by the logits' rounding error and so does the gradient.)
-    Under Triton's interpreter (CPU tensors) tiles are small, so the tests cross tile edges at small shapes.
-    On CUDA: 128 x 128 x 64 for 16-bit inputs, picked by compiling for sm_90 and reading register use (255 at
-    most, no spills), not by timing: a GPU run should tune it (kernels/bench_logprob.py). Float32 inputs
-    (ieee dots on CUDA cores) get 64 x 64 x 16.
-    """
+
+def _config(hidden):
+    """Tile and launch options (BLOCK_N, BLOCK_V, BLOCK_C, num_warps, num_stages), and programs to aim for."""
     if _interpreted(hidden):
-        return (32, 64, 32, 1, 1), 4
+        return INTERPRET_CONFIG, 4
     sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count
-    if hidden.dtype == torch.float32:
-        return (64, 64, 16, 4, 2), 2 * sms
-    return (128, 128, 64, 8, 3), 2 * sms
+    return CUDA_CONFIGS[hidden.dtype], 2 * sms
 
 
 def _vocab_splits(n_blocks, n_vtiles, programs, max_splits):
@@ -274,7 +233,7 @@ def _vocab_splits(n_blocks, n_vtiles, programs, max_splits):
 
 
 def _launch_options(hidden):
-    """-> (BLOCK_N, BLOCK_V, programs, keyword arguments shared by the three kernel launches)."""
+    """-> (BLOCK_N, BLOCK_V, programs, keyword arguments shared by both kernels' launches)."""
     (bn, bv, bc, warps, stages), programs = _config(hidden)
     opts = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_C=bc, num_warps=warps, num_stages=stages,
                 # "ieee" only matters for float32 operands: full-precision dots (TF32 would miss 1e-5)
@@ -306,33 +265,67 @@ def _forward(hidden, weight, targets, inv_temp):
     return logp, entropy, lse
 
 
+# Bytes of the (chunk, V) dlogits buffer the backward works through: the only vocabulary-sized memory it
+# uses. 256 MiB: 2,560 tokens of GPT-2's 50,257-token vocabulary in bf16, where the GEMMs already run at full
+# speed; tests shrink it so that small shapes cross chunk edges.
+CHUNK_BYTES = 256 * 2**20
+
+
+def _chunk_tokens(n, V, itemsize, block_n):
+    """Tokens per backward chunk: as many as CHUNK_BYTES holds, a multiple of the token tile, at least one tile."""
+    fit = max(block_n, CHUNK_BYTES // (V * itemsize) // block_n * block_n)
+    return min(n, fit)
+
+
+def padded_vocab(V):
+    """Row stride of the dz buffer: V rounded up to a multiple of 64 elements."""
+    return (V + 63) // 64 * 64
+
+
+def _mm_f32(a, b):
+    """a @ b with float32 output. 16-bit CUDA operands: a tensor-core GEMM that accumulates and writes float32
+    (torch >= 2.8's out_dtype). Elsewhere widen first: exact for 16-bit values, so the result is the same."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 def _backward(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp, need_dh, need_dw):
-    """Launch the dhidden and/or dweight kernels -> (dhidden, dweight) in the input dtypes (or None)."""
+    """dhidden and/or dweight (input dtypes, or None) by chunks of the tokens whose target is not ignored.
+
+    Per chunk of n tokens: one Triton launch recomputes the chunk's logits (2nCV flops on tensor cores) and
+    writes dz = dL/dlogits / temperature (n, V) in the input dtype; then two GEMMs: dh = dz @ W (n x V x C,
+    each token's row done in one GEMM, written once in the input dtype) and dW += dz^T @ h (V x n x C,
+    accumulated over chunks in float32). Ignored tokens are dropped first, so prompt and padding cost nothing.
+    """
     N, C = hidden.shape
     V = weight.shape[0]
-    bn, bv, programs, opts = _launch_options(hidden)
-    has_ent = g_ent is not None
-    g = g_logp.float().contiguous() if g_logp is not None else torch.zeros_like(lse)
-    k = g_ent.float().contiguous() if has_ent else g  # unread without HAS_ENT
-    ent = entropy if has_ent else lse
-    common = (N, V, C)
-    strides = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
-    dh = dw = None
-    if need_dh:
-        n_blocks = triton.cdiv(N, bn)
-        # a few vocabulary splits when N is small: each costs one more float32 (N, C) buffer
-        splits, tiles_per_split = _vocab_splits(n_blocks, triton.cdiv(V, bv), programs, max_splits=4)
-        dh32 = torch.zeros(splits, N, C, device=hidden.device, dtype=torch.float32)  # (SPLITS, N, C)
-        _token_logprob_bwd_kernel[(n_blocks, splits)](
-            hidden, weight, targets, lse, ent, g, k, dh32, *common, tiles_per_split, inv_temp, *strides,
-            HAS_ENT=has_ent, **opts)
-        dh = (dh32[0] if splits == 1 else dh32.sum(dim=0)).to(hidden.dtype)
-    if need_dw:
-        dw32 = torch.zeros(V, C, device=weight.device, dtype=torch.float32)  # (V, C)
-        _token_logprob_bwd_dw_kernel[(triton.cdiv(V, bv),)](
-            hidden, weight, targets, lse, ent, g, k, dw32, *common, inv_temp, *strides, HAS_ENT=has_ent, **opts)
-        dw = dw32.to(weight.dtype)
-    return dh, dw
+    bn, bv, _, opts = _launch_options(hidden)
+    dh = torch.zeros_like(hidden) if need_dh else None
+    dw32 = torch.zeros(V, C, device=weight.device, dtype=torch.float32) if need_dw else None  # (V, C)
+    keep = (targets >= 0).nonzero().squeeze(1)  # (n_kept,): one device sync per backward
+    n_kept = keep.numel()
+    if n_kept:
+        has_ent = g_ent is not None
+        h, tgt, lse = hidden[keep], targets[keep], lse[keep].contiguous()  # (n_kept, C), (n_kept,), (n_kept,)
+        g = g_logp[keep].float() if g_logp is not None else torch.zeros_like(lse)
+        k = g_ent[keep].float() if has_ent else g  # unread without HAS_ENT
+        ent = entropy[keep].contiguous() if has_ent else lse
+        chunk = _chunk_tokens(n_kept, padded_vocab(V), hidden.element_size(), bn)
+        # rows padded to a multiple of 64 elements: aligned, vectorised stores (GPT-2's V = 50257 is odd)
+        dz_buf = torch.empty(chunk, padded_vocab(V), device=hidden.device, dtype=hidden.dtype)[:, :V]  # (chunk, V)
+        for s in range(0, n_kept, chunk):
+            e = min(s + chunk, n_kept)
+            dz = dz_buf[:e - s]  # (n, V)
+            _dlogits_kernel[(triton.cdiv(e - s, bn), triton.cdiv(V, bv))](
+                h[s:e], weight, tgt[s:e], lse[s:e], ent[s:e], g[s:e], k[s:e], dz, e - s, V, C, inv_temp,
+                h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
+                HAS_ENT=has_ent, **opts)
+            if need_dh:
+                dh.index_copy_(0, keep[s:e], (dz @ weight).to(hidden.dtype))  # (n, C)
+            if need_dw:
+                dw32 += _mm_f32(dz.T, h[s:e])  # (V, C)
+    return dh, (dw32.to(weight.dtype) if need_dw else None)
 
 
 class TokenLogprob(torch.autograd.Function):

@@ -119,8 +119,13 @@ def pick_device(flag: str) -> torch.device:
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA (matmuls in bf16, log-probs stay float32 in the kernels); float32 on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """The precision policy of every script: bf16 autocast on CUDA (matmuls and both kernels in bf16 on tensor
+    cores; log-probs, softmax statistics and rewards stay float32); float32 on CPU, where the study's numbers come
+    from. MINIPOST_PRECISION=fp32 keeps float32 on CUDA too (full-precision "ieee" kernels: slower, exact)."""
+    precision = os.environ.get("MINIPOST_PRECISION", "bf16")
+    if precision not in ("bf16", "fp32"):
+        raise UserError(f"MINIPOST_PRECISION={precision!r}: expected bf16 (the default) or fp32")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and precision == "bf16")
 
 
 def peak_memory_mb(device: torch.device) -> float:

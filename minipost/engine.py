@@ -140,6 +140,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
         key_valid[:, n:n + P] = valid
 
     dtype = next(model.parameters()).dtype
+    if torch.is_autocast_enabled(device.type):  # keys and values arrive in the autocast dtype: store them so
+        dtype = torch.get_autocast_dtype(device.type)
     cache = KVCache(config, B0, n + P + max_new_tokens, device, dtype, key_valid)
     hidden = model(ids.to(device), pos.to(device), cache)  # (B0, P, C): one prefill per prompt
     cache.length = n + P

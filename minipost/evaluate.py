@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
-from .cli import UserError, pick_device, require_positive, run_main, task_from_flag, writable_file
+from .cli import UserError, autocast, pick_device, require_positive, run_main, task_from_flag, writable_file
 from .retrieval import add_retrieval_flags, check_retrieval_flags, retrieval_prompts
 from .rewards import call_reward, make_reward, same_tokenizer
 from .rollout import completion_text, prompt_ids, sample_candidates, sample_kl
@@ -107,15 +107,16 @@ def main(argv=None):
     if args.retrieve:  # every split, so the KL and sampled reward below see the same prompts as the greedy score
         splits, short = retrieval_prompts(args, task, ck.tokenizer, model.config.block_size - model.n_prefix, splits)
         row.update({"retrieve": args.retrieve, "retrieve_from": args.retrieve_from, "retrieve_short": short})
-    for split, prompts in splits.items():
-        r = evaluate_policy(model, ck.tokenizer, task, prompts, args.max_new_tokens, task.eval_temperature,
-                            seed=args.seed)
-        row[f"{split}_reward"], row[f"{split}_format"] = r["reward"], r["format"]
-        row[f"{split}_rewards"] = r["rewards"]  # per prompt, same prompts for every policy
-    # KL to the reference and the reward of the policy's own T = 1 samples (k per test prompt): for a
-    # verifier task evaluated greedily, this shows a sharpened sampling distribution the greedy answer hides
-    kl = sample_kl(model, ref.model.eval(), ck.tokenizer, splits["test"], args.max_new_tokens, 1.0, seed=7 + args.seed,
-                   reward_fn=task.reward, k=args.k, proxy=proxy)
+    with autocast(device):  # the scripts' policy: bf16 on CUDA, off on CPU
+        for split, prompts in splits.items():
+            r = evaluate_policy(model, ck.tokenizer, task, prompts, args.max_new_tokens, task.eval_temperature,
+                                seed=args.seed)
+            row[f"{split}_reward"], row[f"{split}_format"] = r["reward"], r["format"]
+            row[f"{split}_rewards"] = r["rewards"]  # per prompt, same prompts for every policy
+        # KL to the reference and the reward of the policy's own T = 1 samples (k per test prompt): for a
+        # verifier task evaluated greedily, this shows a sharpened sampling distribution the greedy answer hides
+        kl = sample_kl(model, ref.model.eval(), ck.tokenizer, splits["test"], args.max_new_tokens, 1.0,
+                       seed=7 + args.seed, reward_fn=task.reward, k=args.k, proxy=proxy)
     row["kl_to_ref"], row["entropy"], row["test_sample_reward"] = kl["kl"], kl["entropy"], kl["reward"]
     if proxy is not None:
         row["test_proxy_reward"] = kl["proxy"]  # the reward model's score of those same samples

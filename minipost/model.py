@@ -187,12 +187,19 @@ class GPT(nn.Module):
         return x[:, n:] if prefix else x
 
     def logits(self, hidden):
-        """Full logits (..., V) in float32, for sampling one position at a time; training never calls this."""
-        return hidden.float() @ self.lm_head.weight.float().T
+        """Full logits (..., V) in float32, for sampling one position at a time; training never calls this.
+        Under autocast the operands are rounded as kernels.token_logprobs rounds them, so that sampling draws
+        from the distribution whose log-probs the objectives then score."""
+        hidden, weight = kernels.autocast_inputs(hidden, self.lm_head.weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return hidden.float() @ weight.float().T
 
     def scores(self, hidden):
-        """Scalar head on every position: hidden (B, T, C) -> (B, T) float32."""
-        return self.score_head(hidden).squeeze(-1).float()
+        """Scalar head on every position: hidden (B, T, C) -> (B, T) float32, computed in float32 even under
+        autocast (C flops a token: rewards and values keep full precision for free)."""
+        head = self.score_head
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), head.weight.float(), head.bias.float()).squeeze(-1)
 
     def teacher_forced_logprobs(self, inputs, targets, temperature=1.0, return_entropy=False):
         """Teacher-forced log-probs: inputs, targets (B, T) -> logp (B, T) float32 [, entropy (B, T)].

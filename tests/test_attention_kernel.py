@@ -227,3 +227,32 @@ def test_tiny_gpt_training_matches_torch(monkeypatch):
     # (~4.2 = log 64) agree to ~1e-6 in practice; 1e-4 absolute is still far below the ~0.1 the loss moves
     # per step, so a wrong gradient anywhere in attention fails this.
     torch.testing.assert_close(torch.tensor(triton_losses), torch.tensor(torch_losses), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["triton", "torch"])
+def test_autocast_hands_attention_bf16(monkeypatch, mode):
+    """Under torch.autocast(bf16), float32 q, k, v reach attention rounded to bf16 on either path (the Triton
+    kernel then uses tensor cores on a GPU); the output is bf16 and matches float64 on the rounded inputs,
+    gradients come back float32."""
+    q, k, v, do = make_inputs(1, 2, 20, 45, 16, torch.float32)
+    seen = []
+
+    def spy(q, k, v, causal=True):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return triton_attention(q, k, v, causal=causal)
+
+    monkeypatch.setattr(attn_mod, "triton_attention", spy)
+    monkeypatch.setenv("MINIPOST_KERNELS", mode)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        o = kernels.attention(q, k, v, causal=True)
+    o.backward(do.bfloat16())
+    assert seen == ([(torch.bfloat16,) * 3] if mode == "triton" else [])
+    assert o.dtype == torch.bfloat16 and q.grad.dtype == k.grad.dtype == v.grad.dtype == torch.float32
+    q64, k64, v64 = (t.detach().bfloat16().double().requires_grad_() for t in (q, k, v))
+    o64 = naive_attention(q64, k64, v64, causal=True)
+    o64.backward(do.bfloat16().double())
+    cancelling = (do.abs().max() * v.abs().max()).item()
+    for name, got, want in [("o", o, o64), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)]:
+        scale = max(want.abs().max().item(), cancelling if name in ("dq", "dk") else 0.0)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=TOL[torch.bfloat16] * scale, msg=name)

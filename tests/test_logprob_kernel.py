@@ -213,3 +213,50 @@ def test_sft_loss_equals_cross_entropy():
     _assert_close(loss, want, 1e-5)
     _assert_close(h.grad, h64.grad, 1e-5)
     _assert_close(w.grad, w64.grad, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_crosses_chunk_edges(monkeypatch, dtype):
+    """The backward works through the kept tokens in chunks; with CHUNK_BYTES shrunk to one token tile, 140
+    tokens (a third and a whole block ignored: 72 kept) take three chunks, the last partial: each chunk's dz, its dh rows
+    and the float32 sum of dW over chunks must still match float64."""
+    V = 300
+    bn = (logprob.INTERPRET_CONFIG if DEVICE == "cpu" else logprob.CUDA_CONFIGS[dtype])[0]  # token tile
+    hidden, weight, targets, g_logp, g_ent = _inputs(32 + int(3.4 * bn), V, 48, dtype)  # 140 tokens at bn = 32
+    row_bytes = logprob.padded_vocab(V) * hidden.element_size()
+    monkeypatch.setattr(logprob, "CHUNK_BYTES", bn * row_bytes)
+    kept = int((targets >= 0).sum())
+    assert logprob._chunk_tokens(kept, logprob.padded_vocab(V), hidden.element_size(), bn) == bn
+    assert 2 * bn < kept < 3 * bn
+    _check_against_float64(hidden, weight, targets, 0.9, g_logp, g_ent)
+
+
+@pytest.mark.parametrize("mode", ["triton", "torch"])
+def test_autocast_hands_the_ops_bf16(monkeypatch, mode):
+    """Under torch.autocast(bf16), float32 hidden states and a float32 LM head (what the model passes: ln_f
+    returns float32, the head is a float32 parameter) reach the op rounded to bf16, on either path. Results
+    match float64 on those rounded inputs (log-probs stay float32: 1e-5), gradients come back in float32."""
+    hidden, weight, targets, g_logp, g_ent = _inputs(70, 300, 48)
+    seen = []
+    impl = logprob.triton_token_logprobs
+
+    def spy(h, w, *rest):
+        seen.append((h.dtype, w.dtype, torch.is_autocast_enabled(h.device.type)))
+        return impl(h, w, *rest)
+
+    monkeypatch.setattr(logprob, "triton_token_logprobs", spy)
+    monkeypatch.setenv("MINIPOST_KERNELS", mode)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        logp, entropy, dh, dw = _run(kernels.token_logprobs, hidden, weight, targets, 0.9, g_logp, g_ent)
+    assert seen == ([(torch.bfloat16, torch.bfloat16, False)] if mode == "triton" else [])
+    assert logp.dtype == entropy.dtype == dh.dtype == dw.dtype == torch.float32
+    want = _run(token_logprobs_reference, hidden.bfloat16(), weight.bfloat16(), targets, 0.9, g_logp, g_ent,
+                dtype=torch.float64)
+    for name, a, b in zip(("logp", "entropy", "dhidden", "dweight"), (logp, entropy, dh, dw), want):
+        if name in ("logp", "entropy"):
+            _assert_close(a, b, FWD_TOL, floor=1.0)
+        else:  # the op's gradients are bf16 (its inputs' dtype), widened to float32 by the casts
+            _assert_close(a, b, GRAD_TOL[torch.bfloat16])
+    # and not merely close to the float32 result: the bf16 rounding of the inputs is visible in the log-probs
+    exact = token_logprobs_reference(hidden.double(), weight.double(), targets, 0.9)
+    assert (logp.double() - exact).abs().max() > 1e-4

@@ -119,3 +119,16 @@ def test_bad_input(base, tmp_path):
 
     code, err = run("--init", str(base), "--task", "chess", "--out", str(tmp_path / "o"))
     assert code == 2 and "unknown task 'chess'" in err and "Traceback" not in err
+
+
+def test_precision_policy(monkeypatch, base, tmp_path):
+    """Every script's autocast: off on CPU (the study's float32 numbers); a bad MINIPOST_PRECISION is one line."""
+    from minipost.cli import autocast
+
+    with autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setenv("MINIPOST_PRECISION", "fp16")
+    with pytest.raises(UserError, match="MINIPOST_PRECISION='fp16': expected bf16"):
+        autocast(torch.device("cpu"))
+    code, err = run("--init", str(base), "--max-steps", "1", "--out", str(tmp_path / "o"))
+    assert code == 2 and err.splitlines()[-1] == "error: MINIPOST_PRECISION='fp16': expected bf16 (the default) or fp32"
