@@ -33,6 +33,9 @@ trainer, which numbers tokens as it creates them); the reader checks it. Later m
 again (HF's converter lists every split of a token) keep that token's id as their priority; tiktoken also
 uses a whole pre-token that is itself in the vocabulary directly (HF's ignore_merges). Added tokens become
 tiktoken special tokens: render() inserts them, text never produces them (minipost's rule for every tokenizer).
+The chat format is read off the chat template's markers (minipost does not run Jinja): ChatML or Llama 3's
+headers, else minipost's own on new ids. A default system message that a template inserts by itself (Qwen2.5's,
+SmolLM2's, Llama 3.1's date header) is not added: pass it as the first message if the model expects it.
 """
 import json
 from pathlib import Path
@@ -42,7 +45,7 @@ import torch
 
 from .adapters import merge_adapters
 from .gpt2 import GPT2_PATTERN, _derive_merges, bytes_to_unicode, read_safetensors, resize_vocab, write_safetensors
-from .model import GPT, SIZE_LIMITS, GPTConfig
+from .model import GPT, ROPE_SCALING, SIZE_LIMITS, GPTConfig
 from .tokenizer import CHAT_FORMATS, SPECIAL_TOKENS, Tokenizer, _encoding
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -73,13 +76,12 @@ def _rope_scaling(hf: dict):
     kind = rs.get("rope_type", rs.get("type")) if isinstance(rs, dict) else None
     if kind == "default":
         return None
-    needs = {"linear": ("factor",),
-             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-    if kind not in needs:
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (minipost computes linear and llama3)")
-    if missing := [k for k in needs[kind] if k not in rs]:
+    if kind not in ROPE_SCALING:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (minipost computes "
+                         f"{' and '.join(ROPE_SCALING)})")
+    if missing := [k for k in ROPE_SCALING[kind] if k not in rs]:
         raise ValueError(f"rope_scaling {kind} lacks {missing}")
-    return {"type": kind, **{k: rs[k] for k in needs[kind]}}
+    return {"type": kind, **{k: rs[k] for k in ROPE_SCALING[kind]}}
 
 
 def hf_config(hf: dict) -> GPTConfig:

@@ -30,7 +30,7 @@ import kernels
 
 @dataclass
 class GPTConfig:
-    block_size: int = 256  # longest sequence (learned position embeddings)
+    block_size: int = 256  # longest sequence: rows of wpe; with rotary positions only a limit
     vocab_size: int = 2048
     n_layer: int = 4
     n_head: int = 4

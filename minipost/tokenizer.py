@@ -234,8 +234,14 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """ids (any iterable of ints, e.g. a 1-D tensor) -> text. Specials decode to their names; byte
-        sequences that are not valid UTF-8 (a cut-off character) decode to U+FFFD."""
-        return self.enc.decode([int(i) for i in ids], errors="replace")
+        sequences that are not valid UTF-8 (a cut-off character) decode to U+FFFD, and so does an id past the
+        vocabulary (a model may have more rows than its tokenizer has ids: Qwen2.5 pads to a multiple of 128)."""
+        ids = [int(i) for i in ids]
+        cut = [n for n, i in enumerate(ids) if not 0 <= i < self.vocab_size]  # positions of unknown ids
+        if not cut:
+            return self.enc.decode(ids, errors="replace")
+        pieces = [self.enc.decode(ids[a + 1:b], errors="replace") for a, b in zip([-1] + cut, cut + [len(ids)])]
+        return "\ufffd".join(pieces)
 
     def _pieces(self, items, role: str = "") -> list[int]:
         ids = []
