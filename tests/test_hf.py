@@ -473,7 +473,7 @@ def llama_folder(tmp_path_factory):
     return export_hf(GPT(config), tok, root / "llama")
 
 
-def test_sft_dpo_grpo_end_to_end_on_a_llama_folder(llama_folder, tmp_path):
+def test_sft_dpo_grpo_end_to_end_on_a_llama_folder(llama_folder, tmp_path, monkeypatch):
     sft, common = tmp_path / "sft", ["--n-eval", "2", "--max-new-tokens", "6", "--batch-size", "4"]
     train_sft.main(["--init", str(llama_folder), "--n-train", "16", "--max-steps", "3", "--eval-every", "3",
                     "--warmup", "1", "--out", str(sft), *common])
@@ -488,11 +488,17 @@ def test_sft_dpo_grpo_end_to_end_on_a_llama_folder(llama_folder, tmp_path):
     rl = [*common, "--n-kl", "2", "--warmup", "1", "--max-steps", "2", "--eval-every", "2"]
     train_rlhf.main(["--algo", "dpo", "--init", str(sft), "--data", str(tmp_path / "pairs.jsonl"), *rl,
                      "--out", str(tmp_path / "dpo")])
-    train_rlhf.main(["--algo", "grpo", "--init", str(sft), "--k", "2", *rl, "--out", str(tmp_path / "grpo")])
+    # a reward that varies within a group (a random policy never answers arith right), so GRPO has signal
+    (tmp_path / "hf_rewards.py").write_text("def odd(prompts, completions, **kw):\n"
+                                            "    return [float(len(c) % 2) for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    train_rlhf.main(["--algo", "grpo", "--init", str(sft), "--k", "4", "--reward", "hf_rewards:odd", *rl,
+                     "--out", str(tmp_path / "grpo")])
     for run in ("dpo", "grpo"):
-        last = read_metrics(tmp_path / run / "metrics.jsonl")[-1]
-        assert last["step"] == 2 and all(math.isfinite(v) for v in last.values() if isinstance(v, float))
+        steps = [r for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
+        assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) for r in steps)
         assert load_checkpoint(tmp_path / run).model.config == ck.model.config
+    assert sum(r["samples_used"] for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if "loss" in r) > 0
     # and back out as an HF folder that imports to the same weights
     model, tok = load_hf_folder(export_hf(load_checkpoint(tmp_path / "dpo").model, ck.tokenizer, tmp_path / "out"))
     assert_same(model, load_checkpoint(tmp_path / "dpo").model)
