@@ -1,6 +1,6 @@
 """minipost's two fused ops and the switch between Triton and plain PyTorch.
 
-    attention(q, k, v, causal=True) -> o                       q (B, H, Tq, D), k/v (B, H, Tk, D), Tq <= Tk
+    attention(q, k, v, causal=True) -> o                       q (B, H, Tq, D), k/v (B, Hkv, Tk, D), Tq <= Tk
     token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False) -> logp (N,) [, entropy (N,)]
 
 Autocast: inside torch.autocast (bf16 on CUDA for every training and sampling script, see minipost/cli.py)
@@ -45,9 +45,13 @@ def autocast_inputs(*tensors):
 
 
 def attention(q, k, v, causal=True):
-    """Causal (or full) softmax attention; see kernels/reference.py for the exact semantics."""
+    """Causal (or full) softmax attention; see kernels/reference.py for the exact semantics. k and v may
+    have fewer heads than q (grouped-query attention: Hkv divides H)."""
     if q.shape[-2] > k.shape[-2]:
         raise ValueError(f"attention: T_q={q.shape[-2]} must be <= T_k={k.shape[-2]}")
+    if q.dim() != 4 or k.dim() != 4 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"attention: q (B, H, Tq, D) and k (B, Hkv, Tk, D) with Hkv dividing H, got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
     q, k, v = autocast_inputs(q, k, v)
     with torch.autocast(q.device.type, enabled=False):
         if use_triton(q):

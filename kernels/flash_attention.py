@@ -1,10 +1,12 @@
 """Fused softmax attention in Triton, forward and backward (FlashAttention-2 structure).
 
-    triton_attention(q, k, v, causal=True) -> o        q (B, H, Tq, D), k and v (B, H, Tk, D), Tq <= Tk
+    triton_attention(q, k, v, causal=True) -> o        q (B, H, Tq, D), k and v (B, Hkv, Tk, D), Tq <= Tk
 
 Same semantics as kernels/reference.py: o = softmax(q k^T / sqrt(D) + mask) v, where with causal=True the
 queries are the last Tq positions of the key sequence, so query i sees keys j <= i + (Tk - Tq) (the mask is
-aligned bottom-right). The (Tq, Tk) score matrix never reaches device memory.
+aligned bottom-right). The (Tq, Tk) score matrix never reaches device memory. Grouped-query attention: Hkv
+divides H and query head h reads key/value head h // (H / Hkv) straight from k and v (GROUP = H / Hkv query
+heads share one; no repeated copy of K/V is made).
 
 Forward (`_attn_fwd_kernel`, one program per (query block, batch*head)): the Q block stays on chip while
 the program walks over K/V blocks with an online softmax in base 2. With s2 = (q . k) * sm_scale * log2(e):
@@ -20,6 +22,7 @@ Backward (P recomputed from lse2, no atomics, every gradient accumulated in floa
     Delta = rowsum(O * dO)                     `_attn_bwd_preprocess`, float32 (B*H, Tq)
     dV = P^T dO;   dP = dO V^T;   dS = P * (dP - Delta)
     dK = sm_scale * dS^T Q                     `_attn_bwd_dkdv_kernel`: K/V block on chip, walk over queries
+                                               (of every query head in its group, summed)
     dQ = sm_scale * dS K                       `_attn_bwd_dq_kernel`: Q block on chip, walk over keys
 Saved for backward: q, k, v, o and lse2 (B*H, Tq) float32; nothing of size Tq x Tk.
 
@@ -126,7 +129,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, str
 def _attn_fwd_kernel(Q, K, V, O, LSE,
                      stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
                      stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
-                     H, Tq, Tk, D, qk_scale, TQ_BUCKET, TK_BUCKET,
+                     H, GROUP, Tq, Tk, D, qk_scale, TQ_BUCKET, TK_BUCKET,
                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
                      UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """o[rows] and lse2[rows] for one query block of one (batch, head). TQ/TK_BUCKET only key the autotuner."""
@@ -136,8 +139,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
     b = (bh // H).to(tl.int64)  # int64 offsets: B*H*T*D may pass 2^31
     h = (bh % H).to(tl.int64)
     Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    K += b * stride_kb + (h // GROUP) * stride_kh  # the kv head this query head reads
+    V += b * stride_vb + (h // GROUP) * stride_vh
     O += b * stride_ob + h * stride_oh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -219,20 +222,17 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                           stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
                           stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
                           stride_gb, stride_gh, stride_gt, stride_gd,
-                          H, Tq, Tk, D, sm_scale, qk_scale, TQ_BUCKET, TK_BUCKET,
+                          H, GROUP, Tq, Tk, D, sm_scale, qk_scale, TQ_BUCKET, TK_BUCKET,
                           HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
                           UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV for one key block of one (batch, head). DK and DV share the strides stride_g*."""
+    """dK, dV for one key block of one (batch, kv head), summed over the GROUP query heads that read it.
+    DK and DV share the strides stride_g*."""
     start_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DO += b * stride_dob + h * stride_doh
-    LSE += bh.to(tl.int64) * Tq
-    DELTA += bh.to(tl.int64) * Tq
+    bh = tl.program_id(1)  # (batch, kv head)
+    b = (bh // (H // GROUP)).to(tl.int64)
+    hk = (bh % (H // GROUP)).to(tl.int64)
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k = _load_rows(K, offs_n, offs_d, stride_kt, stride_kd, Tk, D, True, EVEN_D)  # (BLOCK_N, HEAD_DIM)
@@ -254,18 +254,28 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
         lo = 0
         mid = 0
     tail = tl.maximum(mid, full)
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-                                  lo, mid, offs_n, Tq, Tk, D, qk_scale, BLOCK_M, HEAD_DIM, True, CAUSAL, EVEN_D,
-                                  PREC, UPCAST)
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-                                  mid, full, offs_n, Tq, Tk, D, qk_scale, BLOCK_M, HEAD_DIM, False, CAUSAL, EVEN_D,
-                                  PREC, UPCAST)
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-                                  tail, end, offs_n, Tq, Tk, D, qk_scale, BLOCK_M, HEAD_DIM, True, CAUSAL, EVEN_D,
-                                  PREC, UPCAST)
+    # Grouped-query attention: the GROUP query heads reading this kv head take turns in this one program and
+    # add into the same dk, dv accumulators, so dK and dV are written once at their own (B, Hkv, Tk, D) size:
+    # no atomics, and no (B, H, Tk, D) float32 buffer summed over each group afterwards (GROUP times K/V's
+    # size in memory). The cost: GROUP times fewer programs, each GROUP times longer, which only idles
+    # streaming multiprocessors when B * Hkv * Tk / BLOCK_N is small. GROUP = 1 is the plain kernel.
+    for g in range(GROUP):
+        h = hk * GROUP + g  # a query head of this group
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_dob + h * stride_doh
+        rows = (b * H + h) * Tq  # its rows of lse2 and Delta, (B*H, Tq)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + rows, DELTA + rows, stride_qt, stride_qd,
+                                      stride_dot, stride_dod, lo, mid, offs_n, Tq, Tk, D, qk_scale, BLOCK_M,
+                                      HEAD_DIM, True, CAUSAL, EVEN_D, PREC, UPCAST)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + rows, DELTA + rows, stride_qt, stride_qd,
+                                      stride_dot, stride_dod, mid, full, offs_n, Tq, Tk, D, qk_scale, BLOCK_M,
+                                      HEAD_DIM, False, CAUSAL, EVEN_D, PREC, UPCAST)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + rows, DELTA + rows, stride_qt, stride_qd,
+                                      stride_dot, stride_dod, tail, end, offs_n, Tq, Tk, D, qk_scale, BLOCK_M,
+                                      HEAD_DIM, True, CAUSAL, EVEN_D, PREC, UPCAST)
 
     mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
-    g_off = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :] * stride_gd
+    g_off = b * stride_gb + hk * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :] * stride_gd
     tl.store(DK + g_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=mask)
 
@@ -298,7 +308,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                         stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
                         stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
                         stride_gb, stride_gh, stride_gt, stride_gd,
-                        H, Tq, Tk, D, sm_scale, qk_scale, TQ_BUCKET, TK_BUCKET,
+                        H, GROUP, Tq, Tk, D, sm_scale, qk_scale, TQ_BUCKET, TK_BUCKET,
                         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
                         UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ for one query block of one (batch, head); same key ranges as the forward."""
@@ -307,8 +317,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    K += b * stride_kb + (h // GROUP) * stride_kh  # the kv head this query head reads
+    V += b * stride_vb + (h // GROUP) * stride_vh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qt, stride_qd, Tq, D, True, EVEN_D)
@@ -414,9 +424,9 @@ def _launch(name, n_rows, grid_block, BH, args, meta):
 def _check_inputs(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"triton_attention: expected 4-d (B, H, T, D) tensors, got {q.shape}, {k.shape}, {v.shape}")
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1] or q.shape[3] != k.shape[3]:
         raise ValueError(f"triton_attention: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)} (want q (B, H, Tq, D), k and v (B, H, Tk, D))")
+                         f"v {tuple(v.shape)} (want q (B, H, Tq, D), k and v (B, Hkv, Tk, D), Hkv dividing H)")
     if q.shape[2] > k.shape[2]:
         raise ValueError(f"triton_attention: T_q={q.shape[2]} must be <= T_k={k.shape[2]}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
@@ -452,7 +462,7 @@ def _forward(q, k, v, causal):
         return o, lse
     qk_scale = LOG2E / math.sqrt(D)  # softmax scale 1/sqrt(D), moved to base 2
     args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            H, Tq, Tk, D, qk_scale, _bucket(Tq), _bucket(Tk))
+            H, H // k.shape[1], Tq, Tk, D, qk_scale, _bucket(Tq), _bucket(Tk))
     _launch("fwd", Tq, "BLOCK_M", B * H, args, _meta(q, causal))
     return o, lse
 
@@ -474,9 +484,11 @@ def _backward(q, k, v, o, lse, do, causal):
                                                           HEAD_DIM=meta["HEAD_DIM"], BLOCK_M=block)
     sm_scale = 1.0 / math.sqrt(D)
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    tail = (H, Tq, Tk, D, sm_scale, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk))
+    tail = (H, H // k.shape[1], Tq, Tk, D, sm_scale, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk))
     assert dk.stride() == dv.stride()  # both fresh tensors of one shape: the kernel takes one set of strides
-    _launch("dkdv", Tk, "BLOCK_N", B * H, (q, k, v, do, dk, dv, lse, delta, *common, *dk.stride(), *tail), meta)
+    # one dK/dV program per (key block, batch, kv head): it sums over the query heads of its group
+    _launch("dkdv", Tk, "BLOCK_N", B * k.shape[1], (q, k, v, do, dk, dv, lse, delta, *common, *dk.stride(), *tail),
+            meta)
     _launch("dq", Tq, "BLOCK_M", B * H, (q, k, v, do, dq, lse, delta, *common, *dq.stride(), *tail), meta)
     return dq, dk, dv
 
@@ -484,7 +496,7 @@ def _backward(q, k, v, o, lse, do, causal):
 class FlashAttention(torch.autograd.Function):
     """o = softmax(q k^T / sqrt(D) + causal mask) v with the fused kernels above.
 
-    forward(q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, D), causal) -> o (B, H, Tq, D)
+    forward(q (B, H, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, D), causal) -> o (B, H, Tq, D)
     Saves q, k, v, o and lse2 (B*H, Tq) float32 = log2 sum_j exp2(s2_ij), s2 = q.k * log2(e) / sqrt(D).
     backward recomputes P = exp2(s2 - lse2) block by block:
         Delta = rowsum(o * do), dS = P * (do v^T - Delta), dq = dS k / sqrt(D), dk = dS^T q / sqrt(D), dv = P^T do
@@ -507,8 +519,9 @@ class FlashAttention(torch.autograd.Function):
 def triton_attention(q, k, v, causal=True):
     """Fused attention, differentiable in q, k, v; semantics of kernels.reference.attention_reference.
 
-    q (B, H, Tq, D), k and v (B, H, Tk, D), Tq <= Tk, one dtype among float32 / float16 / bfloat16, any
-    strides -> o (B, H, Tq, D) in that dtype. causal=True: query i sees keys j <= i + (Tk - Tq).
+    q (B, H, Tq, D), k and v (B, Hkv, Tk, D) with Hkv dividing H (query head h reads kv head h // (H / Hkv)),
+    Tq <= Tk, one dtype among float32 / float16 / bfloat16, any strides -> o (B, H, Tq, D) in that dtype.
+    causal=True: query i sees keys j <= i + (Tk - Tq).
     """
     _check_inputs(q, k, v)
     return FlashAttention.apply(q, k, v, causal)

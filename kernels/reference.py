@@ -9,17 +9,20 @@ import torch.nn.functional as F
 
 
 def attention_reference(q, k, v, causal=True):
-    """Softmax attention. q (B, H, Tq, D), k and v (B, H, Tk, D) with Tq <= Tk -> o (B, H, Tq, D).
+    """Softmax attention. q (B, H, Tq, D), k and v (B, Hkv, Tk, D) with Tq <= Tk -> o (B, H, Tq, D).
 
     Queries are the last Tq positions of the key sequence, so the causal mask is aligned bottom-right:
     query i may see keys j <= i + (Tk - Tq). This is what a prefill onto a KV cache needs.
+    Grouped-query attention: Hkv divides H and query head h reads key/value head h // (H / Hkv), which is
+    what repeating each kv head H / Hkv times in place (repeat_interleave) gives.
     """
     Tq, Tk = q.shape[-2], k.shape[-2]
+    gqa = k.shape[1] != q.shape[1]
     if not causal or Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
     # SDPA's is_causal aligns top-left when Tq != Tk; build the bottom-right mask ourselves
     keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)  # (Tq, Tk)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa)
 
 
 def token_logprobs_reference(hidden, weight, targets, temperature=1.0, return_entropy=False):

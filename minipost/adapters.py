@@ -140,7 +140,7 @@ def fingerprint(model) -> str:
     h = hashlib.sha256()
     skip = set(adapter_keys(model))
     for name, t in sorted(model.state_dict().items()):
-        if name in skip or name == "lm_head.weight":  # lm_head is tied to wte
+        if name in skip or (name == "lm_head.weight" and model.config.tie_embeddings):  # tied: wte counts it
             continue
         h.update(f"{name}{tuple(t.shape)}".encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())

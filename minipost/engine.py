@@ -17,21 +17,22 @@ import torch
 
 
 class KVCache:
-    """Keys and values of every layer: k, v (L, B, H, T_max, D), filled left to right.
+    """Keys and values of every layer: k, v (L, B, Hkv, T_max, D), filled left to right. With grouped-query
+    attention only the n_kv_head key/value heads are stored (query heads share them in attention).
 
     `length` slots are filled (the same for every row). The model calls update() and attn_mask() from each
     attention layer; the engine advances `length` after each forward.
     """
 
     def __init__(self, config, batch, max_len, device, dtype, key_valid=None):
-        H, D = config.n_head, config.n_embd // config.n_head
+        H, D = config.kv_heads, config.head_dim
         self.k = torch.zeros(config.n_layer, batch, H, max_len, D, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.length = 0
         self.key_valid = key_valid  # (B, T_max) bool, False on left padding; None when no row is padded
 
     def update(self, layer, k, v):
-        """Store this step's k, v (B, H, T, D) -> all keys and values so far, (B, H, length + T, D)."""
+        """Store this step's k, v (B, Hkv, T, D) -> all keys and values so far, (B, Hkv, length + T, D)."""
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v

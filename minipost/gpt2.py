@@ -186,7 +186,7 @@ def load_gpt2_model(path) -> GPT:
 
 @torch.no_grad()
 def resize_vocab(model: GPT, new_vocab_size: int) -> GPT:
-    """Grow wte (and the tied lm_head) to new_vocab_size rows, in place; new rows = mean of the old rows.
+    """Grow wte and lm_head (tied or not) to new_vocab_size rows, in place; new rows = mean of the old rows.
 
     Why the mean (Hewitt, 2021, "Initializing new word embeddings"): with the head tied, a new token's logit is
     h . mean(e) = the mean of the old logits, so by Jensen exp(mean logit) <= mean(exp(logit)): each new token
@@ -204,7 +204,13 @@ def resize_vocab(model: GPT, new_vocab_size: int) -> GPT:
     w = nn.Parameter(torch.cat([old, mean.expand(new_vocab_size - V, C)]), requires_grad=old.requires_grad)
     model.transformer.wte.weight = w  # (V', C)
     model.transformer.wte.num_embeddings = new_vocab_size
-    model.lm_head.weight = w  # re-tie
+    if model.config.tie_embeddings:
+        model.lm_head.weight = w  # re-tie
+    else:  # an untied head grows by the mean of its own rows: the same argument, on the head's rows
+        head = model.lm_head.weight
+        mean = head.double().mean(0).to(head.dtype)
+        model.lm_head.weight = nn.Parameter(torch.cat([head, mean.expand(new_vocab_size - V, C)]),
+                                            requires_grad=head.requires_grad)
     model.lm_head.out_features = new_vocab_size
     model.config.vocab_size = new_vocab_size
     return model

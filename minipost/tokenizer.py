@@ -6,9 +6,13 @@ pre-token piece by repeatedly merging the adjacent pair of tokens whose concaten
 (leftmost on ties) until no concatenation is in the vocabulary. The trainer keeps every training word in exactly
 the state tiktoken would produce with the ranks learned so far, so tiktoken reproduces training exactly.
 
-Chat rendering (the only template there is):
+Chat rendering, in minipost's own format by default:
     <|endoftext|> <|system|> ... <|end|> <|user|> ... <|end|> <|assistant|> ... <|end|> ...
-with loss mask 1 on assistant content tokens and their <|end|>, 0 everywhere else.
+or, for a model imported from Hugging Face (minipost/hf.py), in that model's own: ChatML (Qwen2, SmolLM2)
+    <|im_start|>user\n ... <|im_end|>\n<|im_start|>assistant\n ... <|im_end|>\n
+or Llama 3's headers
+    <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n ... <|eot_id|><|start_header_id|>assistant...
+with loss mask 1 on assistant content tokens and their end-of-turn token, 0 everywhere else.
 """
 
 import base64
@@ -25,6 +29,24 @@ import tiktoken
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"]
 ROLES = ("system", "user", "assistant")
+
+# How render() lays out a conversation: `start`, then per message header(role) + content + end + trailer.
+# Items of the form <|...|> are special tokens, the others text ({role} becomes the message's role); the end
+# token is the EOS generation stops at. `strip`: contents are stripped of surrounding whitespace, as Llama 3's
+# template does. bos: the document separator (`text` rows start with it); pad: padding (always masked out:
+# any id serves, and the end token stands in when a model has no pad of its own). None: given by the model.
+CHAT_FORMATS = {
+    "minipost": dict(start=["<|endoftext|>"], header=["<|{role}|>"], end="<|end|>", trailer=[], strip=False,
+                     bos="<|endoftext|>", pad="<|pad|>"),
+    "chatml": dict(start=[], header=["<|im_start|>", "{role}\n"], end="<|im_end|>", trailer=["\n"], strip=False,
+                   bos=None, pad=None),
+    "llama3": dict(start=["<|begin_of_text|>"], header=["<|start_header_id|>", "{role}", "<|end_header_id|>", "\n\n"],
+                   end="<|eot_id|>", trailer=[], strip=True, bos="<|begin_of_text|>", pad=None),
+}
+
+
+def _is_special(item: str) -> bool:
+    return item.startswith("<|") and item.endswith("|>")
 
 # Pre-tokenizer for tiktoken (Rust regex syntax), in the GPT-4 style: contractions; a word with at most one
 # leading non-letter (usually a space); ONE digit per piece (as in Llama: a small model learns arithmetic on
@@ -161,7 +183,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> "Tokenizer":
 
 
 def _encoding(name: str, pattern: str, ranks: dict[bytes, int], specials: dict[str, int]) -> tiktoken.Encoding:
-    # explicit_n_vocab makes tiktoken check that ranks and special ids fill 0..n_vocab-1 without holes
+    """A tiktoken.Encoding whose ranks and special ids together fill 0..n_vocab-1, each id once (ValueError)."""
+    ids = sorted([*ranks.values(), *specials.values()])
+    if ids != list(range(len(ids))):
+        raise ValueError("token ids must be 0..n-1, each used once by a rank or a special token")
     return tiktoken.Encoding(
         name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials, explicit_n_vocab=len(ranks) + len(specials)
     )
@@ -172,62 +197,90 @@ def _encoding(name: str, pattern: str, ranks: dict[bytes, int], specials: dict[s
 
 
 class Tokenizer:
-    """A tiktoken.Encoding plus the chat special tokens. Plain text never yields special ids; specials are
-    inserted only by `render`."""
+    """A tiktoken.Encoding plus a chat format (CHAT_FORMATS). Plain text never yields special ids; specials are
+    inserted only by `render`.
 
-    def __init__(self, enc: tiktoken.Encoding):
-        missing = [name for name in SPECIAL_TOKENS if name not in enc.special_tokens_set]
+    chat: the format's name; bos, pad: special-token names where the format leaves them to the model;
+    nfc: NFC-normalise text before encoding (Qwen2's tokenizer does)."""
+
+    def __init__(self, enc: tiktoken.Encoding, chat: str = "minipost", bos: str | None = None,
+                 pad: str | None = None, nfc: bool = False):
+        if chat not in CHAT_FORMATS:
+            raise ValueError(f"unknown chat format {chat!r}; expected one of {', '.join(CHAT_FORMATS)}")
+        fmt = CHAT_FORMATS[chat]
+        self.enc, self.chat, self.nfc = enc, chat, nfc
+        self.format = fmt
+        bos, pad = fmt["bos"] or bos or fmt["end"], fmt["pad"] or pad or fmt["end"]
+        needed = [*fmt["start"], *(h.format(role=r) for h in fmt["header"] for r in ROLES), fmt["end"], bos, pad]
+        missing = [name for name in dict.fromkeys(needed) if _is_special(name) and name not in enc.special_tokens_set]
         if missing:
-            raise ValueError(f"encoding {enc.name!r} lacks the special tokens {missing}")
-        self.enc = enc
-        ids = {name: enc.encode_single_token(name) for name in SPECIAL_TOKENS}
-        self.bos_id = ids["<|endoftext|>"]  # document separator; first token of every rendered chat
-        self.eos_id = ids["<|end|>"]  # end of a turn; generation stops here
-        self.pad_id = ids["<|pad|>"]
-        self.system_id, self.user_id, self.assistant_id = ids["<|system|>"], ids["<|user|>"], ids["<|assistant|>"]
-        self.role_ids = {"system": self.system_id, "user": self.user_id, "assistant": self.assistant_id}
+            raise ValueError(f"encoding {enc.name!r} lacks the special tokens {missing} of the {chat} chat format")
+        self.bos_id = enc.encode_single_token(bos)  # document separator; `text` rows start with it
+        self.eos_id = enc.encode_single_token(fmt["end"])  # end of a turn; generation stops here
+        self.pad_id = enc.encode_single_token(pad)
+        self.bos, self.pad = bos, pad
+        if chat == "minipost":  # the role tokens, for code that builds minipost conversations by hand
+            self.system_id, self.user_id, self.assistant_id = (enc.encode_single_token(f"<|{r}|>") for r in ROLES)
         self.vocab_size = enc.n_vocab
 
     def __repr__(self):
-        return f"Tokenizer({self.enc.name!r}, vocab_size={self.vocab_size})"
+        return f"Tokenizer({self.enc.name!r}, vocab_size={self.vocab_size}, chat={self.chat!r})"
 
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids. Special-token strings in the text are encoded as the ordinary text they are."""
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
         return self.enc.encode(text, allowed_special=set(), disallowed_special=())
 
     def decode(self, ids) -> str:
         """ids (any iterable of ints, e.g. a 1-D tensor) -> text. Specials decode to their names; byte
-        sequences that are not valid UTF-8 (a cut-off character) decode to U+FFFD."""
-        return self.enc.decode([int(i) for i in ids], errors="replace")
+        sequences that are not valid UTF-8 (a cut-off character) decode to U+FFFD, and so does an id past the
+        vocabulary (a model may have more rows than its tokenizer has ids: Qwen2.5 pads to a multiple of 128)."""
+        ids = [int(i) for i in ids]
+        cut = [n for n, i in enumerate(ids) if not 0 <= i < self.vocab_size]  # positions of unknown ids
+        if not cut:
+            return self.enc.decode(ids, errors="replace")
+        pieces = [self.enc.decode(ids[a + 1:b], errors="replace") for a, b in zip([-1] + cut, cut + [len(ids)])]
+        return "\ufffd".join(pieces)
 
-    def _check(self, i: int, message) -> tuple[int, str]:
+    def _pieces(self, items, role: str = "") -> list[int]:
+        ids = []
+        for item in items:
+            item = item.format(role=role)
+            ids += [self.enc.encode_single_token(item)] if _is_special(item) else self.encode(item)
+        return ids
+
+    def _check(self, i: int, message) -> tuple[str, str]:
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise ValueError(f"message {i} must be a mapping with 'role' and 'content', got {message!r:.200}")
         role, content = message["role"], message["content"]
-        if role not in self.role_ids:
+        if role not in ROLES:
             raise ValueError(f"message {i} has role {role!r}; expected one of {ROLES}")
         if not isinstance(content, str):
             raise ValueError(f"message {i} content must be a string, got {type(content).__name__}")
-        return self.role_ids[role], content
+        return role, content.strip() if self.format["strip"] else content
 
     def render(self, messages) -> tuple[list[int], list[int]]:
-        """[{"role", "content"}, ...] -> (ids, mask) with
-            ids  = [bos] + for each message: [role] + encode(content) + [eos]
-            mask = 0 on bos and role tokens, 1 on assistant content and its eos, 0 on other roles' tokens.
+        """[{"role", "content"}, ...] -> (ids, mask) in the chat format, with
+            ids  = start + for each message: header(role) + encode(content) + [eos] + trailer
+            mask = 1 on assistant content and its eos, 0 everywhere else.
         The mask is written while rendering, so it cannot drift from the ids."""
-        ids, mask = [self.bos_id], [0]
+        ids = self._pieces(self.format["start"])
+        mask = [0] * len(ids)
+        trailer = self._pieces(self.format["trailer"])
         for i, message in enumerate(messages):
-            role_id, content = self._check(i, message)
-            body = self.encode(content) + [self.eos_id]
-            trained = int(role_id == self.assistant_id)
-            ids += [role_id] + body
-            mask += [0] + [trained] * len(body)
+            role, content = self._check(i, message)
+            header, body = self._pieces(self.format["header"], role), self.encode(content) + [self.eos_id]
+            trained = int(role == "assistant")
+            ids += header + body + trailer
+            mask += [0] * len(header) + [trained] * len(body) + [0] * len(trailer)
         return ids, mask
 
     def render_prompt(self, messages) -> list[int]:
-        """The conversation so far plus the assistant role token: what generation continues from, so that
-        render_prompt(m) + encode(answer) + [eos] == render(m + [assistant answer])[0]."""
-        return self.render(messages)[0] + [self.assistant_id]
+        """The conversation so far plus the assistant header: what generation continues from, so that
+        render_prompt(m) + encode(answer) + [eos] starts render(m + [assistant answer])[0] (and is all of it
+        when the format has no trailer after the eos, as minipost's and Llama 3's)."""
+        return self.render(messages)[0] + self._pieces(self.format["header"], "assistant")
 
     def show(self, ids, mask=None) -> str:
         """Debug view of a rendered sequence: the decoded text, with each run of trained (mask 1) tokens
@@ -247,18 +300,21 @@ class Tokenizer:
     # -- files: one UTF-8 JSON text, no pickle -----------------------------------------------------------
 
     def save(self, path) -> None:
-        """Write {"name", "pattern", "special_tokens": {name: id}, "mergeable_ranks": [base64 of rank 0, 1, ...]}."""
+        """Write {"name", "pattern", "special_tokens": {name: id}, "mergeable_ranks": [base64 of rank 0, 1, ...],
+        "chat": {"format", "bos", "pad", "nfc"}}, plus "ranks" (the rank of each listed token) when the ranks
+        are not 0..n-1 (a Hugging Face vocabulary whose special tokens come first, say)."""
         ranks = self.enc._mergeable_ranks  # tiktoken has no public accessor for ranks, pattern or specials
         by_rank = sorted(ranks, key=ranks.__getitem__)
-        if [ranks[token] for token in by_rank] != list(range(len(by_rank))):
-            raise ValueError("mergeable ranks must be 0..n-1 to be saved as a list")
         state = {
             "format": "minipost-tokenizer-v1",
             "name": self.enc.name,
             "pattern": self.enc._pat_str,
             "special_tokens": dict(sorted(self.enc._special_tokens.items(), key=lambda item: item[1])),
             "mergeable_ranks": [base64.b64encode(token).decode("ascii") for token in by_rank],
+            "chat": {"format": self.chat, "bos": self.bos, "pad": self.pad, "nfc": self.nfc},
         }
+        if [ranks[token] for token in by_rank] != list(range(len(by_rank))):
+            state["ranks"] = [ranks[token] for token in by_rank]
         Path(path).write_text(json.dumps(state, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
     @classmethod
@@ -279,10 +335,14 @@ class Tokenizer:
             tokens = [base64.b64decode(t, validate=True) for t in ranks]
             if len(set(tokens)) != len(tokens):
                 raise ValueError("'mergeable_ranks' holds a token twice")
-            if sorted(specials.values()) != list(range(len(tokens), len(tokens) + len(specials))):
-                raise ValueError("special token ids must follow the last mergeable rank without gaps")
-            enc = _encoding(name, pattern, {t: r for r, t in enumerate(tokens)}, specials)
-            return cls(enc)
+            ids = state.get("ranks", list(range(len(tokens))))
+            if not isinstance(ids, list) or len(ids) != len(tokens) or not all(type(i) is int for i in ids):
+                raise ValueError("'ranks' must be a list of integers, one per mergeable token")
+            chat = state.get("chat", {"format": "minipost"})  # files from before chat formats: minipost's own
+            if not isinstance(chat, dict) or not isinstance(chat.get("format"), str):
+                raise ValueError("'chat' must be an object with a 'format'")
+            enc = _encoding(name, pattern, dict(zip(tokens, ids)), specials)
+            return cls(enc, chat["format"], chat.get("bos"), chat.get("pad"), chat.get("nfc", False) is True)
         except (ValueError, AssertionError, TypeError) as e:
             # json.JSONDecodeError and binascii.Error are ValueErrors; a bad regex fails in tiktoken's constructor
             raise ValueError(f"cannot load tokenizer from {path}: {e}") from e

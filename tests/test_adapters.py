@@ -82,10 +82,13 @@ def test_lora_targets_pick_modules():
     assert adapted == {f"transformer.h.{i}.attn.c_attn" for i in range(2)}
 
 
-def test_prompt_tuning_engine_logprobs_equal_teacher_forced():
+@pytest.mark.parametrize("layout", [{}, dict(norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_head=1, bias=False,
+                                             tie_embeddings=False)], ids=["gpt2", "llama"])
+def test_prompt_tuning_engine_logprobs_equal_teacher_forced(layout):
     """Virtual tokens enter the KV cache at the prefill; each sampled token's log-prob equals the one a
-    teacher-forced forward (which prepends the same virtual tokens) gives it, padded rows included."""
-    model = tiny(block_size=48)
+    teacher-forced forward (which prepends the same virtual tokens) gives it, padded rows included. With
+    rotary positions the virtual tokens take positions 0..N-1 in attention."""
+    model = tiny(block_size=48, **layout)
     adapters.adapt(model, flags(prompt_tuning=5), "base")
     assert model.n_prefix == 5 and model.prompt_embeddings.requires_grad
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]]  # unequal: left padding in the batch

@@ -35,8 +35,12 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
 def naive_attention(q, k, v, causal):
-    """float64 softmax(q k^T / sqrt(D) + mask) v; causal mask bottom-right: key j visible iff j <= i + Tk - Tq."""
+    """float64 softmax(q k^T / sqrt(D) + mask) v; causal mask bottom-right: key j visible iff j <= i + Tk - Tq.
+    k, v may have fewer heads (grouped-query attention): query head h reads kv head h // (H / Hkv)."""
     Tq, Tk = q.shape[-2], k.shape[-2]
+    group = q.shape[1] // k.shape[1]
+    kv_head = torch.arange(q.shape[1], device=q.device) // group  # (H,): which kv head each query head reads
+    k, v = k[:, kv_head], v[:, kv_head]  # (B, H, Tk, D): gathered copies, fine for an oracle
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
     if causal:
         visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)  # (Tq, Tk)
@@ -44,11 +48,12 @@ def naive_attention(q, k, v, causal):
     return torch.softmax(s, dim=-1) @ v  # (B, H, Tq, D)
 
 
-def make_inputs(B, H, Tq, Tk, D, dtype, scale=1.0, seed=0):
+def make_inputs(B, H, Tq, Tk, D, dtype, scale=1.0, seed=0, Hkv=None):
     g = torch.Generator().manual_seed(seed)
+    Hkv = Hkv or H
     q = (torch.randn(B, H, Tq, D, generator=g) * scale).to(dtype)  # (B, H, Tq, D)
-    k = torch.randn(B, H, Tk, D, generator=g).to(dtype)  # (B, H, Tk, D)
-    v = torch.randn(B, H, Tk, D, generator=g).to(dtype)  # (B, H, Tk, D)
+    k = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype)  # (B, Hkv, Tk, D)
+    v = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype)  # (B, Hkv, Tk, D)
     do = torch.randn(B, H, Tq, D, generator=g).to(dtype)  # (B, H, Tq, D)
     return [t.to(DEVICE) for t in (q, k, v, do)]
 
@@ -112,6 +117,30 @@ def test_every_diagonal_offset(shift):
     check_against_float64(q, k, v, do, causal=True)
 
 
+# grouped-query attention, (B, H, Hkv, Tq, Tk, D, causal): dK/dV of a kv head sum over its query heads, which
+# see different keys near the diagonal; Tq < Tk puts the diagonal off the block grid
+GQA_CASES = [
+    (1, 4, 2, 17, 40, 16, True),
+    (2, 6, 2, 33, 33, 32, True),
+    (1, 3, 1, 5, 37, 16, True),  # every query head on one kv head (multi-query attention)
+    (1, 4, 2, 9, 30, 16, False),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,causal", GQA_CASES)
+def test_grouped_kv_heads_match_float64(B, H, Hkv, Tq, Tk, D, causal):
+    check_against_float64(*make_inputs(B, H, Tq, Tk, D, torch.float32, seed=H + Tq, Hkv=Hkv), causal)
+
+
+def test_grouped_kv_heads_bfloat16_and_dispatch(monkeypatch):
+    check_against_float64(*make_inputs(1, 4, 20, 20, 32, torch.bfloat16, Hkv=2), causal=True)
+    q, k, v, _ = make_inputs(2, 4, 7, 19, 16, torch.float32, Hkv=1)
+    monkeypatch.setenv("MINIPOST_KERNELS", "triton")
+    got = kernels.attention(q, k, v, causal=True)
+    want = kernels.reference.attention_reference(q, k, v, causal=True)  # the CPU path, SDPA's enable_gqa
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("D", [8, 24, 80])  # padded to 16, 32, 128 with masked loads
 def test_head_dim_not_a_power_of_two(D):
     check_against_float64(*make_inputs(1, 1, 19, 19, D, torch.float32), causal=True)
@@ -143,7 +172,8 @@ def test_large_scores_stay_finite():
 @pytest.mark.parametrize("Tq,Tk", [(100, 100), (37, 100), (1, 50)])
 def test_other_block_layouts(monkeypatch, blocks, Tq, Tk):
     monkeypatch.setattr(attn_mod, "INTERPRET_BLOCKS", blocks)
-    check_against_float64(*make_inputs(1, 1, Tq, Tk, 16, torch.float32), causal=True)
+    # two query heads on one kv head: dK/dV's walk over the group runs under each layout too
+    check_against_float64(*make_inputs(1, 2, Tq, Tk, 16, torch.float32, Hkv=1), causal=True)
 
 
 def test_non_contiguous_inputs():
@@ -188,6 +218,9 @@ def test_rejects_bad_inputs():
         triton_attention(q, k.half(), v)
     with pytest.raises(ValueError, match="T_q=5 must be <= T_k=4"):
         triton_attention(torch.zeros(1, 1, 5, 16, device=DEVICE), k, v)
+    q3, k2, v2, _ = make_inputs(1, 3, 4, 4, 16, torch.float32, Hkv=2)
+    with pytest.raises(ValueError, match="Hkv dividing H"):  # 2 kv heads cannot serve 3 query heads
+        triton_attention(q3, k2, v2)
 
 
 def train_losses(mode, monkeypatch, steps=4):

@@ -23,6 +23,7 @@ import torch
 
 from minipost.checkpoint import load_checkpoint, save_checkpoint
 from minipost.cli import read_metrics
+from minipost.hf import export_hf
 from minipost.model import GPT, GPTConfig
 from minipost.tasks import get_task
 from minipost.tokenizer import train_bpe
@@ -217,6 +218,22 @@ def fx(run, tmp_path_factory):
                                                                                        "content": " "}]}]))
     (d / "a-file").write_text("not a directory\n")
     (d / "a-dir").mkdir()
+
+    # Hugging Face folders of a tiny Llama-style model, each broken in one way
+    llama = GPTConfig(vocab_size=sft.tokenizer.vocab_size, block_size=96, n_layer=1, n_head=2, n_embd=32, bias=False,
+                      norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_head=1)
+    for name, change in (("gemma", {"model_type": "gemma"}), ("yarn", {"rope_scaling": {"rope_type": "yarn",
+                                                                                           "factor": 4.0}}),
+                         ("sliding", {"model_type": "mistral", "sliding_window": 4096}),
+                         ("moe", {"num_local_experts": 8})):
+        out = export_hf(GPT(llama), sft.tokenizer, d / f"hf-{name}")
+        (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), **change}))
+    export_hf(GPT(llama), sft.tokenizer, d / "hf-shard", max_shard_bytes=20_000)
+    sorted((d / "hf-shard").glob("model-*.safetensors"))[1].unlink()
+    for kind in ("WordPiece", "Unigram"):
+        out = export_hf(GPT(llama), sft.tokenizer, d / f"hf-{kind}")
+        tj = json.loads((out / "tokenizer.json").read_text())
+        (out / "tokenizer.json").write_text(json.dumps({**tj, "model": {"type": kind, "vocab": {}}}))
     return d
 
 
@@ -368,6 +385,18 @@ ROWS = [  # (id, entry, argv with {fx} for the fixture directory, exit code, wha
     ("pipeline-only-unknown", "pipeline", "--quick --only arith/bse", 2, "--only arith/bse: no stage name"),
     ("pipeline-report-only-missing", "pipeline", "--quick --report-only --out {fx}/nowhere", 2,
      "--report-only: {fx}/nowhere does not exist"),
+    # Hugging Face folders of what minipost does not compute, or cannot read
+    ("sft-init-hf-gemma", "sft", "--init {fx}/hf-gemma", 2,
+     "--init {fx}/hf-gemma: {fx}/hf-gemma/config.json: model_type 'gemma' is not supported"),
+    ("dpo-init-hf-yarn", "rlhf", "--algo dpo --init {fx}/hf-yarn", 2, "rope_scaling type 'yarn' is not supported"),
+    ("grpo-init-hf-sliding-window", "rlhf", "--algo grpo --init {fx}/hf-sliding", 2,
+     "sliding_window=4096: sliding-window attention is not supported"),
+    ("bon-init-hf-moe", "bon", "--init {fx}/hf-moe", 2, "mixture-of-experts models are not supported"),
+    ("eval-init-hf-missing-shard", "eval", "--init {fx}/hf-shard --task arith", 2,
+     "model.safetensors.index.json: shard model-00002-of-"),
+    ("sft-init-hf-wordpiece", "sft", "--init {fx}/hf-WordPiece", 2,
+     "tokenizer.json: a WordPiece tokenizer; minipost reads byte-level BPE tokenizers only"),
+    ("ppo-init-hf-unigram", "rlhf", "--algo ppo --init {fx}/hf-Unigram", 2, "a Unigram tokenizer"),
 ]
 FAST = {"base": ["--corpus-docs", "300", "--vocab-size", "320", "--block-size", "96", "--batch-size", "4",
                  "--eval-batches", "1"], "sft": SFT, "rlhf": RL, "bon": ["--max-new-tokens", "2", "--n-prompts", "1"],

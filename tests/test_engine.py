@@ -8,11 +8,22 @@ from minipost.model import GPT, GPTConfig
 EOS, PAD = 1, 0
 
 
-def tiny_model(seed=0):
+# the Llama-style block: rotary positions make left padding matter (a row's positions must count only its
+# real tokens), and grouped-query attention makes the cache hold fewer heads than attention reads
+LAYOUTS = {"gpt2": {}, "llama": dict(norm="rmsnorm", pos="rope", mlp="swiglu", mlp_hidden=24, n_head=4, n_kv_head=2,
+                                     bias=False, qkv_bias=True, tie_embeddings=False)}
+
+
+def tiny_model(seed=0, layout="gpt2"):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=23, block_size=40, n_layer=2, n_head=2, n_embd=16)).eval()
+    config = GPTConfig(**{**dict(vocab_size=23, block_size=40, n_layer=2, n_head=2, n_embd=16), **LAYOUTS[layout]})
+    model = GPT(config).eval()
     with torch.no_grad():  # sharpen the output distribution so greedy paths are not near-ties
-        model.transformer.wte.weight.mul_(8)
+        model.lm_head.weight.mul_(8)
+        if layout == "llama":  # random biases and norm gains: rows would not hide a mistake behind zeros / ones
+            for name, p in model.named_parameters():
+                if name.endswith(("c_attn.bias", "ln_1.weight", "ln_2.weight")):
+                    p.copy_(torch.rand_like(p) + 0.5 if "ln_" in name else torch.randn_like(p) * 0.3)
     return model
 
 
@@ -36,10 +47,11 @@ def naive_generate(model, prompt, max_new, seed, temperature=1.0, top_k=None, to
 PROMPTS = [[5, 6, 7], [8], [9, 10, 11, 12, 13, 14], [3, 4]]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0, None, None), (1.0, None, None), (0.7, 5, None),
                                                      (1.3, None, 0.8)])
-def test_batched_padded_equals_naive_per_row(temperature, top_k, top_p):
-    model = tiny_model()
+def test_batched_padded_equals_naive_per_row(temperature, top_k, top_p, layout):
+    model = tiny_model(layout=layout)
     g = generate(model, PROMPTS, 12, EOS, PAD, temperature, top_k, top_p, seed=100)
     for r, prompt in enumerate(PROMPTS):
         want, want_lp = naive_generate(model, prompt, 12, 100 + r, temperature, top_k, top_p)
@@ -49,16 +61,18 @@ def test_batched_padded_equals_naive_per_row(temperature, top_k, top_p):
         assert (g.tokens[r, len(want):] == PAD).all() and (g.logprobs[r, len(want):] == 0).all()
 
 
-def test_row_alone_equals_row_in_batch():
-    model = tiny_model(1)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_row_alone_equals_row_in_batch(layout):
+    model = tiny_model(1, layout)
     batch = generate(model, PROMPTS, 10, EOS, PAD, seed=7)
     for r, prompt in enumerate(PROMPTS):
         alone = generate(model, [prompt], 10, EOS, PAD, seed=7 + r)
         assert alone.completions()[0] == batch.completions()[r]
 
 
-def test_fan_out_equals_independent_samples():
-    model = tiny_model(2)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fan_out_equals_independent_samples(layout):
+    model = tiny_model(2, layout)
     g = generate(model, [[5, 6], [7, 8, 9]], 10, EOS, PAD, num_samples=3, seed=50)
     assert g.tokens.shape[0] == 6
     for r in range(6):
@@ -68,9 +82,10 @@ def test_fan_out_equals_independent_samples():
     assert len({tuple(c) for c in g.completions()[:3]}) > 1  # different seeds give different samples
 
 
-def test_logprobs_equal_teacher_forced_forward():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_logprobs_equal_teacher_forced_forward(layout):
     """The sampler's log-probs equal a teacher-forced pass over prompt + completion (within 1e-5, float32)."""
-    model = tiny_model(3)
+    model = tiny_model(3, layout)
     temperature = 0.8
     g = generate(model, PROMPTS, 12, EOS, PAD, temperature, seed=3)
     for r, prompt in enumerate(PROMPTS):
@@ -79,6 +94,13 @@ def test_logprobs_equal_teacher_forced_forward():
         logp = model.teacher_forced_logprobs(seq[:, :-1], seq[:, 1:], temperature)[0, len(prompt) - 1:]  # predicts comp tokens
         torch.testing.assert_close(g.logprobs[r, :len(comp)], logp, rtol=0, atol=1e-5)
         assert (logp <= 0).all()
+
+
+def test_cache_holds_the_kv_heads_only():
+    from minipost.engine import KVCache
+    config = tiny_model(layout="llama").config
+    cache = KVCache(config, batch=3, max_len=11, device="cpu", dtype=torch.float32)
+    assert cache.k.shape == (2, 3, 2, 11, 4)  # (L, B, n_kv_head, T_max, D): 2 kv heads for 4 query heads
 
 
 def test_stops_at_block_size():
