@@ -1,6 +1,6 @@
 """Compile every CUDA config of both kernels for sm_90 (H100/H200) on any machine, GPU or not, and report it.
 
-    python -m kernels.bench compile [--dtypes bf16 fp16 fp32] [--head-dims 64 128] [--jobs 2]
+    python -m kernels.bench compile [--dtypes bf16 fp16 fp32] [--head-dims 64 128] [--gqa-groups 1 4] [--jobs 2]
 
 Each config the kernels would launch on a GPU (the autotune lists of flash_attention.py per padded head dim, the
 tile of logprob.py per dtype) is compiled ahead of time with `triton.compile` for GPUTarget("cuda", 90, 32),
@@ -89,14 +89,16 @@ def _kernels():
                 logprob_fwd=lp._token_logprob_fwd_kernel, dlogits=lp._dlogits_kernel)
 
 
-def _attention_args(name, dtype, head_dim):
-    """Example arguments for attention kernel `name`: what CausalSelfAttention passes at (B, T, H) above."""
+def _attention_args(name, dtype, head_dim, group=1):
+    """Example arguments for attention kernel `name`: what CausalSelfAttention passes at (B, T, H) above, with
+    `group` query heads per kv head (1: GPT-2; 3 or 4 in Llama-style models: GROUP is then a runtime value)."""
     D, C = head_dim, HEADS * head_dim
-    packed = (SEQ * 3 * C, D, 3 * C, 1)  # q, k, v: views of c_attn's (B, T, 3C) output as (B, H, T, D)
+    width = (HEADS + 2 * HEADS // group) * D  # c_attn's output row: q, then the kv heads' k and v
+    packed = (SEQ * width, D, width, 1)  # q, k, v: views of c_attn's (B, T, width) output as (B, H, T, D)
     fresh = (HEADS * SEQ * D, SEQ * D, D, 1)  # o, dq, dk, dv: contiguous (B, H, T, D)
     incoming = (SEQ * C, D, C, 1)  # dO: the transpose of the (B, T, H, D) gradient of the merged heads
     qkv = {f"stride_{t}{a}": s for t in "qkv" for a, s in zip("bhtd", packed)}
-    tail = dict(H=HEADS, Tq=SEQ, Tk=SEQ, D=D, TQ_BUCKET=SEQ, TK_BUCKET=SEQ)
+    tail = dict(H=HEADS, GROUP=group, Tq=SEQ, Tk=SEQ, D=D, TQ_BUCKET=SEQ, TK_BUCKET=SEQ)
     ptr = {p: Ptr(dtype) for p in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
     ptr.update(LSE=Ptr("fp32"), DELTA=Ptr("fp32"))
     if name == "fwd":
@@ -118,7 +120,7 @@ def _logprob_args(name, dtype, C=768):
             "stride_dn": padded_vocab(VOCAB)}
 
 
-def cases(dtypes, head_dims):
+def cases(dtypes, head_dims, groups=(1,)):
     """(kernel, dtype, head dim or None, tile label, args, constexprs, warps, stages) for every config."""
     from kernels import flash_attention as fa
     from kernels import logprob as lp
@@ -128,11 +130,13 @@ def cases(dtypes, head_dims):
     for dtype in dtypes:
         for name in ("fwd", "dkdv", "dq"):
             for head_dim in head_dims:
-                for bm, bn, stages, warps in fa.cuda_configs(name, torch_dtype[dtype], head_dim):
-                    const = dict(HEAD_DIM=head_dim, CAUSAL=True, EVEN_D=True, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn,
-                                 PREC="ieee" if dtype == "fp32" else "tf32")
-                    out.append((name, dtype, head_dim, f"{bm}x{bn}", _attention_args(name, dtype, head_dim), const,
-                                warps, stages))
+                for group in groups:
+                    for bm, bn, stages, warps in fa.cuda_configs(name, torch_dtype[dtype], head_dim, group):
+                        const = dict(HEAD_DIM=head_dim, CAUSAL=True, EVEN_D=True, UPCAST=False, BLOCK_M=bm,
+                                     BLOCK_N=bn, PREC="ieee" if dtype == "fp32" else "tf32")
+                        label = f"{bm}x{bn}" + (f" GQA {group}" if group > 1 else "")
+                        out.append((name, dtype, head_dim, label, _attention_args(name, dtype, head_dim, group),
+                                    const, warps, stages))
         bn, bv, bc, warps, stages = lp.CUDA_CONFIGS[torch_dtype[dtype]]
         for name in ("logprob_fwd", "dlogits"):
             const = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_C=bc, UPCAST=False,
@@ -151,9 +155,9 @@ def _run_case(case):
         return case, None, f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
 
 
-def report(dtypes, head_dims, jobs):
+def report(dtypes, head_dims, groups, jobs):
     """Compile every case (in `jobs` processes) -> (markdown table, number of configs that spill or fail)."""
-    todo = cases(dtypes, head_dims)
+    todo = cases(dtypes, head_dims, groups)
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
             results = list(pool.map(_run_case, todo))
@@ -183,10 +187,12 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128], choices=[16, 32, 64, 128],
                    help="padded attention head dims (GPT-2: 64; Llama/Qwen: 64 or 128)")
+    p.add_argument("--gqa-groups", nargs="+", type=int, default=[1, 4], help="query heads per kv head to compile "
+                   "attention for (1: GPT-2's plain heads; 4: e.g. Llama 3.2's 32 / 8; GROUP is a runtime loop)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for real, also when called from an interpreted session
-    table, bad = report(args.dtypes, args.head_dims, max(1, args.jobs))
+    table, bad = report(args.dtypes, args.head_dims, args.gqa_groups, max(1, args.jobs))
     print(table)
     shapes = f"B={BATCH} T={SEQ} H={HEADS} (attention), N={N_TOKENS} C=768 V={VOCAB} (log-prob)"
     if bad:

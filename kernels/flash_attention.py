@@ -369,20 +369,32 @@ _FP32_CONFIGS = {
     "dq": {16: [(32, 32, 2, 4), (32, 16, 2, 4)], 64: [(32, 32, 2, 4), (32, 16, 2, 4)],
            128: [(32, 32, 2, 8), (32, 16, 2, 4)]},
 }
+# dK/dV under grouped-query attention (GROUP > 1): the program loops over its group's query heads around the
+# three query loops, and with that loop the configs above spill; these do not (16-bit, then float32).
+_GQA_DKDV_CONFIGS = {16: [(32, 128, 2, 8), (32, 64, 3, 8), (32, 64, 2, 4), (32, 32, 2, 4)],
+                     64: [(32, 128, 2, 8), (32, 64, 3, 8), (32, 64, 2, 4), (32, 32, 2, 4)],
+                     128: [(16, 64, 2, 8), (64, 32, 2, 8), (32, 32, 2, 8), (32, 32, 2, 4)]}
+_GQA_DKDV_FP32_CONFIGS = {16: [(32, 32, 2, 4), (32, 16, 2, 4)], 64: [(32, 32, 2, 8), (32, 16, 2, 4)],
+                          128: [(32, 16, 2, 4), (16, 32, 2, 8)]}
 _CONFIGS = {name: {**table, 32: table[16]} for name, table in _CONFIGS.items()}  # D = 32 tiles like D = 16
 _FP32_CONFIGS = {name: {**table, 32: table[16]} for name, table in _FP32_CONFIGS.items()}
+_CONFIGS["dkdv_gqa"] = {**_GQA_DKDV_CONFIGS, 32: _GQA_DKDV_CONFIGS[16]}
+_FP32_CONFIGS["dkdv_gqa"] = {**_GQA_DKDV_FP32_CONFIGS, 32: _GQA_DKDV_FP32_CONFIGS[16]}
 
 
-def cuda_configs(name, dtype, head_dim):
-    """The (BLOCK_M, BLOCK_N, num_stages, num_warps) configs kernel `name` tries for this dtype and padded head dim."""
-    return (_FP32_CONFIGS if dtype == torch.float32 else _CONFIGS)[name][head_dim]
+def cuda_configs(name, dtype, head_dim, group=1):
+    """The (BLOCK_M, BLOCK_N, num_stages, num_warps) configs kernel `name` tries for this dtype, padded head dim
+    and number of query heads per kv head."""
+    table = _FP32_CONFIGS if dtype == torch.float32 else _CONFIGS
+    return table["dkdv_gqa" if name == "dkdv" and group > 1 else name][head_dim]
 
 
 def _configs(name):
-    """The union of one kernel's configs over all dtypes and head dims; `_pruner` keeps the call's own list."""
+    """The union of one kernel's configs over dtypes, head dims and groups; `_pruner` keeps the call's own list."""
     seen = {}
+    names = [name, "dkdv_gqa"] if name == "dkdv" else [name]
     for table in (_CONFIGS, _FP32_CONFIGS):
-        for dims in table[name].values():
+        for dims in (d for n in names for d in table[n].values()):
             for bm, bn, stages, warps in dims:
                 seen[(bm, bn, stages, warps)] = triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_stages=stages,
                                                               num_warps=warps)
@@ -392,7 +404,7 @@ def _configs(name):
 def _pruner(name):
     def prune(configs, named_args, **kwargs):
         head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        wanted = set(cuda_configs(name, named_args["Q"].dtype, head_dim))
+        wanted = set(cuda_configs(name, named_args["Q"].dtype, head_dim, named_args["GROUP"]))
         return [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps) in wanted]
     return prune
@@ -401,7 +413,7 @@ def _pruner(name):
 _KERNELS = dict(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)
 # the sequence lengths only enter the tuning key rounded to a power of two, so decoding (Tk growing by one
 # per step) retunes at most once per doubling instead of every step
-_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "TQ_BUCKET", "TK_BUCKET"]  # the autotuner adds the tensor dtypes itself
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "TQ_BUCKET", "TK_BUCKET"]  # the autotuner adds the tensor dtypes
 _TUNED = {} if _INTERPRET else {
     name: triton.autotune(_configs(name), key=_TUNE_KEY, prune_configs_by=dict(early_config_prune=_pruner(name)))(fn)
     for name, fn in _KERNELS.items()}

@@ -23,6 +23,9 @@ args = cr._attention_args("dkdv", "bf16", 128)
 const = dict(HEAD_DIM=128, CAUSAL=True, EVEN_D=True, UPCAST=False, BLOCK_M=32, BLOCK_N=128, PREC="tf32")
 out["4 warps"] = cr._compile("dkdv", args, const, 4, 3)  # 256 threads hold 32x128 dK and dV: too many registers
 out["8 warps"] = cr._compile("dkdv", args, const, 8, 3)
+gqa = dict(const, BLOCK_M=16, BLOCK_N=64)  # the group loop needs smaller tiles: flash_attention._GQA_DKDV_CONFIGS
+out["GQA"] = cr._compile("dkdv", cr._attention_args("dkdv", "bf16", 128, group=4), gqa, 8, 2)
+out["GQA 32x128"] = cr._compile("dkdv", cr._attention_args("dkdv", "bf16", 128, group=4), const, 8, 3)
 print(json.dumps(out))
 """
 
@@ -35,9 +38,10 @@ def test_compile_report_reads_registers_spills_and_tensor_cores():
     # bf16 dots become Hopper warpgroup MMAs; float32 "ieee" dots stay on CUDA cores (no tensor-core op at all)
     assert r["bf16"]["wgmma"] > 0
     assert r["fp32"]["wgmma"] == 0 and r["fp32"]["mma"] == 0
-    for name in ("bf16", "fp32", "8 warps"):  # shipped or replacement configs: no spill, registers within 255
+    for name in ("bf16", "fp32", "8 warps", "GQA"):  # shipped or replacement configs: no spill, registers within 255
         assert r[name]["stack"] == 0 and r[name]["ldl"] == r[name]["stl"] == 0, (name, r[name])
         assert 0 < r[name]["registers"] <= 255 and 0 < r[name]["shared"] <= 232448, (name, r[name])
     # the spilling config: stack bytes in the resource usage and local loads/stores in the SASS
     assert r["4 warps"]["stack"] > 0 and r["4 warps"]["ldl"] > 0 and r["4 warps"]["stl"] > 0, r["4 warps"]
     assert r["4 warps"]["registers"] == 255
+    assert r["GQA 32x128"]["stack"] > 0  # the tile that fits GPT-2's heads spills once it loops over a group
