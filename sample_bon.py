@@ -13,6 +13,9 @@ sampler.
     python sample_bon.py --init out/sft-arith --data prompts.jsonl --reward my_rewards:score --n 4 --out out/bon
 GPU:
     python sample_bon.py --init out/sft-gpt2 --device cuda --batch-size 512 --sweep 1,4,16,64,256 --out out/bon-gpt2
+Several GPUs (or CPU processes): each samples and scores its share of the prompts, rank 0 writes the very file
+one process writes (sample j of prompt i keeps its seed):
+    torchrun --standalone --nproc_per_node 4 -- sample_bon.py --init out/sft-gpt2 --device cuda --n 16 --out out/bon-gpt2
 
 --retrieve K puts before each prompt the K solved examples whose questions are most similar to it (BM25,
 minipost/retrieval.py), as earlier chat turns, the most similar last: from --retrieve-from (a split of --task,
@@ -57,6 +60,7 @@ import sys
 import time
 from pathlib import Path
 
+from minipost import distributed
 from minipost.checkpoint import load_checkpoint
 from minipost.cli import UserError, autocast, pick_device, require_positive, run_main, task_from_flag, writable_dir
 from minipost.data import read_jsonl
@@ -70,8 +74,9 @@ MAX_SAMPLES = 2**16  # per prompt: the candidates (or a sweep's pool) of one pro
 
 
 def log(*args):
-    """Progress and summaries go to stderr, so that --prompt's JSONL on stdout stays clean."""
-    print(*args, file=sys.stderr)
+    """Progress and summaries go to stderr, so that --prompt's JSONL on stdout stays clean; rank 0's only."""
+    if distributed.is_main():
+        print(*args, file=sys.stderr)
 
 
 def parse_args(argv=None):
@@ -184,6 +189,23 @@ def load_prompts(args, task) -> list[dict]:
         raise UserError(f"--split: {e}")
 
 
+def sample_scored(args, model, tokenizer, rows, prompts, n, reward):
+    """n candidates per prompt -> (completions [ids], finished, texts, scores by `reward` or None), prompt-major.
+    Under torchrun each rank samples and scores its share of the prompts, sample j of prompt i still drawn with
+    seed + i*n + j, and every rank gets the whole lists back in prompt order."""
+    lo, hi = distributed.share(len(prompts))
+    comps, finished, scores = [], [], []
+    if hi > lo:
+        comps, finished = sample_candidates(model, tokenizer, prompts[lo:hi], n, args.max_new_tokens, args.temperature,
+                                            args.top_k, args.top_p, args.batch_size, args.seed + lo * n)
+    texts = [completion_text(tokenizer, c) for c in comps]
+    if reward is not None and comps:
+        scores = reward([r for r in rows[lo:hi] for _ in range(n)], [p for p in prompts[lo:hi] for _ in range(n)],
+                        comps, texts).tolist()
+    comps, finished, texts, scores = (distributed.gather(x) for x in (comps, finished, texts, scores))
+    return comps, finished, texts, scores if reward is not None else None
+
+
 def select_best(scores: list[float], n: int) -> list[int]:
     """For each consecutive group of n scores, the index of the largest within its group (the first on ties)."""
     return [max(range(n), key=lambda j: scores[i * n + j]) for i in range(len(scores) // n)]
@@ -238,18 +260,15 @@ def run_sweep(args, model, tokenizer, task, rows, prompts, reward, out: Path):
     P, M = len(rows), max(args.sweep) * args.pool_factor
     log(f"sweep: {P} prompts, pool of {M} samples per prompt (T={args.temperature}), selected by {reward.name}")
     t0 = time.time()
-    comps, finished = sample_candidates(model, tokenizer, prompts, M, args.max_new_tokens, args.temperature,
-                                        args.top_k, args.top_p, args.batch_size, args.seed)
+    comps, finished, texts, proxy = sample_scored(args, model, tokenizer, rows, prompts, M, reward)
     pool_s = time.time() - t0
-    texts = [completion_text(tokenizer, c) for c in comps]
     expanded = [r for r in rows for _ in range(M)]
-    proxy = reward(expanded, [p for p in prompts for _ in range(M)], comps, texts).tolist()
     # the ground truth is the task's reward, whatever selects
     gold = proxy if args.reward is None and args.reward_model is None else call_reward(task.reward, expanded, texts)
     oracle = gold is not proxy  # best-of-N selected by the ground truth itself: the ceiling of this pool
     fmt = [float(f) for f in task.format_ok(texts)]
-    log(f"pool sampled in {pool_s:.1f}s ({pool_s / P:.2f}s per prompt), scored in {time.time() - t0 - pool_s:.1f}s")
-    if args.keep_all:
+    log(f"pool sampled and scored in {pool_s:.1f}s ({pool_s / P:.2f}s per prompt)")
+    if args.keep_all and distributed.is_main():
         with open(out / "pool.jsonl", "w") as f:
             for i, row in enumerate(rows):
                 cut = slice(i * M, (i + 1) * M)
@@ -286,10 +305,11 @@ def run_sweep(args, model, tokenizer, task, rows, prompts, reward, out: Path):
             results[-1]["oracle_reward"], results[-1]["oracle_rewards"] = mean["oracle"], per_prompt["oracle"]
         if args.retrieve:
             results[-1]["retrieve"] = args.retrieve
-    with open(out / "sweep.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in results)
-    log(f"wrote {out / 'sweep.jsonl'}")
-    print(sweep_table(results, show_proxy=gold is not proxy))
+    if distributed.is_main():
+        with open(out / "sweep.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+        log(f"wrote {out / 'sweep.jsonl'}")
+        print(sweep_table(results, show_proxy=gold is not proxy))
     return results
 
 
@@ -313,7 +333,7 @@ def sweep_table(results, show_proxy: bool) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = distributed.init(pick_device(args.device))
     with autocast(device):  # sampling and reward-model scoring (bf16 on CUDA, off on CPU)
         return best_of_n(args, device)
 
@@ -349,14 +369,12 @@ def best_of_n(args, device):
         return run_sweep(args, model, tokenizer, task, rows, prompts, reward, out)
 
     n = args.n
-    comps, finished = sample_candidates(model, tokenizer, prompts, n, args.max_new_tokens, args.temperature,
-                                        args.top_k, args.top_p, args.batch_size, args.seed)
-    texts = [completion_text(tokenizer, c) for c in comps]
-    scores, best = [None] * len(comps), [0] * len(rows)
+    comps, finished, texts, scores = sample_scored(args, model, tokenizer, rows, prompts, n, reward)
+    best = [0] * len(rows)
     if reward is not None:
-        expanded = [r for r in rows for _ in range(n)]
-        scores = reward(expanded, [p for p in prompts for _ in range(n)], comps, texts).tolist()
         best = select_best(scores, n)
+    else:
+        scores = [None] * len(comps)
 
     records, skipped = [], 0
     for i, row in enumerate(rows):
@@ -375,6 +393,8 @@ def best_of_n(args, device):
         raise UserError(f"--finished-only: none of the {len(rows)} chosen completions ended with EOS (raise "
                         "--max-new-tokens, or is --init an SFT model?)")
     lines = "".join(json.dumps(r) + "\n" for r in records)
+    if not distributed.is_main():
+        return records
     if to_stdout:
         sys.stdout.write(lines)
     else:

@@ -8,6 +8,8 @@ CPU (a few minutes on 2 cores, ~1M parameters):
 GPU (GPT-2 small shape, bf16 autocast):
     python train_base.py --task arith --preset gpt2 --device cuda --batch-size 64 --max-steps 5000 --out out/base-gpt2
 Resume a killed run:   add --resume (picks up OUT/ckpt: model, optimizer, RNG and step)
+Several GPUs (or CPU processes): torchrun --standalone --nproc_per_node N -- train_base.py ... (--batch-size stays
+the global batch; minipost/distributed.py)
 """
 import argparse
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from minipost import distributed
 from minipost.checkpoint import load_resumed, load_train_state, rng_state, save_checkpoint, set_rng_state
 from minipost.cli import (MetricsLog, UserError, autocast, cosine_lr, finite_or_stop, pick_device, require_numbers,
                           require_positive, run_main, task_from_flag, writable_dir)
@@ -103,10 +106,12 @@ def evaluate(model, stream, args, block_size, device):
     model.eval()
     gen = torch.Generator().manual_seed(1234)  # the same validation windows at every evaluation
     losses = []
+    lo, hi = distributed.share(args.batch_size)
     for _ in range(args.eval_batches):
-        x, y = get_batch(stream, args.batch_size, block_size, gen)
+        x, y = get_batch(stream, args.batch_size, block_size, gen)  # the global batch; this rank scores its share
         with autocast(device):
-            losses.append(lm_loss(model, x.to(device), y.to(device)).item())
+            part = lm_loss(model, x[lo:hi].to(device), y[lo:hi].to(device)).item() / distributed.world()
+        losses.append(distributed.all_sum(part))
     model.train()
     return sum(losses) / len(losses)
 
@@ -122,7 +127,8 @@ def sample_text(model, tokenizer, n_tokens=60, seed=0):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = distributed.init(pick_device(args.device))
+    distributed.check_divisible(args.batch_size, "--batch-size")
     out = Path(args.out)
     docs = load_documents(args)
     n_val = max(1, int(len(docs) * args.val_frac))
@@ -180,10 +186,14 @@ def main(argv=None):
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resuming else None)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resuming else None,
+                         enabled=distributed.is_main())
     elapsed = state["elapsed"] if state else 0.0
+    trained = distributed.wrap(model)  # what the training forward calls: DDP under torchrun
 
     def checkpoint(step, last_metrics):
+        if not distributed.is_main():
+            return
         meta = {"script": "train_base.py", "kind": "base", "task": task, "args": vars(args), "step": step,
                 "metrics": last_metrics, "elapsed_s": elapsed + time.time() - t_start}
         save_checkpoint(out, model, tokenizer, meta,
@@ -192,19 +202,21 @@ def main(argv=None):
 
     t_start = time.time()
     last = {}
-    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="base")
+    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="base",
+               disable=not distributed.is_main())
     for step in bar:
         lr = cosine_lr(step, args.max_steps, args.lr, args.min_lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        # the batch is a function of (seed, step): resuming needs no data-loader state
+        # the global batch is a function of (seed, step): resuming needs no data-loader state
         x, y = get_batch(train_stream, args.batch_size, block,
                          torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+        lo, hi = distributed.share(args.batch_size)  # equal shares: this rank's part of the mean is its mean / W
         with autocast(device):
-            loss = lm_loss(model, x.to(device), y.to(device))
-        loss.backward()
+            part = lm_loss(trained, x[lo:hi].to(device), y[lo:hi].to(device)) / distributed.world()
+        distributed.backward(part)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        checked = finite_or_stop(step + 1, {"loss": loss, "gradient norm": grad_norm})  # before the update
+        checked = finite_or_stop(step + 1, {"loss": distributed.all_sum(part), "gradient norm": grad_norm})
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -42,6 +42,10 @@ CPU (a few minutes each on 2 cores; after train_base.py and train_sft.py):
     python train_rlhf.py --algo nft  --init out/sft-arith --task arith --out out/nft-arith
     python train_rlhf.py --algo grpo --init out/sft-arith --task arith --dr-grpo --out out/drgrpo-arith
 GPU: the same with --device cuda and larger --batch-size / --max-new-tokens.
+Several GPUs (or CPU processes): torchrun --standalone --nproc_per_node N -- train_rlhf.py ... computes what one
+process computes for the same flags: --batch-size and --minibatch-size stay global, each rank samples (or
+reads) its share of the batch's prompts (or pairs), and every rank trains on the rows it holds of each global
+minibatch (minipost/distributed.py).
 """
 import argparse
 import copy
@@ -51,7 +55,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minipost import losses
+from minipost import distributed, losses
 from minipost.adapters import BaseView, adapt, add_adapter_flags, check_adapter_flags, has_adapters, merge_adapters
 from minipost.checkpoint import load_checkpoint, load_resumed
 from minipost.cli import (UserError, autocast, pick_device, require_numbers, require_positive, run_main, task_from_flag,
@@ -255,7 +259,8 @@ def preference_pairs(args, sft, tokenizer, task, out):
             pairs, records = build_pairs(sft, tokenizer, reward, rows, args.k, args.max_new_tokens, args.temperature,
                                          seed)
         out.mkdir(parents=True, exist_ok=True)
-        write_pairs(out / f"pairs-{'train' if split == 'train' else 'val'}.jsonl", records)
+        if distributed.is_main():
+            write_pairs(out / f"pairs-{'train' if split == 'train' else 'val'}.jsonl", records)
         print(f"pairs: {len(pairs)} from {n} {split} prompts x {args.k} samples ({time.time() - t0:.0f}s)")
         built[split] = pairs
     if len(built["train"]) < 1 or len(built["test"]) < 1:
@@ -312,32 +317,44 @@ def train_reward_model(args, init, resumed, task, device, out):
         model = scalar_model(merge_adapters(init.model))
     model = adapt(model.to(device), args, args.init, args.seed).eval()  # with adapters: LoRA + the new head train
     run, _ = start_run(args, out, [model], tok, resumed)
+    trained = distributed.wrap(model)
 
-    def scores(pairs):  # -> r_chosen (P,), r_rejected (P,)
+    def scores(pairs, net=model):  # -> r_chosen (P,), r_rejected (P,)
         seqs = pair_sequences(pairs, tok.pad_id, device)
-        r = eos_scores(model, seqs.ids, seqs.last + 1)  # (2P,)
+        r = eos_scores(net, seqs.ids, seqs.last + 1)  # (2P,)
         return r[:len(pairs)], r[len(pairs):]
 
     @torch.no_grad()
-    def evaluate(step):
-        rc, rr = (torch.cat(part) for part in zip(*(scores(val[s:s + 64]) for s in range(0, len(val), 64))))
+    def evaluate(step):  # each rank scores its share of the held-out pairs
+        lo, hi = distributed.share(len(val))
+        rc = rr = torch.zeros(0, device=device)
+        for s in range(lo, hi, 64):
+            c, r = scores(val[s:min(s + 64, hi)])
+            rc, rr = torch.cat([rc, c]), torch.cat([rr, r])
+        rc, rr = distributed.cat(rc), distributed.cat(rr)
         result = {"val_accuracy": pair_accuracy(rc, rr), "val_loss": losses.bradley_terry_loss(rc, rr).item()}
         tqdm.write(f"step {step}: held-out pair accuracy {result['val_accuracy']:.3f}")
         return result
 
     @torch.no_grad()
     def centre_bias():
-        """Shift the bias so the SFT samples' mean reward is 0; the differences the loss sees are unchanged."""
-        chunks = [reference[s:s + 64] for s in range(0, len(reference), 64)]
-        mean = torch.cat([eos_scores(model, c.ids, c.last + 1) for c in chunks]).mean()
+        """Shift the bias so the SFT samples' mean reward is 0; the differences the loss sees are unchanged.
+        Each rank scores its share of the samples, and every rank shifts its replica by the same mean."""
+        lo, hi = distributed.share(len(reference))
+        chunks = [reference[s:min(s + 64, hi)] for s in range(lo, hi, 64)]
+        mean = distributed.cat(torch.cat([torch.zeros(0, device=device)] +
+                                         [eos_scores(model, c.ids, c.last + 1) for c in chunks])).mean()
         model.score_head.bias -= mean
         return {"reward_bias": model.score_head.bias.item(), "centred_on": len(reference)}
 
     for step in training_steps(run, evaluate):
-        rc, rr = scores([train[i] for i in epoch_indices(step, args.batch_size, len(train), args.seed)])
-        loss = losses.bradley_terry_loss(rc, rr, args.center_coef)
-        grad_norm = optimizer_step(run, step, loss, [model])
-        logs = {"loss": loss.item(), "accuracy": pair_accuracy(rc, rr), "margin": (rc - rr).mean().item(),
+        idx = epoch_indices(step, args.batch_size, len(train), args.seed)  # the global batch
+        rc, rr = scores([train[i] for i in idx[slice(*distributed.share(len(idx)))]], trained)  # this rank's pairs
+        # means over equal shares: this rank's part of the batch's mean is its own mean / W
+        loss, grad_norm = optimizer_step(run, step, losses.bradley_terry_loss(rc, rr, args.center_coef) /
+                                         distributed.world(), [model])
+        rc, rr = distributed.cat(rc.detach()), distributed.cat(rr.detach())
+        logs = {"loss": loss, "accuracy": pair_accuracy(rc, rr), "margin": (rc - rr).mean().item(),
                 "grad_norm": grad_norm}
         end_step(run, step, logs, evaluate, model, save_meta=centre_bias)
 
@@ -356,6 +373,7 @@ def train_dpo(args, init, resumed, task, device, out):
         ref_train = pair_logprob_sums(ref, train, tok.pad_id, device, args.ipo)  # (chosen (P,), rejected (P,))
         ref_val = pair_logprob_sums(ref, val, tok.pad_id, device, args.ipo)
     run, _ = start_run(args, out, [policy], tok, resumed, held=[ref])
+    trained = distributed.wrap(policy)
 
     def preference_loss(pi_c, pi_r, ref_c, ref_r):  # -> loss, (implicit rewards of chosen, of rejected)
         if args.ipo:
@@ -368,16 +386,19 @@ def train_dpo(args, init, resumed, task, device, out):
         return {"val_accuracy": pair_accuracy(rc, rr), **evaluate_policy_run(step)}
 
     for step in training_steps(run, evaluate):
-        idx = epoch_indices(step, args.batch_size, len(train), args.seed)
+        idx = epoch_indices(step, args.batch_size, len(train), args.seed)  # the global batch
+        idx = idx[slice(*distributed.share(len(idx)))]  # this rank's pairs of it
         seqs = pair_sequences([train[i] for i in idx], tok.pad_id, device)  # P chosen rows, then P rejected
-        logp, ent = sequence_logprobs(policy, seqs, entropy=True)  # (2P, T-1)
+        logp, ent = sequence_logprobs(trained, seqs, entropy=True)  # (2P, T-1)
         total = logp.sum(1) / (seqs.mask.sum(1) if args.ipo else 1)  # (2P,)
         pi_c, pi_r = total.view(2, -1)
         loss, (rc, rr) = preference_loss(pi_c, pi_r, ref_train[0][idx], ref_train[1][idx])
-        grad_norm = optimizer_step(run, step, loss, [policy])
-        logs = {"loss": loss.item(), "accuracy": pair_accuracy(rc, rr), "margin": (rc - rr).mean().item(),
+        # a mean over equal shares: this rank's part of the batch's mean is its own mean / W
+        loss, grad_norm = optimizer_step(run, step, loss / distributed.world(), [policy])
+        rc, rr, ent, mask = (distributed.cat(t.detach()) for t in (rc, rr, ent, seqs.mask))
+        logs = {"loss": loss, "accuracy": pair_accuracy(rc, rr), "margin": (rc - rr).mean().item(),
                 "chosen_reward": rc.mean().item(), "rejected_reward": rr.mean().item(),
-                "entropy": losses.token_mean(ent, seqs.mask).item(), "grad_norm": grad_norm}
+                "entropy": losses.token_mean(ent, mask).item(), "grad_norm": grad_norm}
         end_step(run, step, logs, evaluate, policy)
 
 
@@ -402,12 +423,15 @@ def train_ppo(args, init, resumed, task, device, out):
     kl_coef = args.beta if state is None else state["kl_coef"]  # adapted with --target-kl
     if state is not None:
         critic.load_state_dict(state["critic"])
+    trained, trained_critic = distributed.wrap(policy), distributed.wrap(critic)
 
     for step in training_steps(run, evaluate):
-        # rollout: one response per prompt
+        # rollout: one response per prompt; this rank samples rows lo..hi-1 of the global batch of N
         rows = [pool[i] for i in epoch_indices(step, args.batch_size, len(pool), args.seed)]
-        r = sample_rollout(policy, tok, rows, 1, args.max_new_tokens, temperature, step_seed(args.seed, step))
-        seqs, mask, N = r.seqs, r.seqs.mask, len(rows)  # mask (N, T-1)
+        N, (lo, hi) = len(rows), distributed.share(len(rows))
+        r = sample_rollout(policy, tok, rows[lo:hi], 1, args.max_new_tokens, temperature,
+                           step_seed(args.seed, step) + lo)
+        seqs, mask = r.seqs, r.seqs.mask  # mask (N_rank, T-1)
         with torch.no_grad():
             # old log-probs recomputed by the training model at the sampling temperature: the first ratio is 1
             old_logp, ent = sequence_logprobs(policy, seqs, temperature, entropy=True)  # (N, T-1)
@@ -417,19 +441,27 @@ def train_ppo(args, init, resumed, task, device, out):
             rewards, score, kl = losses.ppo_token_rewards(raw, r.finished, old_logp, ref_logp, mask, seqs.last,
                                                           kl_coef)  # (N, T-1): -kl_coef k1, + score at the EOS
             adv, returns = losses.gae(rewards, old_values, mask, 1.0, args.gae_lambda)
-            adv = losses.whiten(adv, mask)
+            adv = losses.whiten(adv, mask, all_sum=distributed.all_sum)  # over the global batch
         # epochs x minibatches of the clipped policy loss + the clipped value loss
         minibatch_logs = []
         for epoch in range(args.epochs):
             perm = torch.randperm(N, generator=torch.Generator().manual_seed(step_seed(args.seed, step) + epoch))
-            for mb in perm.to(mask.device).split(args.minibatch_size):
-                logp = sequence_logprobs(policy, seqs[mb], temperature)
+            for mb in perm.to(mask.device).split(args.minibatch_size):  # global row numbers
+                mb, n = distributed.own_rows(mb, lo, hi)  # the rows this rank holds (a stand-in if n == 0)
+                logp = sequence_logprobs(trained, seqs[mb], temperature)
                 pg, clipfrac, approx_kl = losses.ppo_policy_loss(logp, old_logp[mb], adv[mb], mask[mb], args.clip)
-                vf = losses.ppo_value_loss(token_values(critic, seqs[mb]), old_values[mb], returns[mb], mask[mb],
-                                           args.clip)
-                optimizer_step(run, step, pg + args.vf_coef * vf, [policy, critic])
-                minibatch_logs.append([pg.item(), vf.item(), clipfrac.item(), approx_kl.item()])
-        seq_kl, used_coef = kl.sum(1).mean().item(), kl_coef
+                vf = losses.ppo_value_loss(token_values(trained_critic, seqs[mb]), old_values[mb], returns[mb],
+                                           mask[mb], args.clip)
+                # token means over this rank's rows: its part of the minibatch's token mean weighs its own by
+                # its share of the minibatch's tokens
+                tokens = mask[mb].sum() * (n > 0)
+                share = tokens / distributed.all_sum(tokens)
+                optimizer_step(run, step, (pg + args.vf_coef * vf) * share, [policy, critic])
+                minibatch_logs.append(distributed.all_sum([x.item() * share.item() for x in (pg, vf, clipfrac,
+                                                                                             approx_kl)]))
+        raw, score, ent, mask, finished = (distributed.cat(t) for t in (raw, score, ent, mask, r.finished.float()))
+        kl = distributed.cat(kl.sum(1))  # (N,) sequence KL
+        seq_kl, used_coef = kl.mean().item(), kl_coef
         if args.target_kl:  # adaptive controller (Ziegler et al. 2019)
             e = min(max(seq_kl / args.target_kl - 1, -0.2), 0.2)
             kl_coef *= 1 + e * N / args.kl_horizon
@@ -437,7 +469,7 @@ def train_ppo(args, init, resumed, task, device, out):
         logs = {"loss": pg + args.vf_coef * vf, "reward": raw.mean().item(), "score": score.mean().item(),
                 "kl": seq_kl, "entropy": losses.token_mean(ent, mask).item(), "pg_loss": pg, "value_loss": vf,
                 "clipfrac": clipfrac, "approx_kl": approx_kl, "approx_kl_first": minibatch_logs[0][3], "kl_coef": used_coef,
-                "finished": r.finished.float().mean().item(), "samples_used": N}
+                "finished": finished.mean().item(), "samples_used": N}
         end_step(run, step, logs, evaluate, policy,
                  save_state=lambda: {"critic": critic.state_dict(), "kl_coef": kl_coef})
 
@@ -463,12 +495,16 @@ def train_group(args, init, resumed, task, device, out):
     run, _ = start_run(args, out, [policy], tok, resumed,
                        held=[ref] + ([reward.model] if reward.model is not None else []))
     C = args.minibatch_size * args.max_new_tokens  # NFT's and Dr.GRPO's constant normaliser
+    trained = distributed.wrap(policy)
 
     for step in training_steps(run, evaluate):
-        # rollout: K responses per prompt, prompt-major (row i answers prompt i // K)
+        # rollout: K responses per prompt, prompt-major (row i answers prompt i // K); this rank samples the
+        # whole groups of prompts lo..hi-1, rows lo*K..hi*K-1 of the global batch, so group statistics are local
         rows = [pool[i] for i in epoch_indices(step, args.batch_size, len(pool), args.seed)]
-        r = sample_rollout(policy, tok, rows, K, args.max_new_tokens, temperature, step_seed(args.seed, step))
-        seqs, mask = r.seqs, r.seqs.mask  # mask (N, T-1), N = G * K
+        lo, hi = distributed.share(len(rows))
+        r = sample_rollout(policy, tok, rows[lo:hi], K, args.max_new_tokens, temperature,
+                           step_seed(args.seed, step) + lo * K)
+        seqs, mask = r.seqs, r.seqs.mask  # mask (N, T-1), N = G * K (this rank's)
         rewards = r.score(reward, step + 1).view(-1, K)  # (G, K)
         correct = (rewards > 0.5).view(-1)  # (N,)
         # which samples carry signal, and what each objective needs of its group
@@ -486,12 +522,18 @@ def train_group(args, init, resumed, task, device, out):
         with torch.no_grad():
             old_logp, ent = sequence_logprobs(policy, seqs, temperature, entropy=True)  # (N, T-1)
             ref_logp = sequence_logprobs(ref, seqs, temperature)  # for the KL term and the logged KL
-        idx = keep.nonzero()[:, 0]
+        idx = distributed.cat(keep.nonzero()[:, 0] + lo * K)  # global row numbers of every rank's kept samples
         used = []
         for epoch in range(args.epochs if len(idx) else 0):
             perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(step_seed(args.seed, step) + epoch))
             for mb in idx[perm.to(idx.device)].split(args.minibatch_size):
-                logp = sequence_logprobs(policy, seqs[mb], temperature)
+                # this rank's part of the minibatch loss: NFT and Dr.GRPO divide a token sum by a constant, so
+                # its own rows give it; GRPO averages over the minibatch's sequences, so its own mean counts
+                # for its share of them (a stand-in row, when it holds none, counts 0)
+                size = len(mb)
+                mb, n = distributed.own_rows(mb, lo * K, hi * K)
+                weight = n / size if args.algo == "grpo" and not args.dr_grpo else float(n > 0)
+                logp = sequence_logprobs(trained, seqs[mb], temperature)
                 if args.algo != "grpo":
                     loss = losses.nft_loss(logp, old_logp[mb], mask[mb], correct[mb], r_q[mb], normaliser=C)
                 elif args.dr_grpo:
@@ -500,13 +542,14 @@ def train_group(args, init, resumed, task, device, out):
                 else:
                     loss = losses.grpo_loss(logp, old_logp[mb], ref_logp[mb], adv[mb], mask[mb], args.clip,
                                             args.kl_coef)
-                optimizer_step(run, step, loss, [policy])
-                used.append(loss.item())
-        logs = {"reward": rewards.mean().item(), "accuracy": correct.float().mean().item(),
-                "kl": ((old_logp - ref_logp) * mask).sum(1).mean().item(),
+                used.append(optimizer_step(run, step, loss * weight, [policy])[0])
+        kl = ((old_logp - ref_logp) * mask).sum(1)  # (N,) sequence KL
+        rewards, correct, kl, ent, mask, finished = (distributed.cat(t) for t in (rewards, correct.float(), kl, ent,
+                                                                                  mask, r.finished.float()))
+        logs = {"reward": rewards.mean().item(), "accuracy": correct.mean().item(), "kl": kl.mean().item(),
                 "entropy": losses.token_mean(ent, mask).item(), "loss": sum(used) / len(used) if used else 0.0,
-                "groups_filtered": int((~keep_group).sum()), "samples_used": int(len(idx)),
-                "finished": r.finished.float().mean().item()}
+                "groups_filtered": int(distributed.all_sum((~keep_group).sum())), "samples_used": int(len(idx)),
+                "finished": finished.mean().item()}
         end_step(run, step, logs, evaluate, policy)
 
 
@@ -518,7 +561,9 @@ TRAIN = {"rm": train_reward_model, "dpo": train_dpo, "ppo": train_ppo, "nft": tr
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = distributed.init(pick_device(args.device))
+    distributed.check_divisible(args.batch_size, "--batch-size", what=" (pairs)" if args.algo in ("rm", "dpo")
+                                else " (prompts)")
     out = Path(args.out)
     task = task_from_flag(args.task)
     init, resumed = load_init(args, device)

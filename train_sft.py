@@ -11,6 +11,9 @@ GPU:
     python train_sft.py --init out/base-gpt2 --task arith --device cuda --batch-size 64 --out out/sft-gpt2
 Own data (JSONL with `messages`, `prompt`+`completion` or `text`):
     python train_sft.py --init out/base-arith --data demos.jsonl --out out/sft-mine
+Several GPUs (or CPU processes), the same global batch split over them (minipost/distributed.py):
+    torchrun --standalone --nproc_per_node 4 -- train_sft.py --init out/base-gpt2 --task arith --device cuda \
+        --batch-size 64 --out out/sft-gpt2
 """
 import argparse
 import time
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minipost import losses
+from minipost import distributed, losses
 from minipost.adapters import adapt, add_adapter_flags, check_adapter_flags, has_adapters, merge_adapters
 from minipost.checkpoint import (load_checkpoint, load_resumed, load_train_state, rng_state, save_checkpoint,
                                  set_rng_state)
@@ -52,8 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--loss", default="sft", choices=sorted(LOSSES), help="sft: cross-entropy; dft: "
                    "probability-weighted cross-entropy (Wu et al. 2025)")
     p.add_argument("--max-steps", type=int, default=400, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step (global batch)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step (global batch: under "
+                   "torchrun each rank takes an equal share)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and rank (must divide the "
+                   "rank's share of --batch-size)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     p.add_argument("--min-lr", type=float, default=2e-4, help="learning rate at the end of the cosine")
     p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
@@ -107,8 +112,11 @@ def masked_logprobs(model, inputs, targets, mask):
 
 @torch.no_grad()
 def validation_loss(model, examples, pad_id, device, batch_size=64):
-    """Plain cross-entropy (nats per trained token) over the validation demonstrations."""
+    """Plain cross-entropy (nats per trained token) over the validation demonstrations (under torchrun each
+    rank scores its share and the sums are added up)."""
     model.eval()
+    lo, hi = distributed.share(len(examples))
+    examples = examples[lo:hi]
     total, count = 0.0, 0.0
     for start in range(0, len(examples), batch_size):
         ids, mask = collate(examples[start:start + batch_size], pad_id, device)
@@ -117,12 +125,14 @@ def validation_loss(model, examples, pad_id, device, batch_size=64):
         total += -(logp * mask[:, 1:]).sum().item()
         count += mask[:, 1:].sum().item()
     model.train()
+    total, count = distributed.all_sum([total, count])
     return total / count
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = distributed.init(pick_device(args.device))
+    distributed.check_divisible(args.batch_size, "--batch-size", per=args.grad_accum)
     out = Path(args.out)
     task = task_from_flag(args.task)
 
@@ -164,8 +174,10 @@ def main(argv=None):
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step, elapsed = state["step"], state["elapsed"]
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resuming else None)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resuming else None,
+                         enabled=distributed.is_main())
     loss_fn = LOSSES[args.loss]
+    trained = distributed.wrap(model)  # what the training forward calls: DDP under torchrun
 
     def evaluate(step):
         with autocast(device):  # scored under the same autocast as the training forward
@@ -179,25 +191,32 @@ def main(argv=None):
     if start_step == 0:
         metrics.log(step=0, **evaluate(0))  # the starting point: the base model on the same evaluation
     t_start = time.time()
-    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc=args.loss)
+    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc=args.loss,
+               disable=not distributed.is_main())
     model.train()
     for step in bar:
         t_step = time.time()
         lr = cosine_lr(step, args.max_steps, args.lr, args.min_lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        batches = micro_batches(train, epoch_indices(step, args.batch_size, len(train), args.seed),
-                                args.grad_accum, tokenizer.pad_id, device)
-        n_tokens = sum(m.sum() for _, _, m in batches)  # global denominator across micro-batches
+        # the global batch, the same on every rank; this rank trains on its share of it
+        indices = epoch_indices(step, args.batch_size, len(train), args.seed)
+        lo, hi = distributed.share(len(indices))
+        batches = micro_batches(train, indices[lo:hi], args.grad_accum, tokenizer.pad_id, device)
+        # the denominator is the global batch's trained-token count, across micro-batches and ranks: each
+        # micro-batch loss is then its part of the global loss, and the parts add up to it
+        n_tokens = distributed.all_sum(sum(m.sum() for _, _, m in batches))
         loss_sum, ce_sum, p_sum = 0.0, 0.0, 0.0
-        for inputs, targets, mask in batches:
-            with autocast(device):
-                logp = masked_logprobs(model, inputs, targets, mask)
-            loss = loss_fn(logp, mask, n_tokens)
-            loss.backward()
+        for m, (inputs, targets, mask) in enumerate(batches):
+            with distributed.accumulating(trained, last=m == len(batches) - 1):
+                with autocast(device):
+                    logp = masked_logprobs(trained, inputs, targets, mask)
+                loss = loss_fn(logp, mask, n_tokens)
+                distributed.backward(loss)
             loss_sum += loss.item()
             ce_sum += losses.sft_loss(logp.detach(), mask, n_tokens).item()  # plain CE, logged beside DFT
             p_sum += (logp.detach().exp() * mask).sum().item() / n_tokens.item()  # what DFT maximises
+        loss_sum, ce_sum, p_sum = distributed.all_sum([loss_sum, ce_sum, p_sum])
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or float("inf"))
         grad_norm = finite_or_stop(step + 1, {"loss": loss_sum, "gradient norm": grad_norm})["gradient norm"]
         opt.step()
@@ -213,7 +232,7 @@ def main(argv=None):
                         tensor_memory_mb=tensor_memory_mb([model], opt), peak_memory_mb=peak_memory_mb(device))
         metrics.log(**last)
         bar.set_postfix(loss=f"{loss_sum:.3f}", ce=f"{ce_sum:.3f}")
-        if (step + 1) % args.ckpt_every == 0 or done:
+        if ((step + 1) % args.ckpt_every == 0 or done) and distributed.is_main():
             meta = {"script": "train_sft.py", "kind": args.loss, "task": args.task, "args": vars(args),
                     "step": step + 1, "metrics": last, "init": str(args.init), "elapsed_s": last["time_s"]}
             save_checkpoint(out, model, tokenizer, meta, {"optimizer": opt.state_dict(), "rng": rng_state(),

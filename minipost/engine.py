@@ -5,6 +5,8 @@ same cache slot; a key mask hides the padding and per-row positions count only r
 each row's result the same as generating it alone. N samples of one prompt share one prefill: the prompt's
 cache is computed once and fanned out (repeat_interleave) before decoding. Rows that have finished (EOS) leave
 the batch whenever a quarter of it has finished, so one long answer does not make every row keep decoding.
+Each row's budget is its own: max_new_tokens, or fewer when its prompt leaves less room in the context, so a
+long prompt elsewhere in the batch does not cut a row short.
 
 Sampling is seeded per row: output row r (prompt r // N, sample r % N) draws its uniforms from its own CPU
 generator seeded with seed + r (u_t for step t), so a row's tokens depend neither on the rest of the batch nor
@@ -122,10 +124,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
     config = model.config
     n = model.n_prefix  # virtual tokens a prompt-tuned model reads first: they fill the cache's first slots
     P = max(len(p) for p in prompts)
-    max_new_tokens = min(max_new_tokens, config.block_size - n - P)
-    if max_new_tokens < 1:
+    if min(max_new_tokens, config.block_size - n - P) < 1:
         raise ValueError(f"generate: a prompt of {P} tokens (+ {n} virtual) leaves no room in "
                          f"block_size={config.block_size}")
+
+    # every output row's budget: max_new_tokens, within the positions its own prompt leaves (B,)
+    budget = torch.tensor([min(max_new_tokens, config.block_size - n - len(p)) for p in prompts], device=device)
+    budget = budget.repeat_interleave(num_samples)
+    max_new_tokens = int(budget.max())
 
     # left-pad the prompts to P; positions count real tokens only
     B0 = len(prompts)
@@ -160,22 +166,25 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     mask = torch.zeros(B, max_new_tokens, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)  # finished, or out of budget
     live = torch.arange(B, device=device)  # (b,): the output row of each row still in the batch
     for t in range(max_new_tokens):
         tok, lp = sample_next(logits, None if uniforms is None else uniforms[live, t], temperature, top_k, top_p)
-        alive = ~finished[live]  # (b,): a row that finished earlier may still sit in the batch; ignore it
+        alive = ~stopped[live]  # (b,): a row that stopped earlier may still sit in the batch; ignore it
         rows = live[alive]
         tokens[rows, t], logprobs[rows, t], mask[rows, t] = tok[alive], lp[alive], 1.0
         finished[rows] = tok[alive] == eos_id
-        going = ~finished[live]  # (b,)
+        stopped[rows] = finished[rows] | (budget[rows] <= t + 1)
+        going = ~stopped[live]  # (b,)
         n_going = int(going.sum())
         if n_going == 0 or t == max_new_tokens - 1:
             break
-        if n_going <= 0.75 * len(live):  # drop the finished rows (a cache copy, so not at every step)
+        if n_going <= 0.75 * len(live):  # drop the stopped rows (a cache copy, so not at every step)
             keep = going.nonzero()[:, 0]
             cache.select(keep)
             live, tok, next_pos = live[keep], tok[keep], next_pos[keep]
-        hidden = model(tok[:, None], next_pos[:, None], cache)  # (b, 1, C)
+        # a stopped row may sit in the batch until the next drop, its output ignored: keep its position valid
+        hidden = model(tok[:, None], next_pos.clamp(max=config.block_size - n - 1)[:, None], cache)  # (b, 1, C)
         cache.length += 1
         next_pos += 1
         logits = model.logits(hidden[:, -1])

@@ -1,9 +1,16 @@
-"""Scoring a policy on a task split: batched generation through the engine, then the task's reward."""
+"""Scoring a policy on a task split: batched generation through the engine, then the task's reward.
+
+Under torchrun (minipost/distributed.py) the prompts are shared out over the ranks and the completions
+gathered back in prompt order, so every rank gets the same result: call these on every rank.
+
+    torchrun --standalone --nproc_per_node 2 -m minipost.evaluate --init out/sft-arith --task arith
+"""
 import argparse
 import json
 import time
 from pathlib import Path
 
+from . import distributed
 from .checkpoint import load_checkpoint
 from .cli import UserError, autocast, pick_device, require_positive, run_main, task_from_flag, writable_file
 from .retrieval import add_retrieval_flags, check_retrieval_flags, retrieval_prompts
@@ -13,10 +20,15 @@ from .rollout import completion_text, prompt_ids, sample_candidates, sample_kl
 
 def sample_completions(model, tokenizer, rows, max_new_tokens=64, temperature=0.0, num_samples=1,
                        batch_size=64, seed=0) -> list[str]:
-    """Decoded completions for every prompt row (rollout.sample_candidates), prompt-major."""
-    ids, _ = sample_candidates(model, tokenizer, prompt_ids(tokenizer, rows), num_samples, max_new_tokens,
-                               temperature, batch_size=batch_size * num_samples, seed=seed)
-    return [completion_text(tokenizer, c) for c in ids]
+    """Decoded completions for every prompt row (rollout.sample_candidates), prompt-major. Under torchrun each
+    rank samples its share of the rows, with the seeds one process would use for them (rows lo.. start at
+    seed + lo * num_samples), and gets every completion back."""
+    lo, hi = distributed.share(len(rows))
+    ids = []
+    if hi > lo:
+        ids, _ = sample_candidates(model, tokenizer, prompt_ids(tokenizer, rows[lo:hi]), num_samples, max_new_tokens,
+                                   temperature, batch_size=batch_size * num_samples, seed=seed + lo * num_samples)
+    return distributed.gather([completion_text(tokenizer, c) for c in ids])
 
 
 def evaluate_policy(model, tokenizer, task, rows, max_new_tokens=64, temperature=0.0, batch_size=64, seed=0):
@@ -77,7 +89,7 @@ def main(argv=None):
     if args.validation_from is not None and args.validation_from < 0:
         raise UserError("--validation-from must be >= 0")
     check_retrieval_flags(args)
-    task, device = task_from_flag(args.task), pick_device(args.device)
+    task, device = task_from_flag(args.task), distributed.init(pick_device(args.device))
     t0 = time.time()
     task_check = None if args.allow_other_task else task.name
     ck = load_checkpoint(args.init, device, flag="--init", task=task_check)
@@ -124,6 +136,8 @@ def main(argv=None):
     row["test_sample_rewards"] = [sum(kl["rewards"][i:i + k]) / k for i in range(0, len(kl["rewards"]), k)]
     row["eval_time_s"] = time.time() - t0
     text = json.dumps(row)
+    if not distributed.is_main():
+        return
     if args.out is None:
         print(text)
     else:

@@ -3,12 +3,15 @@
     run, saved = start_run(args, out, models, tokenizer, resumed, held)   AdamW, resume state, metrics log
     for step in training_steps(run, evaluate):                            progress bar, warm-up LR, step 0 eval
         ... the family's own rollout and loss ...
-        optimizer_step(run, step, loss, models)                           backward, clip, finite check, step
+        loss, grad_norm = optimizer_step(run, step, part, models)         backward, clip, finite check, step
         end_step(run, step, logs, evaluate, model, save_state, save_meta) log; evaluate and checkpoint on cadence
 
 A family keeps everything that is its algorithm; this module keeps what every loop repeats: when to
 evaluate and checkpoint (--eval-every, --ckpt-every, the last step), what a checkpoint's meta and resume state
 hold, and the costs logged at the end (trainable parameters, tensor and peak memory).
+
+Under torchrun (minipost/distributed.py) every rank runs the loop; a family hands optimizer_step this rank's
+part of the global loss, and rank 0 alone writes the metrics, the checkpoints and the progress bar.
 """
 import argparse
 import time
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .adapters import has_adapters
 from .checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
 from .cli import MetricsLog, finite_or_stop, peak_memory_mb, tensor_memory_mb
@@ -52,7 +56,8 @@ def start_run(args, out, models, tokenizer, resumed, held=()):
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step, elapsed, family_state = state["step"], state["elapsed"], state["trainer"]
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resumed is not None else None)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resumed is not None else None,
+                         enabled=distributed.is_main())
     trainable = sum(p.numel() for group in opt.param_groups for p in group["params"])
     print(f"trainable parameters: {trainable:,}" + (" (adapters)" if has_adapters(models[0]) else ""))
     run = Run(args, out, tokenizer, opt, metrics, start_step, elapsed, [*models, *held], trainable)
@@ -66,7 +71,8 @@ def training_steps(run, evaluate):
     if run.start_step == 0:
         run.metrics.log(step=0, **evaluate(0))
     run.t_start = time.time()
-    run.bar = tqdm(range(run.start_step, a.max_steps), initial=run.start_step, total=a.max_steps, desc=a.algo)
+    run.bar = tqdm(range(run.start_step, a.max_steps), initial=run.start_step, total=a.max_steps, desc=a.algo,
+                   disable=not distributed.is_main())
     for step in run.bar:
         run.lr = a.lr * min(1.0, (step + 1) / a.warmup)
         for group in run.opt.param_groups:
@@ -75,16 +81,18 @@ def training_steps(run, evaluate):
         yield step
 
 
-def optimizer_step(run, step, loss, models) -> float:
-    """One optimizer step on loss, each model's gradient norm clipped on its own (--grad-clip; 0: off) ->
-    the first model's norm. A non-finite loss or norm stops the run (cli.Diverged) before the weights move."""
-    loss.backward()
+def optimizer_step(run, step, part, models) -> tuple[float, float]:
+    """One optimizer step on the loss, each model's gradient norm clipped on its own (--grad-clip; 0: off) ->
+    (the loss, the first model's norm). part: this rank's part of the loss (the parts of all ranks sum to it;
+    in one process, the loss). A non-finite loss or norm stops the run (cli.Diverged) before the weights move,
+    on every rank alike: the loss checked is the summed one and the norms are of the averaged gradients."""
+    distributed.backward(part)
     norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), run.args.grad_clip or float("inf")) for m in models]
     names = ["gradient norm", "critic gradient norm"][:len(models)]  # PPO's second model is its critic
-    finite_or_stop(step + 1, {"loss": loss, **dict(zip(names, norms))})
+    checked = finite_or_stop(step + 1, {"loss": distributed.all_sum(part), **dict(zip(names, norms))})
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
-    return norms[0].item()
+    return checked["loss"], checked[names[0]]
 
 
 def end_step(run, step, logs, evaluate, model, save_state=dict, save_meta=dict):
@@ -102,8 +110,11 @@ def end_step(run, step, logs, evaluate, model, save_state=dict, save_meta=dict):
     run.metrics.log(**last)
     run.bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "reward", "accuracy", "kl") if k in last})
     if (step + 1) % a.ckpt_every == 0 or done:
+        # save_meta runs on every rank: it may be a collective, or change the model (rm's bias) on every replica
         meta = {"script": "train_rlhf.py", "kind": a.algo, "task": a.task, "args": vars(a), "step": step + 1,
                 "init": str(a.init), "elapsed_s": last["time_s"], **save_meta(), "metrics": last}
+        if not distributed.is_main():
+            return
         save_checkpoint(run.out, model, run.tokenizer, meta, {"optimizer": run.opt.state_dict(), "rng": rng_state(),
                                                               "step": step + 1, "elapsed": last["time_s"],
                                                               "trainer": save_state()})

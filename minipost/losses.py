@@ -109,10 +109,13 @@ def ppo_token_rewards(score, finished, logp, ref_logp, mask, last, kl_coef):
     return rewards, score, kl
 
 
-def whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over the masked entries of the whole batch; masked-out entries are set to 0."""
-    mean = token_mean(x, mask)
-    var = token_mean((x - mean) ** 2, mask)
+def whiten(x, mask, shift_mean=True, all_sum=lambda total: total):
+    """(x - mean) / std over the masked entries of the whole batch; masked-out entries are set to 0.
+    all_sum: when the batch is split over data-parallel ranks, the sum over all of them (distributed.all_sum),
+    so that mean and std are the whole batch's, not this rank's."""
+    count = all_sum(mask.sum()).clamp(min=1)
+    mean = all_sum(masked_sum(x, mask)) / count
+    var = all_sum(masked_sum((x - mean) ** 2, mask)) / count
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean

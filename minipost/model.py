@@ -340,7 +340,11 @@ class GPT(nn.Module):
         logp[:, t] = log softmax(h_t W^T / temperature)[targets[:, t]] where h_t is the hidden state after
         inputs[:, :t+1]; usually targets = the inputs shifted left by one. Negative targets are ignored (0).
         """
-        hidden = self(inputs)  # (B, T, C)
+        return self.head_logprobs(self(inputs), targets, temperature, return_entropy)
+
+    def head_logprobs(self, hidden, targets, temperature=1.0, return_entropy=False):
+        """The LM head's side of teacher_forced_logprobs: hidden (B, T, C) -> logp (B, T) [, entropy (B, T)].
+        Separate so that a data-parallel wrapper (minipost/distributed.py) can supply the hidden states."""
         B, T, C = hidden.shape
         out = kernels.token_logprobs(hidden.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T),
                                      temperature, return_entropy)

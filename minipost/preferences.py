@@ -5,12 +5,16 @@ the SFT model, score them with the task's ground-truth reward, and pair the best
 best is strictly better (for arith's 0/1 verifier: one correct and one wrong sample). Only responses that
 ended with EOS are used, so a reward model always reads a real EOS token, and only non-empty ones, so the
 written pairs file reads back with --data.
+
+Under torchrun (minipost/distributed.py) the builders below share the prompts out over the ranks, each rank
+sampling its share with the seeds one process would use, and every rank gets every pair back in prompt order.
 """
 import json
 from pathlib import Path
 
 import torch
 
+from . import distributed
 from .cli import UserError
 from .data import encode_pairs, read_jsonl
 from .engine import generate
@@ -25,6 +29,8 @@ def build_pairs(model, tokenizer, reward, rows, k, max_new_tokens, temperature=1
     """
     if k < 2:
         raise UserError(f"--k {k}: preference pairs need at least 2 samples per prompt")
+    lo, hi = distributed.share(len(rows))
+    rows, seed = rows[lo:hi], seed + lo * k  # this rank's prompts; their samples as one process draws them
     pairs, records = [], []
     for start in range(0, len(rows), batch_prompts):
         chunk = rows[start:start + batch_prompts]
@@ -52,7 +58,7 @@ def build_pairs(model, tokenizer, reward, rows, k, max_new_tokens, temperature=1
             records.append({"prompt": row["prompt"], "chosen": r.texts[g * k + best],
                             "rejected": r.texts[g * k + worst], "chosen_reward": scores[g][best],
                             "rejected_reward": scores[g][worst]})
-    return pairs, records
+    return distributed.gather(pairs), distributed.gather(records)
 
 
 def demo_pairs(model, tokenizer, reward, rows, demos, k, max_new_tokens, block_size, temperature=1.0, seed=0,
@@ -62,6 +68,8 @@ def demo_pairs(model, tokenizer, reward, rows, demos, k, max_new_tokens, block_s
     verifier: wherever the sample is wrong). A reward model trained on them learns from demonstrations, as SFT
     does (the setting of Somerstep et al.'s best-of-N with a learned reward). -> (pairs, records) as in
     build_pairs; records also carry their rewards."""
+    lo, hi = distributed.share(len(rows))
+    rows, demos, seed = rows[lo:hi], demos[lo:hi], seed + lo * k
     records = []
     for start in range(0, len(rows), batch_prompts):
         chunk, refs = rows[start:start + batch_prompts], demos[start:start + batch_prompts]
@@ -78,6 +86,7 @@ def demo_pairs(model, tokenizer, reward, rows, demos, k, max_new_tokens, block_s
             if ref_scores[g] > scores[g][worst]:
                 records.append({"prompt": row["prompt"], "chosen": refs[g], "rejected": r.texts[g * k + worst],
                                 "chosen_reward": ref_scores[g], "rejected_reward": scores[g][worst]})
+    records = distributed.gather(records)
     pairs, _ = encode_pairs(tokenizer, records, block_size)
     return pairs, records
 
@@ -119,14 +128,16 @@ def pair_sequences(pairs, pad_id, device="cpu"):
 
 
 def pair_logprob_sums(model, pairs, pad_id, device, average=False, chunk=64):
-    """Summed (or, for IPO, length-averaged) response log-probs -> (chosen (P,), rejected (P,))."""
-    out = []
-    for s in range(0, len(pairs), chunk):
-        seqs = pair_sequences(pairs[s:s + chunk], pad_id, device)
+    """Summed (or, for IPO, length-averaged) response log-probs -> (chosen (P,), rejected (P,)). Under torchrun
+    each rank scores its share of the pairs and every rank gets all of them back."""
+    lo, hi = distributed.share(len(pairs))
+    out = [torch.zeros(2, 0, device=device)]  # (2, 0): an empty share's contribution
+    for s in range(lo, hi, chunk):
+        seqs = pair_sequences(pairs[s:min(s + chunk, hi)], pad_id, device)
         total = sequence_logprobs(model, seqs).sum(1)  # (2P,) off-mask entries are 0
         out.append((total / seqs.mask.sum(1) if average else total).view(2, -1))
     both = torch.cat(out, dim=1)  # (2, P)
-    return both[0], both[1]
+    return distributed.cat(both[0]), distributed.cat(both[1])
 
 
 def pair_accuracy(r_chosen, r_rejected):
@@ -138,6 +149,8 @@ def pair_accuracy(r_chosen, r_rejected):
 def reference_samples(model, tokenizer, prompts, max_new_tokens, seed=0, batch_prompts=64):
     """One finished sample of `model` per prompt (id lists) -> Sequences; the reward model is centred on these."""
     model.eval()
+    lo, hi = distributed.share(len(prompts))
+    prompts, seed = prompts[lo:hi], seed + lo
     kept_p, kept_r = [], []
     for start in range(0, len(prompts), batch_prompts):
         chunk = prompts[start:start + batch_prompts]
@@ -147,6 +160,7 @@ def reference_samples(model, tokenizer, prompts, max_new_tokens, seed=0, batch_p
             if done:
                 kept_p.append(p)
                 kept_r.append(resp)
+    kept_p, kept_r = distributed.gather(kept_p), distributed.gather(kept_r)
     if not kept_p:
         raise UserError("the SFT model finished none of its reference samples with EOS (is --init an SFT model?)")
     return pack(kept_p, kept_r, tokenizer.pad_id, next(model.parameters()).device)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .cli import UserError
 from .engine import generate
 from .rewards import call_reward
@@ -174,16 +175,31 @@ def sample_kl(policy, ref, tokenizer, rows, max_new_tokens, temperature=1.0, see
     kl = mean over sequences of sum_t (logp_t - ref_t), both at the sampling temperature.
     With reward_fn (a TRL-style reward function), also "reward": its mean over the same samples ("rewards":
     per sample, prompt-major). With proxy (a rewards.Reward, e.g. a reward model), also "proxy" and "proxies",
-    its scores of the same samples: proxy and ground truth side by side show reward over-optimisation."""
-    r = sample_rollout(policy, tokenizer, rows, k, max_new_tokens, temperature, seed)
-    logp, ent = sequence_logprobs(policy, r.seqs, temperature, entropy=True)
-    ref_logp = sequence_logprobs(ref, r.seqs, temperature)
-    out = {"kl": ((logp - ref_logp) * r.seqs.mask).sum(1).mean().item(),
-           "entropy": ((ent * r.seqs.mask).sum() / r.seqs.mask.sum()).item()}
+    its scores of the same samples: proxy and ground truth side by side show reward over-optimisation.
+    Under torchrun each rank samples its share of the rows (seeds as one process) and every rank gets the
+    whole result."""
+    lo, hi = distributed.share(len(rows))
+    device = next(policy.parameters()).device
+    # what an empty share contributes (fewer rows than ranks): the same dtypes as a full one's, for the collectives
+    kl_rows = torch.zeros(0, device=device)
+    ent_sum = n_tokens = torch.zeros((), device=device)
+    values, scores = [], []
+    if hi > lo:
+        r = sample_rollout(policy, tokenizer, rows[lo:hi], k, max_new_tokens, temperature, seed + lo * k)
+        logp, ent = sequence_logprobs(policy, r.seqs, temperature, entropy=True)
+        ref_logp = sequence_logprobs(ref, r.seqs, temperature)
+        kl_rows = ((logp - ref_logp) * r.seqs.mask).sum(1)  # (N,) sequence KL
+        ent_sum, n_tokens = (ent * r.seqs.mask).sum(), r.seqs.mask.sum()
+        if reward_fn is not None:
+            values = call_reward(reward_fn, r.rows, r.texts)  # prompt-major: k consecutive values per prompt
+        if proxy is not None:
+            scores = r.score(proxy).tolist()
+    out = {"kl": distributed.cat(kl_rows).mean().item(),
+           "entropy": (distributed.all_sum(ent_sum) / distributed.all_sum(n_tokens)).item()}
     if reward_fn is not None:
-        values = call_reward(reward_fn, r.rows, r.texts)  # prompt-major: k consecutive values per prompt
+        values = distributed.gather(values)
         out["reward"], out["rewards"] = sum(values) / len(values), values
     if proxy is not None:
-        scores = r.score(proxy).tolist()
+        scores = distributed.gather(scores)
         out["proxy"], out["proxies"] = sum(scores) / len(scores), scores
     return out

@@ -109,6 +109,21 @@ def test_stops_at_block_size():
     assert g.tokens.shape[1] == 40 - 34 and not g.finished.any()
 
 
+def test_each_row_has_its_own_budget():
+    """A prompt near the end of the context cuts its own row short, not its batch-mates': every row equals the
+    naive per-row generation, so a row does not depend on the batch it is sampled in (what sharding prompts
+    over data-parallel ranks relies on)."""
+    model = tiny_model(5)
+    prompts = [[2 + i % 20 for i in range(34)], [5, 6], [7, 8, 9]]  # the first leaves 6 positions of 40
+    g = generate(model, prompts, 12, EOS, PAD, seed=20)
+    lengths = []
+    for r, prompt in enumerate(prompts):
+        want, _ = naive_generate(model, prompt, 12, 20 + r)
+        assert g.completions()[r] == want
+        lengths.append(len(want))
+    assert lengths[0] <= 6 and max(lengths[1:]) > 6  # else the check above could not tell the budgets apart
+
+
 def test_filter_logits_by_hand():
     logits = torch.log(torch.tensor([[0.5, 0.1, 0.3, 0.1]]))
     inf = float("-inf")
