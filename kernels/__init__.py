@@ -16,6 +16,7 @@ MINIPOST_KERNELS=triton|torch forces one path. Forcing Triton on CPU tensors nee
 Note: this `kernels` package is minipost's own, unrelated to the `kernels` project on PyPI.
 """
 import os
+from contextlib import nullcontext
 
 import torch
 
@@ -32,6 +33,11 @@ def use_triton(t: torch.Tensor) -> bool:
     if mode != "auto":
         return mode == "triton"
     return t.is_cuda
+
+
+def autocast_off(device_type: str):
+    """A context that switches autocast off on this device type; a no-op (no per-call cost) where it is off."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
 
 
 def autocast_inputs(*tensors):
@@ -53,7 +59,7 @@ def attention(q, k, v, causal=True):
         raise ValueError(f"attention: q (B, H, Tq, D) and k (B, Hkv, Tk, D) with Hkv dividing H, got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
     q, k, v = autocast_inputs(q, k, v)
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         if use_triton(q):
             from .flash_attention import triton_attention  # imported lazily: Triton is Linux-only
 
@@ -64,7 +70,7 @@ def attention(q, k, v, causal=True):
 def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False):
     """log softmax(hidden @ weight.T / temperature)[targets] in float32, 0 where targets < 0."""
     hidden, weight = autocast_inputs(hidden, weight)
-    with torch.autocast(hidden.device.type, enabled=False):
+    with autocast_off(hidden.device.type):
         if use_triton(hidden):
             from .logprob import triton_token_logprobs  # imported lazily: Triton is Linux-only
 

@@ -324,14 +324,14 @@ class GPT(nn.Module):
         Under autocast the operands are rounded as kernels.token_logprobs rounds them, so that sampling draws
         from the distribution whose log-probs the objectives then score."""
         hidden, weight = kernels.autocast_inputs(hidden, self.lm_head.weight)
-        with torch.autocast(hidden.device.type, enabled=False):
+        with kernels.autocast_off(hidden.device.type):
             return hidden.float() @ weight.float().T
 
     def scores(self, hidden):
         """Scalar head on every position: hidden (B, T, C) -> (B, T) float32, computed in float32 even under
         autocast (C flops a token: rewards and values keep full precision for free)."""
         head = self.score_head
-        with torch.autocast(hidden.device.type, enabled=False):
+        with kernels.autocast_off(hidden.device.type):
             return F.linear(hidden.float(), head.weight.float(), head.bias.float()).squeeze(-1)
 
     def teacher_forced_logprobs(self, inputs, targets, temperature=1.0, return_entropy=False):
