@@ -175,6 +175,11 @@ def load_gpt2_model(path) -> GPT:
     if wte is not None:
         sd["lm_head.weight"] = wte
     config.scalar_head = "score_head.weight" in sd  # a reward / value model exported by minipost
+    return model_from_state(config, sd, path)
+
+
+def model_from_state(config, sd, path) -> GPT:
+    """GPT(config) holding the state dict sd; a mismatch is one ValueError naming the folder."""
     model = GPT(config)
     try:
         model.load_state_dict(sd)

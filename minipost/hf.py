@@ -44,7 +44,8 @@ import tiktoken
 import torch
 
 from .adapters import merge_adapters
-from .gpt2 import GPT2_PATTERN, _derive_merges, bytes_to_unicode, read_safetensors, resize_vocab, write_safetensors
+from .gpt2 import (GPT2_PATTERN, _derive_merges, bytes_to_unicode, model_from_state, read_safetensors, resize_vocab,
+                   write_safetensors)
 from .model import GPT, ROPE_SCALING, SIZE_LIMITS, GPTConfig
 from .tokenizer import CHAT_FORMATS, SPECIAL_TOKENS, Tokenizer, _encoding
 
@@ -191,13 +192,7 @@ def load_hf_model(path) -> GPT:
     config.scalar_head = "score_head.weight" in sd
     if rest := sorted(k for k in hf if not k.endswith("rotary_emb.inv_freq")):  # old files store the rope table
         raise ValueError(f"{path}: unexpected tensors {rest[:3]} ({len(rest)} in all)")
-    model = GPT(config)
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
-        raise ValueError(f"{path}: weights do not fit config.json: {'; '.join(lines)[:500]}")
-    return model
+    return model_from_state(config, sd, path)
 
 
 # ----------------------------------------------------------------------------- tokenizer
