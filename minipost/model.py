@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from minipost import kernels
 
 
 @dataclass

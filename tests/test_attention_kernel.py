@@ -1,4 +1,4 @@
-"""The fused attention kernel (kernels/flash_attention.py) against a float64 softmax(QK^T)V written here.
+"""The fused attention kernel (minipost/kernels/flash_attention.py) against a float64 softmax(QK^T)V written here.
 
 Without a GPU this runs the Triton kernels in Triton's interpreter on CPU tensors (conftest.py sets
 TRITON_INTERPRET=1 before Triton is imported); with a GPU the same tests run the compiled kernels on CUDA.
@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+from minipost import kernels
 
-import kernels.flash_attention as attn_mod
-from kernels.flash_attention import triton_attention
+import minipost.kernels.flash_attention as attn_mod
+from minipost.kernels.flash_attention import triton_attention
 from minipost.model import GPT, GPTConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -197,7 +197,7 @@ def test_dispatch_matches_reference(monkeypatch):
 
 
 def test_public_attention_survives_kernel_import():
-    # in a fresh interpreter: the first Triton-path call imports kernels/flash_attention.py; the model calls
+    # in a fresh interpreter: the first Triton-path call imports minipost/kernels/flash_attention.py; the model calls
     # kernels.attention again in the next layer, so the package must still hold the function afterwards
     code = ("import torch, kernels; q = torch.randn(1, 1, 4, 16, device='%s'); "
             "[kernels.attention(q, q, q) for _ in range(2)]; assert callable(kernels.attention)" % DEVICE)
@@ -249,7 +249,7 @@ def test_tiny_gpt_training_matches_torch(monkeypatch):
         calls.append(1)
         return triton_attention(*args, **kwargs)
 
-    monkeypatch.setattr(attn_mod, "triton_attention", counted)  # kernels/__init__ looks it up per call
+    monkeypatch.setattr(attn_mod, "triton_attention", counted)  # minipost/kernels/__init__ looks it up per call
     triton_losses = train_losses("triton", monkeypatch)
     assert len(calls) == 4 * 2  # steps * layers: the kernel really ran
     torch_losses = train_losses("torch", monkeypatch)

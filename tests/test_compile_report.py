@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 CODE = """
 import json
-from kernels import compile_report as cr
+from minipost.kernels import compile_report as cr
 out = {}
 for dtype in ("bf16", "fp32"):
     case = [c for c in cr.cases([dtype], [128]) if c[0] == "dlogits"][0]

@@ -1,17 +1,17 @@
-"""The fused token log-prob kernel (kernels/logprob.py) against float64 runs of the torch reference.
+"""The fused token log-prob kernel (minipost/kernels/logprob.py) against float64 runs of the torch reference.
 
 Without a GPU these run in Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1
 before Triton is imported); with a GPU the same tests run the compiled kernels on CUDA tensors. Interpreter
-tiles are 32 x 64 x 32 (kernels/logprob.py:_config), so the shapes below cross token, vocabulary and channel
+tiles are 32 x 64 x 32 (minipost/kernels/logprob.py:_config), so the shapes below cross token, vocabulary and channel
 tile edges, split the vocabulary loop (N <= 32) and skip whole blocks of ignored tokens.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-import kernels.logprob as logprob
-from kernels.reference import token_logprobs_reference
+from minipost import kernels
+import minipost.kernels.logprob as logprob
+from minipost.kernels.reference import token_logprobs_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

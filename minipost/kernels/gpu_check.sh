@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a GPU session measures for the kernels, in one run on an H100/H200 (about 10 minutes):
-#     bash kernels/gpu_check.sh 2>&1 | tee gpu_check.log
-# then paste its tables into kernels/BENCHMARKS.md with the date and the device line they print.
+#     bash minipost/kernels/gpu_check.sh 2>&1 | tee gpu_check.log
+# then paste its tables into minipost/kernels/BENCHMARKS.md with the date and the device line they print.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=8
@@ -12,14 +12,14 @@ echo "== 1. the kernel tests, compiled Triton on CUDA tensors"
 python -m pytest -q tests/test_logprob_kernel.py tests/test_attention_kernel.py
 
 echo "== 2. sm_90 compile report (the same table a CPU machine prints)"
-python -m kernels.bench compile --jobs 8 | tail -3
+python -m minipost.kernels.bench compile --jobs 8 | tail -3
 
 echo "== 3. token log-prob, production path (float32 tensors under bf16 autocast), the two cost-model cells"
-python -m kernels.bench_logprob --quick
-python -m kernels.bench_logprob --n 4096 16384 --c 768 --v 2048 50257 --methods minipost torch compile liger
+python -m minipost.kernels.bench_logprob --quick
+python -m minipost.kernels.bench_logprob --n 4096 16384 --c 768 --v 2048 50257 --methods minipost torch compile liger
 
 echo "== 4. attention, q/k/v as strided views of the packed c_attn output"
-python -m kernels.bench_attention --T 512 1024 2048 --D 64 128
+python -m minipost.kernels.bench_attention --T 512 1024 2048 --D 64 128
 
 echo "== 5. GPT-2-shaped (12 x 768, block 1024) SFT and DPO, kernels vs torch path"
 # vocabulary: minipost's own BPE on the built-in corpus (2048 tokens; no GPT-2 tokenizer without a network),

@@ -10,7 +10,7 @@ float32 and the LM head is a float32 parameter, which would otherwise send float
 autocast, inputs are used as they come (float32: full-precision dots, for tests and for users who ask).
 The ops then run with autocast off, so the torch reference too computes in float32 from the rounded inputs.
 
-Dispatch: CUDA tensors use Triton, CPU tensors use the torch reference (kernels/reference.py).
+Dispatch: CUDA tensors use Triton, CPU tensors use the torch reference (minipost/kernels/reference.py).
 MINIPOST_KERNELS=triton|torch forces one path. Forcing Triton on CPU tensors needs Triton's interpreter
 (TRITON_INTERPRET=1, set before Triton is imported): that is how the tests check the kernels without a GPU.
 Note: this `kernels` package is minipost's own, unrelated to the `kernels` project on PyPI.
@@ -51,7 +51,7 @@ def autocast_inputs(*tensors):
 
 
 def attention(q, k, v, causal=True):
-    """Causal (or full) softmax attention; see kernels/reference.py for the exact semantics. k and v may
+    """Causal (or full) softmax attention; see minipost/kernels/reference.py for the exact semantics. k and v may
     have fewer heads than q (grouped-query attention: Hkv divides H)."""
     if q.shape[-2] > k.shape[-2]:
         raise ValueError(f"attention: T_q={q.shape[-2]} must be <= T_k={k.shape[-2]}")

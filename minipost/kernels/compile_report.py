@@ -1,6 +1,6 @@
 """Compile every CUDA config of both kernels for sm_90 (H100/H200) on any machine, GPU or not, and report it.
 
-    python -m kernels.bench compile [--dtypes bf16 fp16 fp32] [--head-dims 64 128] [--gqa-groups 1 4] [--jobs 2]
+    python -m minipost.kernels.bench compile [--dtypes bf16 fp16 fp32] [--head-dims 64 128] [--gqa-groups 1 4] [--jobs 2]
 
 Each config the kernels would launch on a GPU (the autotune lists of flash_attention.py per padded head dim, the
 tile of logprob.py per dtype) is compiled ahead of time with `triton.compile` for GPUTarget("cuda", 90, 32),
@@ -80,8 +80,8 @@ def _compile(kernel_name, args, constexprs, num_warps, num_stages):
 
 def _kernels():
     """name -> the plain JITFunction of every kernel the report compiles."""
-    from kernels import flash_attention as fa
-    from kernels import logprob as lp
+    from minipost.kernels import flash_attention as fa
+    from minipost.kernels import logprob as lp
 
     if fa._INTERPRET:
         raise RuntimeError("the kernels were imported under TRITON_INTERPRET=1: run the report in a fresh process")
@@ -110,7 +110,7 @@ def _attention_args(name, dtype, head_dim, group=1):
 
 def _logprob_args(name, dtype, C=768):
     """Example arguments for the log-prob kernels: contiguous (N, C) hidden, (V, C) weight, padded dz rows."""
-    from kernels.logprob import padded_vocab
+    from minipost.kernels.logprob import padded_vocab
 
     common = dict(h_ptr=Ptr(dtype), w_ptr=Ptr(dtype), tgt_ptr=Ptr("i64"), N=N_TOKENS, V=VOCAB, C=C, inv_temp=1.0,
                   stride_hn=C, stride_hc=1, stride_wv=C, stride_wc=1)
@@ -122,8 +122,8 @@ def _logprob_args(name, dtype, C=768):
 
 def cases(dtypes, head_dims, groups=(1,)):
     """(kernel, dtype, head dim or None, tile label, args, constexprs, warps, stages) for every config."""
-    from kernels import flash_attention as fa
-    from kernels import logprob as lp
+    from minipost.kernels import flash_attention as fa
+    from minipost.kernels import logprob as lp
 
     torch_dtype = dict(bf16=lp.torch.bfloat16, fp16=lp.torch.float16, fp32=lp.torch.float32)
     out = []
@@ -182,7 +182,7 @@ def report(dtypes, head_dims, groups, jobs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m kernels.bench compile", description="sm_90 compile report of "
+    p = argparse.ArgumentParser(prog="python -m minipost.kernels.bench compile", description="sm_90 compile report of "
                                 "every CUDA config of both kernels (no GPU needed)")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128], choices=[16, 32, 64, 128],

@@ -1,6 +1,6 @@
 """Benchmark of the fused token log-prob op on the path training takes, against the library paths.
 
-    python -m kernels.bench_logprob [--n 4096 16384] [--c 768 2048] [--v 2048 50257] [--dtype autocast]
+    python -m minipost.kernels.bench_logprob [--n 4096 16384] [--c 768 2048] [--v 2048 50257] [--dtype autocast]
                                     [--methods minipost torch compile liger] [--quick]
 
 On CUDA, for every (N, C, V) cell and method, the SFT objective -mean(logp) over the kept tokens (a prompt-like
@@ -42,8 +42,8 @@ def unfused_token_logprobs(hidden, weight, targets, temperature=1.0):
 
 def correctness(device):
     """Max errors of the Triton kernel vs a float64 run of the torch reference, at small shapes."""
-    from kernels.logprob import triton_token_logprobs
-    from kernels.reference import token_logprobs_reference
+    from minipost.kernels.logprob import triton_token_logprobs
+    from minipost.kernels.reference import token_logprobs_reference
 
     rows = []
     for N, V, C, dtype in [(7, 37, 48, torch.float32), (129, 1000, 16, torch.float32), (64, 300, 48, torch.bfloat16),
@@ -80,7 +80,7 @@ def _free():
 
 def _methods():
     """name -> fn(hidden, weight, targets) -> SFT loss, or None where the method is not installed."""
-    import kernels
+    from minipost import kernels
 
     def minipost(hidden, weight, targets):
         keep = targets >= 0
@@ -182,7 +182,7 @@ def bench(args):
     name = torch.cuda.get_device_name()
     print(f"device: {name}; torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}; "
           f"--dtype {args.dtype}; median of do_bench(warmup={args.warmup} ms, rep={args.rep} ms)")
-    print("command: python -m kernels.bench_logprob " + " ".join(sys.argv[1:]))
+    print("command: python -m minipost.kernels.bench_logprob " + " ".join(sys.argv[1:]))
     cells = []
     for N, C, V in args.cells:
         for method in args.methods:
@@ -211,7 +211,7 @@ def _row(cell):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m kernels.bench_logprob")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m minipost.kernels.bench_logprob")
     p.add_argument("--n", type=int, nargs="+", default=GRID["n"], help="tokens N")
     p.add_argument("--c", type=int, nargs="+", default=GRID["c"], help="hidden size C")
     p.add_argument("--v", type=int, nargs="+", default=GRID["v"], help="vocabulary size V")
@@ -224,7 +224,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     args = p.parse_args(argv)
-    if args.quick:  # the two cells kernels/logprob.py's cost model predicts
+    if args.quick:  # the two cells minipost/kernels/logprob.py's cost model predicts
         args.cells = [(16384, 768, 50257), (8192, 2048, 2048)]
     else:
         args.cells = [(n, c, v) for n in args.n for c in args.c for v in args.v]

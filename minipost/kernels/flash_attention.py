@@ -2,7 +2,7 @@
 
     triton_attention(q, k, v, causal=True) -> o        q (B, H, Tq, D), k and v (B, Hkv, Tk, D), Tq <= Tk
 
-Same semantics as kernels/reference.py: o = softmax(q k^T / sqrt(D) + mask) v, where with causal=True the
+Same semantics as minipost/kernels/reference.py: o = softmax(q k^T / sqrt(D) + mask) v, where with causal=True the
 queries are the last Tq positions of the key sequence, so query i sees keys j <= i + (Tk - Tq) (the mask is
 aligned bottom-right). The (Tq, Tk) score matrix never reaches device memory. Grouped-query attention: Hkv
 divides H and query head h reads key/value head h // (H / Hkv) straight from k and v (GROUP = H / Hkv query
@@ -30,7 +30,7 @@ Head dims 16, 32, 64 and 128 run as they are; any other D <= 128 is padded to th
 masked loads. Inputs may be float32 (full-precision "ieee" dots), float16 or bfloat16 (tensor cores,
 float32 accumulation; P and dS are rounded to the input dtype before their matmuls, as in FlashAttention).
 Any strides are accepted. On CUDA the block sizes are autotuned over a few configs per dtype and head dim, none
-of which spills on sm_90 (`python -m kernels.bench compile`); under Triton's interpreter (TRITON_INTERPRET=1,
+of which spills on sm_90 (`python -m minipost.kernels.bench compile`); under Triton's interpreter (TRITON_INTERPRET=1,
 CPU tensors) small fixed blocks keep the tests fast.
 """
 import math
@@ -347,7 +347,7 @@ _INTERPRET = not isinstance(_attn_fwd_kernel, triton.runtime.JITFunction)
 
 # (BLOCK_M, BLOCK_N, num_stages, num_warps) tried per padded head dim on CUDA, for 16-bit inputs (H100-sized:
 # 128-row query tiles, 64/128-key tiles). Every one compiles for sm_90 without spilling and within shared
-# memory: `python -m kernels.bench compile` checks it (registers, spills and wgmma counts from the cubin).
+# memory: `python -m minipost.kernels.bench compile` checks it (registers, spills and wgmma counts from the cubin).
 _CONFIGS = {
     "fwd": {16: [(128, 64, 3, 4), (128, 128, 3, 8), (64, 64, 3, 4), (64, 32, 2, 4)],
             64: [(128, 64, 3, 4), (128, 128, 3, 8), (128, 64, 4, 8), (64, 64, 3, 4), (64, 32, 2, 4)],

@@ -1,8 +1,8 @@
 """Benchmark of the fused attention kernel on the path training takes, or a correctness check without a GPU.
 
-    python -m kernels.bench_attention                      # T in 512..2048, D in 64, 128, bf16, causal
-    python -m kernels.bench_attention --T 2048 --D 128     # one shape
-    python -m kernels.bench_attention --non-causal --dtype fp16
+    python -m minipost.kernels.bench_attention                      # T in 512..2048, D in 64, 128, bf16, causal
+    python -m minipost.kernels.bench_attention --T 2048 --D 128     # one shape
+    python -m minipost.kernels.bench_attention --non-causal --dtype fp16
 
 On CUDA, for each (T, D): B*T = --tokens (16k) and H*D = --hidden (2048). The inputs are what the model passes
 under autocast: q, k, v (B, H, T, D) are strided views of one packed (B, T, 3*H*D) c_attn output in the 16-bit
@@ -18,7 +18,7 @@ FLOPs follow FlashAttention's convention: forward 4*B*H*T^2*D, halved when causa
 output and the packed qkv gradient with sdpa-flash's, relative to their largest value.
 
 Without CUDA the kernels run in Triton's interpreter on small CPU shapes and the script prints their max
-errors against a float64 run of kernels/reference.py (exit status 1 if any exceeds its tolerance).
+errors against a float64 run of minipost/kernels/reference.py (exit status 1 if any exceeds its tolerance).
 """
 import argparse
 import datetime
@@ -30,7 +30,7 @@ import torch
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m kernels.bench_attention", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minipost.kernels.bench_attention", description=__doc__.split("\n")[0])
     p.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048], help="sequence lengths")
     p.add_argument("--D", type=int, nargs="+", default=[64, 128], help="head dims")
     p.add_argument("--tokens", type=int, default=16384, help="B*T, total tokens per batch")
@@ -67,7 +67,7 @@ def naive_attention(q, k, v, causal):
 
 
 def minipost_path(q, k, v, causal):
-    import kernels
+    from minipost import kernels
 
     return kernels.attention(q, k, v, causal=causal)
 
@@ -118,7 +118,7 @@ def gpu_main(args):
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{datetime.date.today()} | {args.dtype}, {'causal' if causal else 'non-causal'}, "
           f"B*T={args.tokens}, H*D={args.hidden}, q/k/v strided views of the packed qkv")
-    print("command: python -m kernels.bench_attention " + " ".join(sys.argv[1:]))
+    print("command: python -m minipost.kernels.bench_attention " + " ".join(sys.argv[1:]))
     rows = []
     for D in args.D:
         H = args.hidden // D
@@ -170,8 +170,8 @@ def gpu_main(args):
 
 
 def interpreter_main():
-    from kernels.flash_attention import triton_attention
-    from kernels.reference import attention_reference
+    from minipost.kernels.flash_attention import triton_attention
+    from minipost.kernels.reference import attention_reference
 
     # (B, H, Tq, Tk, D, causal, dtype, tolerance as a fraction of the reference's max |value|)
     cases = [(1, 2, 64, 64, 16, True, torch.float32, 1e-5), (1, 2, 37, 100, 32, True, torch.float32, 1e-5),
@@ -212,11 +212,11 @@ def main(argv=None):
         return gpu_main(args)
     print("no GPU found: running correctness check in the Triton interpreter only")
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before kernels.flash_attention (and its @triton.jit) is imported
-    mod = sys.modules.get("kernels.flash_attention")
+    mod = sys.modules.get("minipost.kernels.flash_attention")
     if mod is not None and not getattr(mod, "_INTERPRET", False):
         # the kernels were already compiled for a GPU in this process: redo the check in a fresh one
         env = {**os.environ, "TRITON_INTERPRET": "1"}
-        return subprocess.run([sys.executable, "-m", "kernels.bench_attention", *argv], env=env).returncode
+        return subprocess.run([sys.executable, "-m", "minipost.kernels.bench_attention", *argv], env=env).returncode
     return interpreter_main()
 
 

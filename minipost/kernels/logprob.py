@@ -9,7 +9,7 @@ With logits z = hidden @ weight.T / temperature  (N, V),  lse_i = log sum_j exp(
     entropy_i = -sum_j p_ij log p_ij = log s_i - u_i / s_i,
         with m_i = max_j z_ij,  s_i = sum_j e^(z_ij - m_i),  u_i = sum_j e^(z_ij - m_i) (z_ij - m_i)
 
-Both are float32 of shape (N,). Semantics are those of kernels/reference.py:token_logprobs_reference.
+Both are float32 of shape (N,). Semantics are those of minipost/kernels/reference.py:token_logprobs_reference.
 
 Forward (_token_logprob_fwd_kernel): one program per (token block, vocabulary split). It walks its vocabulary
 tiles; each logits tile (BLOCK_N, BLOCK_V) is a tl.dot accumulated in float32 over C in BLOCK_C chunks, then
@@ -48,13 +48,13 @@ Predicted on an H100/H200 (bf16 GEMMs at ~600 TFLOP/s achieved, ~3 TB/s; not yet
       this kernel 5.1 TFLOP = 8.4 ms + 4.9 GB dz + 4.3 GB dW adds (7 chunks) = 3 ms -> ~11 ms (1.6x), 0.4 GB.
   (N, C, V) = (8192, 2048, 2048): unfused 0.21 TFLOP = 0.34 ms + 0.7 GB = 0.23 ms -> ~0.6 ms;
       this kernel 0.27 TFLOP = 0.46 ms + 0.1 GB -> ~0.5 ms (1.1x): a small vocabulary gains little either way.
-kernels/bench_logprob.py measures these; kernels/BENCHMARKS.md records what a GPU gave.
+minipost/kernels/bench_logprob.py measures these; minipost/kernels/BENCHMARKS.md records what a GPU gave.
 
 Precision: float32 accumulation everywhere. Float32 inputs use input_precision="ieee" dots (full float32; TF32's
 10-bit mantissa would miss the 1e-5 target). bf16/fp16 inputs use tensor-core dots with float32 accumulation:
 products of 16-bit numbers are exact in float32, so logits lose nothing; dz is rounded to the input dtype only as
 the operand of the gradient GEMMs (as in any bf16 autograd graph), never the logits or lse. Under autocast,
-kernels/__init__.py hands this op the autocast dtype (hidden and weight rounded to it), so training takes the
+minipost/kernels/__init__.py hands this op the autocast dtype (hidden and weight rounded to it), so training takes the
 tensor-core path.
 """
 import math
@@ -209,8 +209,8 @@ def _interpreted(t):
 # (BLOCK_N, BLOCK_V, BLOCK_C, num_warps, num_stages) on CUDA, per input dtype, for both kernels: one tile shape
 # so that the backward's recomputed logits are bit-identical to those the forward's lse came from (with other
 # shapes rounding differs, and on near-one-hot rows p_target strays from 1 by the logits' rounding error, and
-# so does the gradient). Chosen by compiling for sm_90 (`python -m kernels.bench compile`: registers, no
-# spills, shared memory, wgmma instructions), not by timing: a GPU run should tune them (kernels/bench_logprob.py).
+# so does the gradient). Chosen by compiling for sm_90 (`python -m minipost.kernels.bench compile`: registers, no
+# spills, shared memory, wgmma instructions), not by timing: a GPU run should tune them (minipost/kernels/bench_logprob.py).
 # Float32 (ieee dots on CUDA cores, for tests and users who ask for it) gets smaller tiles.
 CUDA_CONFIGS = {torch.bfloat16: (128, 128, 64, 8, 3), torch.float16: (128, 128, 64, 8, 3),
                 torch.float32: (64, 64, 16, 8, 2)}

@@ -1,6 +1,6 @@
 """What the two kernels compute, in plain PyTorch.
 
-This is the CPU path of minipost (dispatch in kernels/__init__.py) and the readable statement of each op.
+This is the CPU path of minipost (dispatch in minipost/kernels/__init__.py) and the readable statement of each op.
 The Triton versions in flash_attention.py and logprob.py must agree with these; the tests compare both against
 float64 runs of these same functions.
 """
