@@ -3,7 +3,8 @@ written by hand (no transformers, tokenizers or safetensors packages).
 
 A folder, as `huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct` leaves it or `export_hf` writes it:
 
-    config.json                    model_type llama | qwen2 | mistral, sizes, rms_norm_eps, rope_theta, rope_scaling
+    config.json                    model_type llama | qwen2 | mistral, sizes, rms_norm_eps, and the rotary settings:
+                                   transformers 4.x's rope_theta + rope_scaling, or 5.x's rope_parameters
     model.safetensors              the weights (float32, bfloat16 or float16), or shards
     model-00001-of-00002.safetensors ...   with model.safetensors.index.json {"weight_map": {tensor: shard}}
     tokenizer.json                 byte-level BPE: vocab, merges, pre-tokenizer regex, normalizer, added tokens
@@ -23,16 +24,29 @@ map onto minipost's GPT-2 names, per layer N (model.layers.N. -> transformer.h.N
     lm_head                                    lm_head (left out of a tied model's files, as HF does)
 
 Refused with one line: other model types, mixtures of experts, sliding-window attention, rope scaling other
-than linear and llama3, biases beyond q/k/v, activations other than SiLU, a head_dim that is not
-hidden_size / num_attention_heads. A Mistral folder without a sliding window is a Llama and is exported as one.
+than linear and llama3 (or with fields minipost does not compute), partial rotary, biases beyond q/k/v,
+activations other than SiLU, a head_dim that is not hidden_size / num_attention_heads. A Mistral folder
+without a sliding window is a Llama and is exported as one.
+
+Config schemas: transformers 5 writes the rotary settings as "rope_parameters": {"rope_theta", "rope_type",
+<scaling fields>} and 4.x as top-level rope_theta and rope_scaling; both are read, and a file holding both
+must hold the same values in each. A field that changes the numbers is never filled in by a guess: rope_theta
+absent everywhere is refused; elsewhere an absent field gets what transformers' own config class gives it
+(rms_norm_eps 1e-6, silu, an untied head, num_key_value_heads as many as the query heads for Llama but 32
+for Qwen2 and 8 for Mistral), and a Mistral config without sliding_window, which transformers would run with a
+window of 4096, is refused. The dtype (5.x `dtype`, 4.x `torch_dtype`) is not read: the weights' own is.
+export_hf writes both rotary schemas, equal, and both dtype names, so that transformers 4.x and 5.x read it.
 
 Tokenizer: tiktoken merges the adjacent pair whose joined token has the lowest id; Hugging Face's BPE applies
 merges in the order of the merges list. The two agree when the ids of merged tokens grow down the merges list
 (true of Llama 3's and Qwen2's vocabularies, converted from tiktoken, and of vocabularies trained by HF's BPE
 trainer, which numbers tokens as it creates them); the reader checks it. Later merges that make a token
 again (HF's converter lists every split of a token) keep that token's id as their priority; tiktoken also
-uses a whole pre-token that is itself in the vocabulary directly (HF's ignore_merges). Added tokens become
-tiktoken special tokens: render() inserts them, text never produces them (minipost's rule for every tokenizer).
+uses a whole pre-token that is itself in the vocabulary directly (HF's ignore_merges). Single bytes may be
+missing from the vocabulary (real ones lack bytes never seen in training: SmolLM2 lacks 21); text holding one
+is encoded as Hugging Face encodes it, the byte dropped from its pre-token (minipost.tokenizer.Tokenizer).
+Added tokens become tiktoken special tokens: render() inserts them, text never produces them (minipost's rule
+for every tokenizer); export lists them in the vocabulary too, where transformers keeps their ids.
 The chat format is read off the chat template's markers (minipost does not run Jinja): ChatML or Llama 3's
 headers, else minipost's own on new ids. A default system message that a template inserts by itself (Qwen2.5's,
 SmolLM2's, Llama 3.1's date header) is not added: pass it as the first message if the model expects it.

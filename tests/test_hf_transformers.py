@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from minipost.checkpoint import load_checkpoint
-from minipost.hf import export_hf, hf_config, load_hf_folder, load_hf_tokenizer
+from minipost.hf import GPT2_DIGITS_PATTERN, export_hf, hf_config, load_hf_folder, load_hf_tokenizer
 from minipost.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers", reason="needs transformers 5 (pip install -e '.[test]')")
@@ -213,3 +213,14 @@ def test_the_real_smollm2_tokenizer_loads_and_drops_missing_bytes_as_hugging_fac
         assert tok.encode(f"a{ch}b") == tok.encode("a") + tok.encode(ch) + tok.encode("b")
     tok.save(tmp_path / "tok.json")  # a minipost checkpoint's copy encodes the same
     assert Tokenizer.load(tmp_path / "tok.json").encode(texts[-3]) == tok.encode(texts[-3])
+    # SmolLM2's own tokenizer.json (on the Hub) puts Digits(individual) before ByteLevel: the same vocabulary
+    # under that pre-tokenizer, against tokenizers itself
+    tj = json.loads((tmp_path / "smol" / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    (tmp_path / "smol" / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    digits, reference = load_hf_tokenizer(tmp_path / "smol"), tokenizers.Tokenizer.from_str(json.dumps(tj))
+    assert digits.enc._pat_str == GPT2_DIGITS_PATTERN and digits.absent == tok.absent
+    for text in [t for t in texts if "<|" not in t] + ["x\x04 12\x0634 5\x1d6 \x04 7 !\x048"]:
+        assert digits.encode(text) == reference.encode(text, add_special_tokens=False).ids, repr(text)
