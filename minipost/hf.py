@@ -95,7 +95,7 @@ def _rope_dict(hf: dict, key: str):
     if not isinstance(rp, dict):
         raise ValueError(f"{key} must be an object, got {rp!r:.80}")
     kind = rp.get("rope_type", rp.get("type", "default"))  # no type: transformers computes the default rotary
-    if kind != "default" and kind not in ROPE_SCALING:
+    if not isinstance(kind, str) or kind != "default" and kind not in ROPE_SCALING:
         raise ValueError(f"{key} type {kind!r} is not supported (minipost computes default, "
                          f"{' and '.join(ROPE_SCALING)})")
     fields = ROPE_SCALING.get(kind, ())
@@ -120,11 +120,12 @@ def _rope(hf: dict):
                                         *((f"{key}.rope_theta", d[0]) for key, d in found.items())] if t is not None}
     if not thetas:
         raise ValueError("rope_theta is neither at the top level nor in rope_parameters (no default is assumed)")
+    for where, theta in thetas.items():
+        if type(theta) not in (int, float) or not 0 < theta < float("inf"):
+            raise ValueError(f"{where} must be a positive number, got {theta!r:.80}")
     if len(set(thetas.values())) > 1:
         raise ValueError("rope_theta differs between " + " and ".join(f"{k}={v}" for k, v in thetas.items()))
     theta = next(iter(thetas.values()))
-    if type(theta) not in (int, float) or not 0 < theta < float("inf"):
-        raise ValueError(f"rope_theta must be a positive number, got {theta!r}")
     scalings = [d[1] for d in found.values()]
     if len(scalings) == 2 and scalings[0] != scalings[1]:
         raise ValueError(f"rope_parameters {scalings[0]} and rope_scaling {scalings[1]} disagree")
@@ -147,8 +148,11 @@ def hf_config(hf: dict) -> GPTConfig:
                          "(sliding-window attention is not supported; write null for none)")
     if hf.get("sliding_window") is not None and (kind == "mistral" or hf.get("use_sliding_window")):
         raise ValueError(f"sliding_window={hf['sliding_window']}: sliding-window attention is not supported")
-    if (layer_types := hf.get("layer_types")) is not None and set(layer_types) - {"full_attention"}:
-        raise ValueError(f"layer_types {sorted(set(layer_types))}: only full_attention layers are supported")
+    layer_types = hf.get("layer_types")  # transformers 5's per-layer attention kinds (Qwen2 writes them)
+    attention_kinds = set(map(str, layer_types)) if isinstance(layer_types, list) else None
+    if layer_types is not None and (attention_kinds is None or attention_kinds - {"full_attention"}):
+        shown = sorted(attention_kinds) if attention_kinds is not None else layer_types
+        raise ValueError(f"layer_types {shown!r:.120}: only full_attention layers are supported")
     if hf.get("hidden_act", "silu") != "silu":  # silu: every one of the three classes' default
         raise ValueError(f"hidden_act={hf['hidden_act']!r}: minipost's SwiGLU uses silu")
     for flag in ("attention_bias", "mlp_bias"):  # LlamaConfig's, false by default; Qwen2's q/k/v biases are fixed

@@ -159,6 +159,7 @@ def test_a_trained_vocabulary_without_some_bytes_encodes_as_hugging_face(hf_toke
 # ----------------------------------------------------------------------------- config schemas, by hand
 
 BASE = dict(model_type="llama", vocab_size=64, **SIZES)
+LINEAR = {"type": "linear", "factor": 2.0}  # minipost's form of it
 
 
 @pytest.mark.parametrize("extra,theta,scaling", [
@@ -169,10 +170,10 @@ BASE = dict(model_type="llama", vocab_size=64, **SIZES)
                                                                            if k != "rope_type"}}),
     (dict(rope_parameters={**LLAMA3, "rope_theta": 5e5}), 5e5, {"type": "llama3", **{
         k: v for k, v in LLAMA3.items() if k != "rope_type"}}),
-    (dict(rope_parameters={"type": "linear", "factor": 2.0, "rope_theta": 7.0}), 7.0, {"type": "linear", "factor": 2.0}),
+    (dict(rope_parameters={"type": "linear", "factor": 2.0, "rope_theta": 7.0}), 7.0, LINEAR),
     # what export_hf writes: both schemas, equal
     (dict(rope_theta=7.0, rope_scaling={"rope_type": "linear", "factor": 2.0},
-          rope_parameters={"rope_theta": 7.0, "rope_type": "linear", "factor": 2.0}), 7.0, {"type": "linear", "factor": 2.0}),
+          rope_parameters={"rope_theta": 7.0, "rope_type": "linear", "factor": 2.0}), 7.0, LINEAR),
 ])
 def test_both_rope_schemas(extra, theta, scaling):
     config = hf_config({**BASE, **extra})

@@ -43,7 +43,8 @@ print(json.dumps({"kernels": kernels.__file__, "hub": str(hub.locate_file("kerne
                   "has_get_kernel": hasattr(kernels, "get_kernel"),
                   "minipost": sys.modules["minipost.model"].__file__, "minipost_kernels": minipost.kernels.__file__,
                   "logits": list(logits.shape), "finite": bool(logits.isfinite().all()), "help_exit": code,
-                  "help": help_text.getvalue()[:200], "classes": [GPT2LMHeadModel.__name__, LlamaForCausalLM.__name__]}))
+                  "help": help_text.getvalue()[:200],
+                  "classes": [GPT2LMHeadModel.__name__, LlamaForCausalLM.__name__]}))
 """
 
 
