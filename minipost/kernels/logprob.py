@@ -81,6 +81,20 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _to_bf16_rounded(x, dtype, INTERPRETED_BF16: tl.constexpr):
+    """x.to(dtype), rounding to nearest even. Compiled Triton rounds float32 -> bf16 that way; its interpreter
+    (3.6 - 3.9) truncates, a bias of up to 1 ulp that doubled the interpreter's dhidden error. There, add half an ulp
+    (minus one, plus the kept bit: ties to even) to the float32 bits first, so that truncating rounds to nearest.
+    Finite normal numbers only (dz is finite); zeros and subnormals, which the interpreter converts its own way,
+    pass unchanged."""
+    if INTERPRETED_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        nearest = (bits + 0x7FFF + ((bits >> 16) & 1)).to(tl.float32, bitcast=True)
+        x = tl.where(tl.abs(x) >= 1.1754943508222875e-38, nearest, x)  # float32's smallest normal
+    return x.to(dtype)
+
+
+@triton.jit
 def _logits_tile(a_ptr, b_ptr, a_idx, b_idx, a_mask, b_mask, stride_a0, stride_a1, stride_b0, stride_b1, K,
                  BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -195,7 +209,7 @@ def _dlogits_kernel(
     dz = _dlogits(z, cols[None, :] == tgt[:, None], col_ok[None, :], lse[:, None], g[:, None], k[:, None],
                   ent[:, None], HAS_ENT) * inv_temp
     ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dn + cols[None, :]
-    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(ptrs, _to_bf16_rounded(dz, dz_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,7 +298,13 @@ def padded_vocab(V):
 
 def _mm_f32(a, b):
     """a @ b with float32 output. 16-bit CUDA operands: a tensor-core GEMM that accumulates and writes float32
-    (torch >= 2.8's out_dtype). Elsewhere widen first: exact for 16-bit values, so the result is the same."""
+    (torch >= 2.8's out_dtype). Elsewhere widen first: exact for 16-bit values, so the result is the same.
+
+    Also for dh = dz @ W, whose output is small (n, C) and whose reduction long (V): with a bf16 output, cuBLAS
+    splits such a K = V sum and may add the partial sums in bf16 (torch.backends.cuda.matmul.
+    allow_bf16_reduced_precision_reduction, on by default), several roundings of 2^-9 each: the likely cause of
+    dhidden's 2.2e-2 error on an H200 at (16384, 768, 50257), vs 3.7e-3 for unfused torch, whose (N, V) gradient
+    has an odd row stride that rules out those cuBLAS kernels. A float32 output rounds once, at the end."""
     if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
@@ -322,7 +342,7 @@ def _backward(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp, ne
                 h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
                 HAS_ENT=has_ent, **opts)
             if need_dh:
-                dh.index_copy_(0, keep[s:e], (dz @ weight).to(hidden.dtype))  # (n, C)
+                dh.index_copy_(0, keep[s:e], _mm_f32(dz, weight).to(hidden.dtype))  # (n, C), rounded once
             if need_dw:
                 dw32 += _mm_f32(dz.T, h[s:e])  # (V, C)
     return dh, (dw32.to(weight.dtype) if need_dw else None)
