@@ -12,7 +12,8 @@ dtype, and the gradient flows back into that packed tensor. Paths:
   sdpa-cudnn  the same with the cuDNN backend ("n/a" where it is unavailable or fails)
   naive       softmax(q k^T / sqrt(D) + mask) v in plain torch: the (T, T) scores in memory
   compile     torch.compile of naive
-Times are triton.testing.do_bench medians (ms) after warm-up (compilation and autotuning done beforehand).
+Times are triton.testing.do_bench medians (ms) after warm-up (compilation and autotuning done beforehand); the
+backward is (forward+backward) - forward (fwd_bwd_times: torch.compile refuses a retained graph).
 FLOPs follow FlashAttention's convention: forward 4*B*H*T^2*D, halved when causal; backward 2.5x forward.
 "peak MiB" is the peak memory allocated by one forward+backward beyond the inputs. "max err" compares the
 output and the packed qkv gradient with sdpa-flash's, relative to their largest value.
@@ -72,6 +73,15 @@ def minipost_path(q, k, v, causal):
     return kernels.attention(q, k, v, causal=causal)
 
 
+def fwd_bwd_times(fwd, fwd_bwd, timer):
+    """(forward, backward, both) ms by timer(callable). The backward is (forward + backward) - forward, each graph
+    built and consumed once as in training: torch.compile's backward donates its saved buffers and refuses
+    backward(retain_graph=True) on one graph (issue 26). The same for every path, so the columns compare."""
+    t_fwd = timer(fwd)
+    t_all = timer(fwd_bwd)
+    return t_fwd, t_all - t_fwd, t_all
+
+
 def bench_path(fn, qkv, split, do, causal):
     """(fwd ms, bwd ms, fwd+bwd ms, peak MiB, o, dqkv); the first calls compile and autotune."""
     from triton.testing import do_bench
@@ -85,11 +95,7 @@ def bench_path(fn, qkv, split, do, causal):
     fwd_bwd()  # compile + autotune outside the timed region (do_bench sizes its loop from a first call)
     fwd_bwd()
     torch.cuda.synchronize()
-    t_fwd = do_bench(fwd, grad_to_none=[qkv], return_mode="median")
-    o = fwd()
-    t_bwd = do_bench(lambda: o.backward(do, retain_graph=True), grad_to_none=[qkv], return_mode="median")
-    del o
-    t_all = do_bench(fwd_bwd, grad_to_none=[qkv], return_mode="median")
+    t_fwd, t_bwd, t_all = fwd_bwd_times(fwd, fwd_bwd, lambda f: do_bench(f, grad_to_none=[qkv], return_mode="median"))
     qkv.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()

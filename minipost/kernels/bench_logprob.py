@@ -11,7 +11,8 @@ first quarter of the targets is ignored, -100), forward and backward:
   liger     Liger-Kernel's fused linear cross-entropy, when liger_kernel is installed ("n/a" otherwise)
 --dtype autocast (the default) is the production path: hidden states and LM head are float32 tensors (what
 ln_f and the parameter are) and everything runs under torch.autocast(bf16). bf16 / fp16 / fp32 pass tensors of
-that dtype without autocast. Reported: median times (triton.testing.do_bench) of forward, backward and both;
+that dtype without autocast. Reported: median times (triton.testing.do_bench) of forward and forward+backward, and their difference as
+the backward (fwd_bwd_times: no retained graph, which torch.compile's backward refuses);
 TFLOP/s counting only kept tokens (forward 2 n C V, backward 4 n C V: the useful matmuls, not the kernel's
 recomputation); peak memory of one forward+backward above the inputs; and the errors of logp, dhidden and
 dweight against a float32 torch run on the same (rounded) inputs, relative to their largest value.
@@ -112,6 +113,18 @@ def _reference(hidden, weight, targets):
     return h.grad, w.grad
 
 
+def fwd_bwd_times(fn, hidden, weight, targets, timer):
+    """(forward, backward, both) times of loss = fn(hidden, weight, targets) by timer(callable) -> ms.
+
+    The backward is timed as (forward + backward) - forward, each graph built and consumed once as in training,
+    not as loss.backward(retain_graph=True) over one graph: torch.compile's backward reuses ("donates") the
+    buffers of the tensors saved for it and refuses a retained graph (issue 26; it also keeps every saved
+    tensor alive, which no training step does). Same for every method, so the columns stay comparable."""
+    t_fwd = timer(lambda: fn(hidden, weight, targets))
+    t_all = timer(lambda: fn(hidden, weight, targets).backward())
+    return t_fwd, t_all - t_fwd, t_all
+
+
 def bench_cell(method, fn, N, C, V, args):
     """Times, peak memory and errors of one method at one size -> dict (missing values where it failed)."""
     import triton.testing
@@ -142,13 +155,8 @@ def bench_cell(method, fn, N, C, V, args):
                                                 for a, b in zip((hidden.grad, weight.grad), want)]
             del loss, want
             hidden.grad = weight.grad = None
-            grads = [hidden, weight]
-            out["fwd"] = triton.testing.do_bench(lambda: fn(hidden, weight, targets), **bench)
-            loss = fn(hidden, weight, targets)
-            out["bwd"] = triton.testing.do_bench(lambda: loss.backward(retain_graph=True), grad_to_none=grads, **bench)
-            del loss
-            out["fwd+bwd"] = triton.testing.do_bench(lambda: fn(hidden, weight, targets).backward(),
-                                                     grad_to_none=grads, **bench)
+            timer = lambda f: triton.testing.do_bench(f, grad_to_none=[hidden, weight], **bench)  # noqa: E731
+            out["fwd"], out["bwd"], out["fwd+bwd"] = fwd_bwd_times(fn, hidden, weight, targets, timer)
     except torch.cuda.OutOfMemoryError:
         out["oom"] = True
     except Exception as e:  # e.g. torch.compile or liger failing: report it, keep the other cells
