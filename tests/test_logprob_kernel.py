@@ -243,18 +243,25 @@ def test_sft_loss_equals_cross_entropy():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_crosses_chunk_edges(monkeypatch, dtype):
-    """The backward works through the kept tokens in chunks; with CHUNK_BYTES shrunk to one token tile, 140
-    tokens (a third and a whole block ignored: 72 kept) take three chunks, the last partial: each chunk's dz, its dh rows
-    and the float32 sum of dW over chunks must still match float64."""
-    V = 300
-    bn = (logprob.INTERPRET_CONFIG if DEVICE == "cpu" else logprob.CUDA_CONFIGS[dtype])[0]  # token tile
-    hidden, weight, targets, g_logp, g_ent = _inputs(32 + int(3.4 * bn), V, 48, dtype)  # 140 tokens at bn = 32
-    row_bytes = logprob.padded_vocab(V) * hidden.element_size()
-    monkeypatch.setattr(logprob, "CHUNK_BYTES", bn * row_bytes)
+@pytest.mark.parametrize("slices", [1, 3])
+def test_backward_crosses_chunk_and_slice_edges(monkeypatch, dtype, slices):
+    """The backward works through vocabulary slices and, in each, the kept tokens in chunks; with CHUNK_BYTES shrunk
+    to one token tile, 140 tokens (a third and a whole block ignored: 72 kept) take three chunks, the last partial;
+    with SLICE_BYTES shrunk, V = 300 takes three slices of two vocabulary tiles (128 + 128 + 44 columns at the
+    interpreter's 64-column tile), targets in each. Each block's dz, the float32 sums of dh over slices and of dW
+    over chunks, and their rounding must still match float64."""
+    V, C = 300, 48
+    bn, bv = (logprob.INTERPRET_CONFIG if DEVICE == "cpu" else logprob.CUDA_CONFIGS[dtype])[:2]  # tiles
+    hidden, weight, targets, g_logp, g_ent = _inputs(32 + int(3.4 * bn), V, C, dtype)  # 140 tokens at bn = 32
+    cols = V if slices == 1 else 2 * bv
+    monkeypatch.setattr(logprob, "SLICE_BYTES", 4 * C * cols if slices > 1 else 4 * C * V)
+    monkeypatch.setattr(logprob, "CHUNK_BYTES", bn * logprob.padded_vocab(cols) * hidden.element_size())
     kept = int((targets >= 0).sum())
-    assert logprob._chunk_tokens(kept, logprob.padded_vocab(V), hidden.element_size(), bn) == bn
+    assert logprob._slice_columns(V, C, bv) == cols and -(-V // cols) == min(slices, -(-V // cols))
+    assert logprob._chunk_tokens(kept, logprob.padded_vocab(cols), hidden.element_size(), bn) == bn
     assert 2 * bn < kept < 3 * bn
+    if slices > 1 and DEVICE == "cpu":  # targets fall in every slice
+        assert {int(t) // cols for t in targets[targets >= 0]} == {0, 1, 2}
     _check_against_float64(hidden, weight, targets, 0.9, g_logp, g_ent)
 
 
