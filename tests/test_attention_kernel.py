@@ -304,3 +304,35 @@ def test_autocast_hands_attention_bf16(monkeypatch, mode):
     for name, got, want in [("o", o, o64), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)]:
         scale = max(want.abs().max().item(), scales[name])
         torch.testing.assert_close(got.double(), want, rtol=0, atol=TOL[torch.bfloat16] * scale, msg=name)
+
+
+def test_autotuning_persists_and_buckets_lengths():
+    """The interpreter does not autotune, so this checks the tuning's set-up, not its speed: the autotuners keep
+    their results on disk (Triton's cache_results, which 3.6 and 3.9 both take; Triton turns it off only under
+    the interpreter), time configs briefly, and key lengths by bucket: one for T <= 256, then powers of two (3
+    buckets up to 1024, not 7)."""
+    opts = attn_mod.autotune_options()
+    assert opts["cache_results"] is True and opts["key"] == attn_mod._TUNE_KEY
+    assert opts["do_bench"].keywords == dict(warmup=attn_mod.TUNE_WARMUP_MS, rep=attn_mod.TUNE_REP_MS)
+    tuned = attn_mod.make_tuned()  # what CUDA runs: triton.autotune takes every option and key name
+    assert sorted(tuned) == ["dkdv", "dq", "fwd"]
+    for tuner in tuned.values():
+        assert tuner.keys == attn_mod._TUNE_KEY
+        assert tuner.do_bench.keywords == opts["do_bench"].keywords
+        assert len(tuner.configs) > 1  # something to tune
+    assert [attn_mod._bucket(t) for t in (1, 17, 256, 257, 512, 513, 1024, 1025, 10**6)] == \
+        [256, 256, 256, 512, 512, 1024, 1024, 2048, 16384]
+    assert len({attn_mod._bucket(t) for t in range(1, 1025)}) == 3
+
+
+@pytest.mark.parametrize("name, group", [("fwd", 1), ("dkdv", 1), ("dkdv", 4), ("dq", 1)])
+def test_untuned_config_is_the_first_listed(monkeypatch, name, group):
+    """MINIPOST_AUTOTUNE=0 runs the first config of each kernel's list (the compile report's favourite)."""
+    monkeypatch.setenv("MINIPOST_AUTOTUNE", "0")
+    assert not attn_mod.tuning_enabled()
+    for dtype in (torch.bfloat16, torch.float32):
+        for head_dim in (16, 64, 128):
+            want = attn_mod.cuda_configs(name, dtype, head_dim, group)[0]
+            assert attn_mod.untuned_config(name, dtype, head_dim, group) == want
+    monkeypatch.setenv("MINIPOST_AUTOTUNE", "1")
+    assert attn_mod.tuning_enabled()
