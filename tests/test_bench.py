@@ -54,3 +54,36 @@ def test_attention_compile_baseline_times_backward_without_retained_graph():
     bench_attention.naive_attention(qkv[0], qkv[1], qkv[2], True).backward(do)  # eager
     want = qkv.grad.float()
     torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=2**-7 * want.abs().max().item())
+
+
+def test_train_step_flops_and_peaks():
+    """minipost/bench_train.py's model FLOPs at GPT-2 small, by hand: N = 124,439,808 parameters (tied head) less
+    the 1024 x 768 position embeddings; forward 2N + 4 L T C per token. And the bf16 peaks it divides by."""
+    from minipost import bench_train
+
+    with torch.device("meta"):  # shapes only: no 500 MB of weights
+        model = bench_train.GPT(bench_train.model_config(bench_train.parse_args([])))
+    assert model.num_params() == 124_439_808
+    assert bench_train.flops_per_token(model) == 2 * (124_439_808 - 1024 * 768) + 4 * 12 * 1024 * 768
+    assert bench_train.peak_tflops("NVIDIA H200") == bench_train.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench_train.peak_tflops("NVIDIA H100 PCIe") == 756.0 and bench_train.peak_tflops("NVIDIA A10G") is None
+
+
+def test_train_steps_dry_run_torch_path(capsys):
+    """Every objective's step runs (tiny model, CPU, torch path) and lands in the table."""
+    from minipost import bench_train
+
+    assert bench_train.main(["--cpu-dry-run", "--kernels", "torch"]) == 0
+    table = capsys.readouterr().out.split("| step | kernels |")[1]
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:] if line.startswith("|")] == \
+        ["sft", "dpo", "grpo"]
+
+
+def test_gpu_check_fits_six_minutes():
+    """gpu_check.sh: the GPU sections' timeouts sum to at most 6 minutes (a section ignoring SIGTERM gets 2 s more)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "minipost/kernels/gpu_check.sh").read_text()
+    budgets = [int(b) for name, b in re.findall(r'section "([^"]*)" (\d+)', text) if "dry run" not in name]
+    assert len(budgets) == 9 and sum(budgets) <= 6 * 60, budgets

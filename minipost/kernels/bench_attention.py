@@ -30,6 +30,9 @@ import sys
 import torch
 
 
+PATHS = ["sdpa-flash", "minipost", "sdpa-cudnn", "naive", "compile"]
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m minipost.kernels.bench_attention", description=__doc__.split("\n")[0])
     p.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048], help="sequence lengths")
@@ -38,6 +41,8 @@ def parse_args(argv):
     p.add_argument("--hidden", type=int, default=2048, help="H*D, model width")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--non-causal", action="store_true", help="full attention instead of causal")
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=PATHS, help="which paths to time; the errors "
+                   "are relative to the first that runs (sdpa-flash, when listed)")
     return p.parse_args(argv)
 
 
@@ -121,6 +126,7 @@ def gpu_main(args):
     paths = [("sdpa-flash", sdpa_path(SDPBackend.FLASH_ATTENTION)), ("minipost", minipost_path),
              ("sdpa-cudnn", sdpa_path(SDPBackend.CUDNN_ATTENTION)), ("naive", naive_attention),
              ("compile", torch.compile(naive_attention, dynamic=False))]
+    paths = [(name, fn) for name, fn in paths if name in args.paths]
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{datetime.date.today()} | {args.dtype}, {'causal' if causal else 'non-causal'}, "
           f"B*T={args.tokens}, H*D={args.hidden}, q/k/v strided views of the packed qkv")
@@ -152,7 +158,7 @@ def gpu_main(args):
                     torch.cuda.empty_cache()
                     continue
                 if ref is None:
-                    ref = (o, grad)  # sdpa-flash runs first
+                    ref = (o, grad)  # the first path that ran (sdpa-flash when listed)
                 tf = lambda flops, ms: f"{flops / (ms * 1e-3) / 1e12:.0f}"  # noqa: E731
                 rows.append((D, T, B, H, name, f"{t_fwd:.3f}", tf(f, t_fwd), f"{t_bwd:.3f}", tf(2.5 * f, t_bwd),
                              f"{t_all:.3f}", tf(3.5 * f, t_all), f"{peak:.0f}", f"{_rel_err(o, ref[0]):.1e}",

@@ -1,7 +1,7 @@
 """Benchmark of the fused token log-prob op on the path training takes, against the library paths.
 
     python -m minipost.kernels.bench_logprob [--n 4096 16384] [--c 768 2048] [--v 2048 50257] [--dtype autocast]
-                                    [--methods minipost torch compile liger] [--quick]
+                                    [--methods minipost torch compile liger] [--quick] [--cells NxCxV ...]
 
 On CUDA, for every (N, C, V) cell and method, the SFT objective -mean(logp) over the kept tokens (a prompt-like
 first quarter of the targets is ignored, -100), forward and backward:
@@ -229,10 +229,19 @@ def parse_args(argv=None):
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the gradient check (it holds "
                    "float32 (N, V) logits: large cells may not fit)")
     p.add_argument("--quick", action="store_true", help="two cells: (N, C, V) = (16384, 768, 50257), (8192, 2048, 2048)")
+    p.add_argument("--cells", nargs="+", metavar="NxCxV", help="exact cells instead of the --n x --c x --v grid, "
+                   "e.g. 16384x768x50257 8192x2048x128256")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     args = p.parse_args(argv)
-    if args.quick:  # the two cells minipost/kernels/logprob.py's cost model predicts
+    if args.cells:
+        try:
+            args.cells = [tuple(int(x) for x in cell.lower().split("x")) for cell in args.cells]
+        except ValueError:
+            args.cells = [()]
+        if any(len(c) != 3 or min(c) < 1 for c in args.cells):
+            p.error("--cells: each cell is NxCxV with positive integers, e.g. 16384x768x50257")
+    elif args.quick:  # the two cells minipost/kernels/logprob.py's cost model predicts
         args.cells = [(16384, 768, 50257), (8192, 2048, 2048)]
     else:
         args.cells = [(n, c, v) for n in args.n for c in args.c for v in args.v]
