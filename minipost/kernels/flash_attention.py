@@ -355,14 +355,17 @@ _CONFIGS = {
     "fwd": {16: [(128, 64, 3, 4), (128, 128, 3, 8), (64, 64, 3, 4), (64, 32, 2, 4)],
             64: [(128, 64, 3, 4), (128, 128, 3, 8), (128, 64, 4, 8), (64, 64, 3, 4), (64, 32, 2, 4)],
             128: [(128, 64, 3, 8), (128, 128, 3, 8), (128, 64, 2, 8), (64, 64, 3, 4), (64, 32, 2, 4)]},
-    # dK/dV: BLOCK_N keys stay on chip while BLOCK_M queries stream past
+    # dK/dV: BLOCK_N keys stay on chip while BLOCK_M queries stream past. The first config of each list is the one
+    # MINIPOST_AUTOTUNE=0 runs; at D = 64 that is 64 x 128 (BENCHMARKS.md, "attention backward"): twice the
+    # queries per step of 32 x 128 (the K side of the dS^T Q and P^T dO wgmmas), no spill, same occupancy
     "dkdv": {16: [(32, 128, 3, 4), (64, 128, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)],
-             64: [(32, 128, 3, 8), (64, 128, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)],
+             64: [(64, 128, 3, 8), (32, 128, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)],
              128: [(32, 128, 3, 8), (32, 128, 2, 8), (32, 64, 3, 4), (64, 64, 2, 8), (32, 32, 2, 4)]},
-    # dQ: BLOCK_M queries stay on chip while BLOCK_N keys stream past
+    # dQ: BLOCK_M queries stay on chip while BLOCK_N keys stream past; first 128 x 64 at D >= 64 (the K side of
+    # dS K twice that of 128 x 32, no spill, 8 resident warps per SM either way)
     "dq": {16: [(128, 32, 3, 4), (128, 64, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)],
-           64: [(128, 32, 3, 4), (128, 64, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)],
-           128: [(128, 32, 3, 8), (128, 64, 2, 8), (64, 64, 3, 4), (32, 32, 2, 4)]},
+           64: [(128, 64, 3, 8), (128, 32, 3, 4), (64, 64, 3, 4), (32, 32, 2, 4)],
+           128: [(128, 64, 2, 8), (128, 32, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)]},
 }
 # Float32 inputs take "ieee" dots: FMA loops on CUDA cores that hold far more live values, so small tiles, also
 # spill-free on sm_90 (for tests and users who ask for float32; training runs bf16 under autocast).
