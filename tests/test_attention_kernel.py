@@ -214,7 +214,7 @@ def test_dispatch_matches_reference(monkeypatch):
 def test_public_attention_survives_kernel_import():
     # in a fresh interpreter: the first Triton-path call imports minipost/kernels/flash_attention.py; the model calls
     # kernels.attention again in the next layer, so the package must still hold the function afterwards
-    code = ("import torch, kernels; q = torch.randn(1, 1, 4, 16, device='%s'); "
+    code = ("import torch; from minipost import kernels; q = torch.randn(1, 1, 4, 16, device='%s'); "
             "[kernels.attention(q, q, q) for _ in range(2)]; assert callable(kernels.attention)" % DEVICE)
     env = {**os.environ, "MINIPOST_KERNELS": "triton"}
     if INTERPRETED:

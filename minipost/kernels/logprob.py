@@ -46,7 +46,8 @@ Cost of forward + backward, flops and bytes of the (N, V) terms (B: 2 for bf16):
     kernels, read-modify-write of dh/dW)            read-modify-write
 Predicted on an H100/H200 (bf16 GEMMs at ~600 TFLOP/s achieved, ~3 TB/s; not yet measured on a GPU):
   (N, C, V) = (16384, 768, 50257): unfused 3.8 TFLOP = 6.3 ms + 35 GB = 11.5 ms -> ~18 ms, ~10 GB;
-      this kernel 5.1 TFLOP = 8.4 ms + 4.9 GB dz + 4.3 GB dW adds (7 chunks) = 3 ms -> ~11 ms (1.6x), 0.4 GB.
+      this kernel 5.1 TFLOP = 8.4 ms + 4.9 GB dz + ~4.5 GB float32 dW and dh adds (3 slices x 11 chunks) = 3 ms
+      -> ~11 ms (1.6x), 0.3 GB. (Measured on an H200, issue 26, before the slices: 17.4 ms, 0.57 GB.)
   (N, C, V) = (8192, 2048, 2048): unfused 0.21 TFLOP = 0.34 ms + 0.7 GB = 0.23 ms -> ~0.6 ms;
       this kernel 0.27 TFLOP = 0.46 ms + 0.1 GB -> ~0.5 ms (1.1x): a small vocabulary gains little either way.
 minipost/kernels/bench_logprob.py measures these; minipost/kernels/BENCHMARKS.md records what a GPU gave.
