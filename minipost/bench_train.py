@@ -107,8 +107,19 @@ class Step:
 
 
 def run_one(algo, path, args, device):
-    """-> dict of the measurements of one (objective, kernel path)."""
+    """-> dict of the measurements of one (objective, kernel path), under MINIPOST_KERNELS=path."""
+    before = os.environ.get("MINIPOST_KERNELS")
     os.environ["MINIPOST_KERNELS"] = path
+    try:
+        return _measure(algo, args, device)
+    finally:  # the caller's setting comes back (tests call main in their own process)
+        if before is None:
+            os.environ.pop("MINIPOST_KERNELS", None)
+        else:
+            os.environ["MINIPOST_KERNELS"] = before
+
+
+def _measure(algo, args, device):
     torch.manual_seed(0)
     model = GPT(model_config(args)).to(device)
     ref = GPT(model_config(args)).to(device).requires_grad_(False)
@@ -135,7 +146,8 @@ def run_one(algo, path, args, device):
         raise RuntimeError(f"{algo} / {path}: loss {loss.item()}")
     sec = statistics.median(times)
     flops = flops_per_token(model) * (fwd_tokens + 2 * bwd_tokens)  # backward: twice the forward
-    out = dict(algo=algo, path=path, sec=sec, tok_s=bwd_tokens / sec, tflops=flops / sec / 1e12,
+    out = dict(algo=algo, path=os.environ["MINIPOST_KERNELS"], sec=sec, tok_s=bwd_tokens / sec,
+               tflops=flops / sec / 1e12,
                mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None, loss=loss.item())
     del model, ref, opt, step
     if cuda:

@@ -5,6 +5,8 @@ CPU as on CUDA) and refuses backward(retain_graph=True), which the benchmarks us
 They now time forward and forward+backward (fwd_bwd_times) and subtract. Inductor compiles for the CPU here,
 at one tiny shape per benchmark, with a timer that just calls; timing itself is the benchmarks' business.
 """
+import os
+
 import torch
 
 from minipost.kernels import bench_attention, bench_logprob
@@ -73,7 +75,9 @@ def test_train_steps_dry_run_torch_path(capsys):
     """Every objective's step runs (tiny model, CPU, torch path) and lands in the table."""
     from minipost import bench_train
 
+    before = os.environ.get("MINIPOST_KERNELS")
     assert bench_train.main(["--cpu-dry-run", "--kernels", "torch"]) == 0
+    assert os.environ.get("MINIPOST_KERNELS") == before  # each run's setting is undone
     table = capsys.readouterr().out.split("| step | kernels |")[1]
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:] if line.startswith("|")] == \
         ["sft", "dpo", "grpo"]

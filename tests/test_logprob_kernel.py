@@ -93,7 +93,8 @@ def _check_against_float64(hidden, weight, targets, temperature, g_logp, g_ent, 
     assert (logp <= 0).all() and (entropy >= 0).all()
     ignored = targets < 0
     assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
-    resolution = dict(zip(("dhidden", "dweight"), _logit_resolution(hidden, weight, targets, temperature, g_logp, g_ent)))
+    resolution = dict(zip(("dhidden", "dweight"),
+                          _logit_resolution(hidden, weight, targets, temperature, g_logp, g_ent)))
     for name, a, b in zip(("logp", "entropy", "dhidden", "dweight"), got, want):
         assert torch.isfinite(a).all(), name
         if name in ("logp", "entropy"):  # in nats: 1e-5 absolute at least (the accuracy the log-prob kernel promises)
@@ -314,7 +315,8 @@ def test_dhidden_as_precise_as_unfused_torch_at_gpt2_head():
 
     errors = {}
     for name, fn, dtype in (("float64", token_logprobs_reference, torch.float64),
-                            ("kernel", logprob.triton_token_logprobs, torch.bfloat16), ("torch", unfused, torch.bfloat16)):
+                            ("kernel", logprob.triton_token_logprobs, torch.bfloat16),
+                            ("torch", unfused, torch.bfloat16)):
         h = hidden.detach().to(dtype).requires_grad_()
         w = weight.detach().to(dtype).requires_grad_()
         (-fn(h, w, targets).sum() / N).backward()  # the SFT loss

@@ -11,8 +11,8 @@ first quarter of the targets is ignored, -100), forward and backward:
   liger     Liger-Kernel's fused linear cross-entropy, when liger_kernel is installed ("n/a" otherwise)
 --dtype autocast (the default) is the production path: hidden states and LM head are float32 tensors (what
 ln_f and the parameter are) and everything runs under torch.autocast(bf16). bf16 / fp16 / fp32 pass tensors of
-that dtype without autocast. Reported: median times (triton.testing.do_bench) of forward and forward+backward, and their difference as
-the backward (fwd_bwd_times: no retained graph, which torch.compile's backward refuses);
+that dtype without autocast. Reported: median times (triton.testing.do_bench) of forward and forward+backward,
+and their difference as the backward (fwd_bwd_times: no retained graph, which torch.compile's backward refuses);
 TFLOP/s counting only kept tokens (forward 2 n C V, backward 4 n C V: the useful matmuls, not the kernel's
 recomputation); peak memory of one forward+backward above the inputs; and the errors of logp, dhidden and
 dweight against a float32 torch run on the same (rounded) inputs, relative to their largest value.
