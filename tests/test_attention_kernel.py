@@ -336,3 +336,35 @@ def test_untuned_config_is_the_first_listed(monkeypatch, name, group):
             assert attn_mod.untuned_config(name, dtype, head_dim, group) == want
     monkeypatch.setenv("MINIPOST_AUTOTUNE", "1")
     assert attn_mod.tuning_enabled()
+
+
+def test_untuned_launch_path_matches_float64(monkeypatch):
+    """The CUDA launch with MINIPOST_AUTOTUNE=0 (the raw kernels, each with its first listed config and launch
+    options), driven through the interpreter: the same grid and arguments a GPU gets, checked against float64.
+    Float32 inputs (the interpreter's bf16 dot needs the UPCAST flag that this path, as on a GPU, leaves off)."""
+    monkeypatch.setattr(attn_mod, "_INTERPRET", False)  # the launch a GPU takes (the kernels stay interpreted here)
+    monkeypatch.setenv("MINIPOST_AUTOTUNE", "0")
+    launched = []
+    kernels_ = dict(attn_mod._KERNELS)
+
+    class Spy:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((self.name, kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_stages"],
+                                 kwargs["num_warps"]))
+                return kernels_[self.name][grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(attn_mod, "_KERNELS", {name: Spy(name) for name in kernels_})
+    q, k, v, do = make_inputs(1, 2, 40, 40, 16, torch.float32)
+    o, lse = attn_mod._forward(q, k, v, True)
+    dq, dk, dv = attn_mod._backward(q, k, v, o, lse, do, True)
+    assert launched == [(name, *attn_mod.cuda_configs(name, torch.float32, 16)[0]) for name in ("fwd", "dkdv", "dq")]
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    o64 = naive_attention(q64, k64, v64, True)
+    o64.backward(do.double())
+    for got, want in [(o, o64), (dq, q64.grad), (dk, k64.grad), (dv, v64.grad)]:
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
