@@ -55,10 +55,10 @@ fi
 # 1. Correctness first. MINIPOST_AUTOTUNE=0: one config per kernel variant (the tests' many shapes would
 # otherwise each tune 4-5 configs); the benchmarks below tune.
 if [[ $DRY -eq 1 ]]; then
-    section "1. kernel tests (dry run: a subset, interpreter)" 60 env MINIPOST_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider \
+    section "1. kernel tests (dry run: a subset, interpreter)" 60 env MINIPOST_AUTOTUNE=0 python -m pytest -p no:cacheprovider -rf \
         tests/test_logprob_kernel.py tests/test_attention_kernel.py -k "gpt2_head or grid and 7-1-16 or autotuning or float32_matches and 17-17"
 else
-    section "1. kernel tests, compiled on CUDA" 60 env MINIPOST_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider \
+    section "1. kernel tests, compiled on CUDA" 60 env MINIPOST_AUTOTUNE=0 python -m pytest -p no:cacheprovider -rf \
         tests/test_logprob_kernel.py tests/test_attention_kernel.py
 fi
 
