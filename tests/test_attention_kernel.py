@@ -23,7 +23,9 @@ from minipost.model import GPT, GPTConfig
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"
 
-# Tolerances, as a fraction of the largest magnitude of the float64 reference tensor being compared:
+# Tolerances, as a fraction of the largest magnitude of the float64 reference tensor being compared, or of the
+# terms it sums where those are larger (resolvable_scales: a result that cancels to ~0 is still only known to
+# the rounding of its terms; a fixed floor such as 1e-3 would be right for no input scale in particular):
 # - float32: every kernel value is a float32 sum over at most ~130 keys (or queries) of D <= 128-long dot
 #   products, each rounding at ~6e-8 relative; the errors measured here are below 1e-6, so 1e-5 leaves a
 #   10x margin and still catches any real mistake (a wrong mask or scale moves values by 1e-2 or more).
@@ -70,14 +72,27 @@ def check_against_float64(q, k, v, do, causal, tol=None):
     assert o.dtype == q.dtype and o.shape == q.shape
     tol = tol or TOL[q.dtype]
     pairs = [("o", o, o64), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)]
-    # dq and dk are sums of dS = P * (dP - delta), a difference of terms of size |do| |v| that cancels exactly
-    # when a query sees one key (dq = dk = 0): their rounding is relative to those terms, not to the result
-    cancelling = (do.abs().max() * v.abs().max()).item()
+    scales = resolvable_scales(q, k, v, do, causal)
     for name, got, want in pairs:
         assert got.dtype == q.dtype, name
         assert torch.isfinite(got).all(), f"{name} has NaN/inf"
-        scale = max(want.abs().max().item(), cancelling if name in ("dq", "dk") else 0.0, 1e-3)
+        scale = max(want.abs().max().item(), scales[name])
         torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+
+
+def resolvable_scales(q, k, v, do, causal):
+    """Per output, the size of the terms it sums (not of the sum): what its rounding is relative to, from the inputs.
+
+    o = P V and dV = P^T dO are sums of nonnegative weights times v or dO: their errors scale with P |V| and
+    P^T |dO| (computed here in float64), which an o or dV that cancels to ~0 would not show. dQ and dK are sums
+    of dS = P * (dP - delta), a difference of terms of size |dO| |V| that cancels exactly when a query sees one
+    key (dq = dk = 0): their rounding is relative to max |dO| max |V|."""
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    v_abs = v64.abs().requires_grad_()
+    o_abs = naive_attention(q64, k64, v_abs, causal)  # P |V|
+    o_abs.backward(do.detach().double().abs())  # v_abs.grad = P^T |dO|
+    cancelling = (do.abs().max() * v.abs().max()).item()
+    return dict(o=o_abs.max().item(), dv=v_abs.grad.max().item(), dq=cancelling, dk=cancelling)
 
 
 # (B, H, Tq, Tk, D, causal): single token, odd tails, Tq < Tk (prefill onto a cache), every native head dim
@@ -199,7 +214,7 @@ def test_dispatch_matches_reference(monkeypatch):
 def test_public_attention_survives_kernel_import():
     # in a fresh interpreter: the first Triton-path call imports minipost/kernels/flash_attention.py; the model calls
     # kernels.attention again in the next layer, so the package must still hold the function afterwards
-    code = ("import torch, kernels; q = torch.randn(1, 1, 4, 16, device='%s'); "
+    code = ("import torch; from minipost import kernels; q = torch.randn(1, 1, 4, 16, device='%s'); "
             "[kernels.attention(q, q, q) for _ in range(2)]; assert callable(kernels.attention)" % DEVICE)
     env = {**os.environ, "MINIPOST_KERNELS": "triton"}
     if INTERPRETED:
@@ -285,7 +300,71 @@ def test_autocast_hands_attention_bf16(monkeypatch, mode):
     q64, k64, v64 = (t.detach().bfloat16().double().requires_grad_() for t in (q, k, v))
     o64 = naive_attention(q64, k64, v64, causal=True)
     o64.backward(do.bfloat16().double())
-    cancelling = (do.abs().max() * v.abs().max()).item()
+    scales = resolvable_scales(q64, k64, v64, do.bfloat16(), causal=True)
     for name, got, want in [("o", o, o64), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)]:
-        scale = max(want.abs().max().item(), cancelling if name in ("dq", "dk") else 0.0)
+        scale = max(want.abs().max().item(), scales[name])
         torch.testing.assert_close(got.double(), want, rtol=0, atol=TOL[torch.bfloat16] * scale, msg=name)
+
+
+def test_autotuning_persists_and_buckets_lengths():
+    """The interpreter does not autotune, so this checks the tuning's set-up, not its speed: the autotuners keep
+    their results on disk (Triton's cache_results, which 3.6 and 3.9 both take; Triton turns it off only under
+    the interpreter), time configs briefly, and key lengths by bucket: one for T <= 256, then powers of two (3
+    buckets up to 1024, not 7)."""
+    opts = attn_mod.autotune_options()
+    assert opts["cache_results"] is True and opts["key"] == attn_mod._TUNE_KEY
+    assert opts["do_bench"].keywords == dict(warmup=attn_mod.TUNE_WARMUP_MS, rep=attn_mod.TUNE_REP_MS)
+    tuned = attn_mod.make_tuned()  # what CUDA runs: triton.autotune takes every option and key name
+    assert sorted(tuned) == ["dkdv", "dq", "fwd"]
+    for tuner in tuned.values():
+        assert tuner.keys == attn_mod._TUNE_KEY
+        assert tuner.do_bench.keywords == opts["do_bench"].keywords
+        assert len(tuner.configs) > 1  # something to tune
+    assert [attn_mod._bucket(t) for t in (1, 17, 256, 257, 512, 513, 1024, 1025, 10**6)] == \
+        [256, 256, 256, 512, 512, 1024, 1024, 2048, 16384]
+    assert len({attn_mod._bucket(t) for t in range(1, 1025)}) == 3
+
+
+@pytest.mark.parametrize("name, group", [("fwd", 1), ("dkdv", 1), ("dkdv", 4), ("dq", 1)])
+def test_untuned_config_is_the_first_listed(monkeypatch, name, group):
+    """MINIPOST_AUTOTUNE=0 runs the first config of each kernel's list (the compile report's favourite)."""
+    monkeypatch.setenv("MINIPOST_AUTOTUNE", "0")
+    assert not attn_mod.tuning_enabled()
+    for dtype in (torch.bfloat16, torch.float32):
+        for head_dim in (16, 64, 128):
+            want = attn_mod.cuda_configs(name, dtype, head_dim, group)[0]
+            assert attn_mod.untuned_config(name, dtype, head_dim, group) == want
+    monkeypatch.setenv("MINIPOST_AUTOTUNE", "1")
+    assert attn_mod.tuning_enabled()
+
+
+def test_untuned_launch_path_matches_float64(monkeypatch):
+    """The CUDA launch with MINIPOST_AUTOTUNE=0 (the raw kernels, each with its first listed config and launch
+    options), driven through the interpreter: the same grid and arguments a GPU gets, checked against float64.
+    Float32 inputs (the interpreter's bf16 dot needs the UPCAST flag that this path, as on a GPU, leaves off)."""
+    monkeypatch.setattr(attn_mod, "_INTERPRET", False)  # the launch a GPU takes (the kernels stay interpreted here)
+    monkeypatch.setenv("MINIPOST_AUTOTUNE", "0")
+    launched = []
+    kernels_ = dict(attn_mod._KERNELS)
+
+    class Spy:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((self.name, kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_stages"],
+                                 kwargs["num_warps"]))
+                return kernels_[self.name][grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(attn_mod, "_KERNELS", {name: Spy(name) for name in kernels_})
+    q, k, v, do = make_inputs(1, 2, 40, 40, 16, torch.float32)
+    o, lse = attn_mod._forward(q, k, v, True)
+    dq, dk, dv = attn_mod._backward(q, k, v, o, lse, do, True)
+    assert launched == [(name, *attn_mod.cuda_configs(name, torch.float32, 16)[0]) for name in ("fwd", "dkdv", "dq")]
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    o64 = naive_attention(q64, k64, v64, True)
+    o64.backward(do.double())
+    for got, want in [(o, o64), (dq, q64.grad), (dk, k64.grad), (dv, v64.grad)]:
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())

@@ -5,6 +5,8 @@ before Triton is imported); with a GPU the same tests run the compiled kernels o
 tiles are 32 x 64 x 32 (minipost/kernels/logprob.py:_config), so the shapes below cross token, vocabulary and channel
 tile edges, split the vocabulary loop (N <= 32) and skip whole blocks of ignored tokens.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,8 +24,31 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 / fp16 inputs: the reference gets the same rounded inputs in float64. Products of 16-bit numbers are
 #   exact in float32, so logp and entropy keep the float32 tolerance. Gradients round twice to the input dtype
 #   (dlogits as matmul operand, the result): unit roundoff 2^-8 (bf16) / 2^-11 (fp16), so 4 units.
+# Plus, for gradients, an absolute term from the inputs (_logit_resolution), not from the reference: a relative
+#   tolerance alone demands exactness where the exact gradient is 0 or nearly (V = 1: p = 1, dlogits = 0), but
+#   dlogits = g ([j = t] - p) comes from float32 logits, known only to a few ulps of the sum of |terms| that
+#   makes them. On CUDA, z - lse rounds differently from z in the forward (fused multiply-adds): V = 1 gave
+#   dhidden ~5e-8 against a tolerance of 1e-35 (issue 26).
 FWD_TOL = 1e-5
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
+LOGIT_ULPS = 8  # float32 ulps of the logits' sum of |terms| that a gradient may inherit
+
+
+def _logit_resolution(hidden, weight, targets, temperature, g_logp, g_ent):
+    """(dhidden, dweight) absolute errors that float32 logits allow, from the inputs alone.
+
+    A logit z_ij = sum_c h_ic w_jc / T is known to LOGIT_ULPS * 2^-24 * sum_c |h_ic w_jc| / T, lse to that plus
+    log V; an error delta in z - lse moves dlogits_ij by (|g_i| + |k_i|) p_ij delta (sum_j p_ij = 1), so
+    dhidden_i = sum_j dlogits_ij w_j / T by (|g_i| + |k_i|) delta max|w| / T, and dweight_j = sum_i dlogits_ij h_i / T
+    by sum_i (|g_i| + |k_i|) delta max|h| / T (kept tokens only)."""
+    h, w = hidden.double().abs(), weight.double().abs()
+    V = weight.shape[0]
+    delta = LOGIT_ULPS * 2.0**-24 * ((h @ w.T).max().item() / temperature + math.log(V) + 1.0)
+    u = ((g_logp.double().abs() + g_ent.double().abs()) * (targets >= 0)).cpu()  # (N,)
+    if not u.numel():
+        return 0.0, 0.0
+    return (delta * u.max().item() * w.max().item() / temperature,
+            delta * u.sum().item() * h.max().item() / temperature)
 
 
 def _inputs(N, V, C, dtype=torch.float32, ignore="some", seed=0):
@@ -51,11 +76,12 @@ def _run(fn, hidden, weight, targets, temperature, g_logp, g_ent, dtype=None):
     return logp, entropy, h.grad, w.grad
 
 
-def _assert_close(actual, expected, tol, floor=1e-30):
-    """|actual - expected| <= tol * (|expected| + max(max |expected|, floor)), elementwise."""
+def _assert_close(actual, expected, tol, floor=0.0, resolution=0.0):
+    """|actual - expected| <= tol * (|expected| + max(max |expected|, floor)) + resolution, elementwise."""
     expected = expected.detach()
     scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual.detach().double(), expected, rtol=tol, atol=tol * max(scale, floor))
+    torch.testing.assert_close(actual.detach().double(), expected, rtol=tol,
+                               atol=tol * max(scale, floor) + resolution)
 
 
 def _check_against_float64(hidden, weight, targets, temperature, g_logp, g_ent, fwd_tol=FWD_TOL, grad_tol=None):
@@ -67,12 +93,14 @@ def _check_against_float64(hidden, weight, targets, temperature, g_logp, g_ent, 
     assert (logp <= 0).all() and (entropy >= 0).all()
     ignored = targets < 0
     assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
+    resolution = dict(zip(("dhidden", "dweight"),
+                          _logit_resolution(hidden, weight, targets, temperature, g_logp, g_ent)))
     for name, a, b in zip(("logp", "entropy", "dhidden", "dweight"), got, want):
         assert torch.isfinite(a).all(), name
         if name in ("logp", "entropy"):  # in nats: 1e-5 absolute at least (the accuracy the log-prob kernel promises)
             _assert_close(a, b, fwd_tol, floor=1.0)
         else:
-            _assert_close(a, b, grad_tol or GRAD_TOL[hidden.dtype])
+            _assert_close(a, b, grad_tol or GRAD_TOL[hidden.dtype], resolution=resolution[name])
     return got
 
 
@@ -131,15 +159,17 @@ def test_logp_only_and_entropy_only_gradients():
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     logp = logprob.triton_token_logprobs(h, w, targets, 0.9)  # return_entropy=False
     (logp * g_logp).sum().backward()
-    for a, b in zip((logp, h.grad, w.grad), (want[0], want[2], want[3])):
-        _assert_close(a, b, 1e-5)
+    res = _logit_resolution(hidden, weight, targets, 0.9, g_logp, g_ent * 0)
+    for a, b, r in zip((logp, h.grad, w.grad), (want[0], want[2], want[3]), (0.0, *res)):
+        _assert_close(a, b, 1e-5, resolution=r)
 
     want = _run(token_logprobs_reference, hidden, weight, targets, 0.9, g_logp * 0, g_ent, dtype=torch.float64)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     _, entropy = logprob.triton_token_logprobs(h, w, targets, 0.9, True)
     (entropy * g_ent).sum().backward()
-    for a, b in zip((entropy, h.grad, w.grad), (want[1], want[2], want[3])):
-        _assert_close(a, b, 1e-5)
+    res = _logit_resolution(hidden, weight, targets, 0.9, g_logp * 0, g_ent)
+    for a, b, r in zip((entropy, h.grad, w.grad), (want[1], want[2], want[3]), (0.0, *res)):
+        _assert_close(a, b, 1e-5, resolution=r)
 
 
 def test_strided_inputs_frozen_weight_and_no_grad():
@@ -156,7 +186,8 @@ def test_strided_inputs_frozen_weight_and_no_grad():
     want = token_logprobs_reference(h64, weight.double(), targets)
     (want * g_logp.double()).sum().backward()
     _assert_close(logp, want, 1e-5)
-    _assert_close(wide.grad[:, 8:24], h64.grad, 1e-5)
+    res_dh, _ = _logit_resolution(hidden, weight, targets, 1.0, g_logp, g_logp * 0)
+    _assert_close(wide.grad[:, 8:24], h64.grad, 1e-5, resolution=res_dh)
     assert (wide.grad[:, :8] == 0).all() and (wide.grad[:, 24:] == 0).all()
     with torch.no_grad():
         _assert_close(logprob.triton_token_logprobs(hidden, weight, targets), want, 1e-5)
@@ -211,23 +242,32 @@ def test_sft_loss_equals_cross_entropy():
     want = F.cross_entropy(h64 @ w64.T, targets, ignore_index=-1)
     want.backward()
     _assert_close(loss, want, 1e-5)
-    _assert_close(h.grad, h64.grad, 1e-5)
-    _assert_close(w.grad, w64.grad, 1e-5)
+    g = torch.full_like(hidden[:, 0], 1.0 / mask.sum().item())  # dloss/dlogp on kept tokens
+    res_dh, res_dw = _logit_resolution(hidden, weight, targets, 1.0, g, g * 0)
+    _assert_close(h.grad, h64.grad, 1e-5, resolution=res_dh)
+    _assert_close(w.grad, w64.grad, 1e-5, resolution=res_dw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_crosses_chunk_edges(monkeypatch, dtype):
-    """The backward works through the kept tokens in chunks; with CHUNK_BYTES shrunk to one token tile, 140
-    tokens (a third and a whole block ignored: 72 kept) take three chunks, the last partial: each chunk's dz, its dh rows
-    and the float32 sum of dW over chunks must still match float64."""
-    V = 300
-    bn = (logprob.INTERPRET_CONFIG if DEVICE == "cpu" else logprob.CUDA_CONFIGS[dtype])[0]  # token tile
-    hidden, weight, targets, g_logp, g_ent = _inputs(32 + int(3.4 * bn), V, 48, dtype)  # 140 tokens at bn = 32
-    row_bytes = logprob.padded_vocab(V) * hidden.element_size()
-    monkeypatch.setattr(logprob, "CHUNK_BYTES", bn * row_bytes)
+@pytest.mark.parametrize("slices", [1, 3])
+def test_backward_crosses_chunk_and_slice_edges(monkeypatch, dtype, slices):
+    """The backward works through vocabulary slices and, in each, the kept tokens in chunks; with CHUNK_BYTES shrunk
+    to one token tile, 140 tokens (a third and a whole block ignored: 72 kept) take three chunks, the last partial;
+    with SLICE_BYTES shrunk, V = 300 takes three slices of two vocabulary tiles (128 + 128 + 44 columns at the
+    interpreter's 64-column tile), targets in each. Each block's dz, the float32 sums of dh over slices and of dW
+    over chunks, and their rounding must still match float64."""
+    V, C = 300, 48
+    bn, bv = (logprob.INTERPRET_CONFIG if DEVICE == "cpu" else logprob.CUDA_CONFIGS[dtype])[:2]  # tiles
+    hidden, weight, targets, g_logp, g_ent = _inputs(32 + int(3.4 * bn), V, C, dtype)  # 140 tokens at bn = 32
+    cols = V if slices == 1 else 2 * bv
+    monkeypatch.setattr(logprob, "SLICE_BYTES", 4 * C * cols if slices > 1 else 4 * C * V)
+    monkeypatch.setattr(logprob, "CHUNK_BYTES", bn * logprob.padded_vocab(cols) * hidden.element_size())
     kept = int((targets >= 0).sum())
-    assert logprob._chunk_tokens(kept, logprob.padded_vocab(V), hidden.element_size(), bn) == bn
+    assert logprob._slice_columns(V, C, bv) == cols and -(-V // cols) == min(slices, -(-V // cols))
+    assert logprob._chunk_tokens(kept, logprob.padded_vocab(cols), hidden.element_size(), bn) == bn
     assert 2 * bn < kept < 3 * bn
+    if slices > 1 and DEVICE == "cpu":  # targets fall in every slice
+        assert {int(t) // cols for t in targets[targets >= 0]} == {0, 1, 2}
     _check_against_float64(hidden, weight, targets, 0.9, g_logp, g_ent)
 
 
@@ -252,11 +292,45 @@ def test_autocast_hands_the_ops_bf16(monkeypatch, mode):
     assert logp.dtype == entropy.dtype == dh.dtype == dw.dtype == torch.float32
     want = _run(token_logprobs_reference, hidden.bfloat16(), weight.bfloat16(), targets, 0.9, g_logp, g_ent,
                 dtype=torch.float64)
+    res = dict(zip(("dhidden", "dweight"), _logit_resolution(hidden.bfloat16(), weight.bfloat16(), targets, 0.9,
+                                                             g_logp, g_ent)))
     for name, a, b in zip(("logp", "entropy", "dhidden", "dweight"), (logp, entropy, dh, dw), want):
         if name in ("logp", "entropy"):
             _assert_close(a, b, FWD_TOL, floor=1.0)
         else:  # the op's gradients are bf16 (its inputs' dtype), widened to float32 by the casts
-            _assert_close(a, b, GRAD_TOL[torch.bfloat16])
+            _assert_close(a, b, GRAD_TOL[torch.bfloat16], resolution=res[name])
     # and not merely close to the float32 result: the bf16 rounding of the inputs is visible in the log-probs
     exact = token_logprobs_reference(hidden.double(), weight.double(), targets, 0.9)
     assert (logp.double() - exact).abs().max() > 1e-4
+
+
+def test_dhidden_as_precise_as_unfused_torch_at_gpt2_head():
+    """GPT-2's LM head (C = 768) in bf16, against float64 and against unfused torch doing the same bf16 computation
+    (bf16 logits, float32 log_softmax, bf16 dlogits, bf16 GEMMs). dhidden = dz @ W sums V terms, the target's
+    dominating: rounding dz (half an ulp) and the result (half an ulp) costs <= 2^-8 of the largest entry; the
+    kernel must not be worse than torch. It was: 2.2e-2 vs 3.7e-3 on an H200 (bf16 split-K partial sums in
+    cuBLAS, now a float32-output GEMM) and 5.5e-3 vs 2.7e-3 here (the interpreter truncated dz to bf16).
+    V = 50257 compiled on a GPU; 2053 (odd, like 50257) in the interpreter, where the gap showed from V = 1000."""
+    N, C, V = 16, 768, 50257 if DEVICE == "cuda" else 2053
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, C, generator=g).to(DEVICE, torch.bfloat16)  # (N, C)
+    weight = (torch.randn(V, C, generator=g) / C**0.5).to(DEVICE, torch.bfloat16)  # (V, C): logits of std ~1
+    targets = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+
+    def unfused(h, w, t, temperature=1.0, return_entropy=False):
+        return torch.log_softmax((h @ w.T).float(), dim=-1).gather(1, t[:, None]).squeeze(1)  # (N,)
+
+    errors = {}
+    for name, fn, dtype in (("float64", token_logprobs_reference, torch.float64),
+                            ("kernel", logprob.triton_token_logprobs, torch.bfloat16),
+                            ("torch", unfused, torch.bfloat16)):
+        h = hidden.detach().to(dtype).requires_grad_()
+        w = weight.detach().to(dtype).requires_grad_()
+        (-fn(h, w, targets).sum() / N).backward()  # the SFT loss
+        if name == "float64":
+            want = h.grad
+        else:
+            assert h.grad.dtype == torch.bfloat16
+            errors[name] = ((h.grad.double() - want).abs().max() / want.abs().max()).item()
+    assert errors["kernel"] <= 2.0**-8, errors
+    assert errors["kernel"] <= 1.1 * errors["torch"], errors

@@ -12,7 +12,8 @@ dtype, and the gradient flows back into that packed tensor. Paths:
   sdpa-cudnn  the same with the cuDNN backend ("n/a" where it is unavailable or fails)
   naive       softmax(q k^T / sqrt(D) + mask) v in plain torch: the (T, T) scores in memory
   compile     torch.compile of naive
-Times are triton.testing.do_bench medians (ms) after warm-up (compilation and autotuning done beforehand).
+Times are triton.testing.do_bench medians (ms) after warm-up (compilation and autotuning done beforehand); the
+backward is (forward+backward) - forward (fwd_bwd_times: torch.compile refuses a retained graph).
 FLOPs follow FlashAttention's convention: forward 4*B*H*T^2*D, halved when causal; backward 2.5x forward.
 "peak MiB" is the peak memory allocated by one forward+backward beyond the inputs. "max err" compares the
 output and the packed qkv gradient with sdpa-flash's, relative to their largest value.
@@ -29,6 +30,9 @@ import sys
 import torch
 
 
+PATHS = ["sdpa-flash", "minipost", "sdpa-cudnn", "naive", "compile"]
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m minipost.kernels.bench_attention", description=__doc__.split("\n")[0])
     p.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048], help="sequence lengths")
@@ -37,6 +41,8 @@ def parse_args(argv):
     p.add_argument("--hidden", type=int, default=2048, help="H*D, model width")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--non-causal", action="store_true", help="full attention instead of causal")
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=PATHS, help="which paths to time; the errors "
+                   "are relative to the first that runs (sdpa-flash, when listed)")
     return p.parse_args(argv)
 
 
@@ -72,6 +78,15 @@ def minipost_path(q, k, v, causal):
     return kernels.attention(q, k, v, causal=causal)
 
 
+def fwd_bwd_times(fwd, fwd_bwd, timer):
+    """(forward, backward, both) ms by timer(callable). The backward is (forward + backward) - forward, each graph
+    built and consumed once as in training: torch.compile's backward donates its saved buffers and refuses
+    backward(retain_graph=True) on one graph (issue 26). The same for every path, so the columns compare."""
+    t_fwd = timer(fwd)
+    t_all = timer(fwd_bwd)
+    return t_fwd, t_all - t_fwd, t_all
+
+
 def bench_path(fn, qkv, split, do, causal):
     """(fwd ms, bwd ms, fwd+bwd ms, peak MiB, o, dqkv); the first calls compile and autotune."""
     from triton.testing import do_bench
@@ -85,11 +100,7 @@ def bench_path(fn, qkv, split, do, causal):
     fwd_bwd()  # compile + autotune outside the timed region (do_bench sizes its loop from a first call)
     fwd_bwd()
     torch.cuda.synchronize()
-    t_fwd = do_bench(fwd, grad_to_none=[qkv], return_mode="median")
-    o = fwd()
-    t_bwd = do_bench(lambda: o.backward(do, retain_graph=True), grad_to_none=[qkv], return_mode="median")
-    del o
-    t_all = do_bench(fwd_bwd, grad_to_none=[qkv], return_mode="median")
+    t_fwd, t_bwd, t_all = fwd_bwd_times(fwd, fwd_bwd, lambda f: do_bench(f, grad_to_none=[qkv], return_mode="median"))
     qkv.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -115,6 +126,7 @@ def gpu_main(args):
     paths = [("sdpa-flash", sdpa_path(SDPBackend.FLASH_ATTENTION)), ("minipost", minipost_path),
              ("sdpa-cudnn", sdpa_path(SDPBackend.CUDNN_ATTENTION)), ("naive", naive_attention),
              ("compile", torch.compile(naive_attention, dynamic=False))]
+    paths = [(name, fn) for name, fn in paths if name in args.paths]
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{datetime.date.today()} | {args.dtype}, {'causal' if causal else 'non-causal'}, "
           f"B*T={args.tokens}, H*D={args.hidden}, q/k/v strided views of the packed qkv")
@@ -146,7 +158,7 @@ def gpu_main(args):
                     torch.cuda.empty_cache()
                     continue
                 if ref is None:
-                    ref = (o, grad)  # sdpa-flash runs first
+                    ref = (o, grad)  # the first path that ran (sdpa-flash when listed)
                 tf = lambda flops, ms: f"{flops / (ms * 1e-3) / 1e12:.0f}"  # noqa: E731
                 rows.append((D, T, B, H, name, f"{t_fwd:.3f}", tf(f, t_fwd), f"{t_bwd:.3f}", tf(2.5 * f, t_bwd),
                              f"{t_all:.3f}", tf(3.5 * f, t_all), f"{peak:.0f}", f"{_rel_err(o, ref[0]):.1e}",

@@ -1,7 +1,7 @@
 """Benchmark of the fused token log-prob op on the path training takes, against the library paths.
 
     python -m minipost.kernels.bench_logprob [--n 4096 16384] [--c 768 2048] [--v 2048 50257] [--dtype autocast]
-                                    [--methods minipost torch compile liger] [--quick]
+                                    [--methods minipost torch compile liger] [--quick] [--cells NxCxV ...]
 
 On CUDA, for every (N, C, V) cell and method, the SFT objective -mean(logp) over the kept tokens (a prompt-like
 first quarter of the targets is ignored, -100), forward and backward:
@@ -11,7 +11,8 @@ first quarter of the targets is ignored, -100), forward and backward:
   liger     Liger-Kernel's fused linear cross-entropy, when liger_kernel is installed ("n/a" otherwise)
 --dtype autocast (the default) is the production path: hidden states and LM head are float32 tensors (what
 ln_f and the parameter are) and everything runs under torch.autocast(bf16). bf16 / fp16 / fp32 pass tensors of
-that dtype without autocast. Reported: median times (triton.testing.do_bench) of forward, backward and both;
+that dtype without autocast. Reported: median times (triton.testing.do_bench) of forward and forward+backward,
+and their difference as the backward (fwd_bwd_times: no retained graph, which torch.compile's backward refuses);
 TFLOP/s counting only kept tokens (forward 2 n C V, backward 4 n C V: the useful matmuls, not the kernel's
 recomputation); peak memory of one forward+backward above the inputs; and the errors of logp, dhidden and
 dweight against a float32 torch run on the same (rounded) inputs, relative to their largest value.
@@ -112,6 +113,18 @@ def _reference(hidden, weight, targets):
     return h.grad, w.grad
 
 
+def fwd_bwd_times(fn, hidden, weight, targets, timer):
+    """(forward, backward, both) times of loss = fn(hidden, weight, targets) by timer(callable) -> ms.
+
+    The backward is timed as (forward + backward) - forward, each graph built and consumed once as in training,
+    not as loss.backward(retain_graph=True) over one graph: torch.compile's backward reuses ("donates") the
+    buffers of the tensors saved for it and refuses a retained graph (issue 26; it also keeps every saved
+    tensor alive, which no training step does). Same for every method, so the columns stay comparable."""
+    t_fwd = timer(lambda: fn(hidden, weight, targets))
+    t_all = timer(lambda: fn(hidden, weight, targets).backward())
+    return t_fwd, t_all - t_fwd, t_all
+
+
 def bench_cell(method, fn, N, C, V, args):
     """Times, peak memory and errors of one method at one size -> dict (missing values where it failed)."""
     import triton.testing
@@ -142,13 +155,8 @@ def bench_cell(method, fn, N, C, V, args):
                                                 for a, b in zip((hidden.grad, weight.grad), want)]
             del loss, want
             hidden.grad = weight.grad = None
-            grads = [hidden, weight]
-            out["fwd"] = triton.testing.do_bench(lambda: fn(hidden, weight, targets), **bench)
-            loss = fn(hidden, weight, targets)
-            out["bwd"] = triton.testing.do_bench(lambda: loss.backward(retain_graph=True), grad_to_none=grads, **bench)
-            del loss
-            out["fwd+bwd"] = triton.testing.do_bench(lambda: fn(hidden, weight, targets).backward(),
-                                                     grad_to_none=grads, **bench)
+            timer = lambda f: triton.testing.do_bench(f, grad_to_none=[hidden, weight], **bench)  # noqa: E731
+            out["fwd"], out["bwd"], out["fwd+bwd"] = fwd_bwd_times(fn, hidden, weight, targets, timer)
     except torch.cuda.OutOfMemoryError:
         out["oom"] = True
     except Exception as e:  # e.g. torch.compile or liger failing: report it, keep the other cells
@@ -221,10 +229,19 @@ def parse_args(argv=None):
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the gradient check (it holds "
                    "float32 (N, V) logits: large cells may not fit)")
     p.add_argument("--quick", action="store_true", help="two cells: (N, C, V) = (16384, 768, 50257), (8192, 2048, 2048)")
+    p.add_argument("--cells", nargs="+", metavar="NxCxV", help="exact cells instead of the --n x --c x --v grid, "
+                   "e.g. 16384x768x50257 8192x2048x128256")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     args = p.parse_args(argv)
-    if args.quick:  # the two cells minipost/kernels/logprob.py's cost model predicts
+    if args.cells:
+        try:
+            args.cells = [tuple(int(x) for x in cell.lower().split("x")) for cell in args.cells]
+        except ValueError:
+            args.cells = [()]
+        if any(len(c) != 3 or min(c) < 1 for c in args.cells):
+            p.error("--cells: each cell is NxCxV with positive integers, e.g. 16384x768x50257")
+    elif args.quick:  # the two cells minipost/kernels/logprob.py's cost model predicts
         args.cells = [(16384, 768, 50257), (8192, 2048, 2048)]
     else:
         args.cells = [(n, c, v) for n in args.n for c in args.c for v in args.v]

@@ -30,10 +30,13 @@ Head dims 16, 32, 64 and 128 run as they are; any other D <= 128 is padded to th
 masked loads. Inputs may be float32 (full-precision "ieee" dots), float16 or bfloat16 (tensor cores,
 float32 accumulation; P and dS are rounded to the input dtype before their matmuls, as in FlashAttention).
 Any strides are accepted. On CUDA the block sizes are autotuned over a few configs per dtype and head dim, none
-of which spills on sm_90 (`python -m minipost.kernels.bench compile`); under Triton's interpreter (TRITON_INTERPRET=1,
-CPU tensors) small fixed blocks keep the tests fast.
+of which spills on sm_90 (`python -m minipost.kernels.bench compile`), with the results kept on disk across
+processes (MINIPOST_AUTOTUNE=0: no tuning, the first config; see _TUNE_KEY); under Triton's interpreter
+(TRITON_INTERPRET=1, CPU tensors) small fixed blocks keep the tests fast.
 """
+import functools
 import math
+import os
 
 import torch
 import triton
@@ -352,14 +355,17 @@ _CONFIGS = {
     "fwd": {16: [(128, 64, 3, 4), (128, 128, 3, 8), (64, 64, 3, 4), (64, 32, 2, 4)],
             64: [(128, 64, 3, 4), (128, 128, 3, 8), (128, 64, 4, 8), (64, 64, 3, 4), (64, 32, 2, 4)],
             128: [(128, 64, 3, 8), (128, 128, 3, 8), (128, 64, 2, 8), (64, 64, 3, 4), (64, 32, 2, 4)]},
-    # dK/dV: BLOCK_N keys stay on chip while BLOCK_M queries stream past
+    # dK/dV: BLOCK_N keys stay on chip while BLOCK_M queries stream past. The first config of each list is the one
+    # MINIPOST_AUTOTUNE=0 runs; at D = 64 that is 64 x 128 (BENCHMARKS.md, "attention backward"): twice the
+    # queries per step of 32 x 128 (the K side of the dS^T Q and P^T dO wgmmas), no spill, same occupancy
     "dkdv": {16: [(32, 128, 3, 4), (64, 128, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)],
-             64: [(32, 128, 3, 8), (64, 128, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)],
+             64: [(64, 128, 3, 8), (32, 128, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)],
              128: [(32, 128, 3, 8), (32, 128, 2, 8), (32, 64, 3, 4), (64, 64, 2, 8), (32, 32, 2, 4)]},
-    # dQ: BLOCK_M queries stay on chip while BLOCK_N keys stream past
+    # dQ: BLOCK_M queries stay on chip while BLOCK_N keys stream past; first 128 x 64 at D >= 64 (the K side of
+    # dS K twice that of 128 x 32, no spill, 8 resident warps per SM either way)
     "dq": {16: [(128, 32, 3, 4), (128, 64, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)],
-           64: [(128, 32, 3, 4), (128, 64, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)],
-           128: [(128, 32, 3, 8), (128, 64, 2, 8), (64, 64, 3, 4), (32, 32, 2, 4)]},
+           64: [(128, 64, 3, 8), (128, 32, 3, 4), (64, 64, 3, 4), (32, 32, 2, 4)],
+           128: [(128, 64, 2, 8), (128, 32, 3, 8), (64, 64, 3, 4), (32, 32, 2, 4)]},
 }
 # Float32 inputs take "ieee" dots: FMA loops on CUDA cores that hold far more live values, so small tiles, also
 # spill-free on sm_90 (for tests and users who ask for float32; training runs bf16 under autocast).
@@ -411,24 +417,67 @@ def _pruner(name):
 
 
 _KERNELS = dict(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)
-# the sequence lengths only enter the tuning key rounded to a power of two, so decoding (Tk growing by one
-# per step) retunes at most once per doubling instead of every step
+# Autotuning on CUDA. A GPT-2-shaped SFT run spent 9.2 s of its first step here on an H200 (issue 26): every
+# process re-tuned the three kernels for every new length bucket, timing each config for Triton's default 125 ms.
+#  - Results persist across processes: autotune(cache_results=True) (Triton >= 3.2; 3.6 and 3.9 checked) keeps
+#    each tuning in Triton's cache directory (TRITON_CACHE_DIR, default ~/.triton/cache), keyed by the Triton
+#    version, the GPU architecture, the kernel's source, the tuning key below and the config list: a second
+#    process with the same shapes tunes nothing.
+#  - The sequence lengths enter the key as buckets: powers of two, so decoding (Tk growing by one per step)
+#    retunes at most once per doubling, and one bucket for every length <= 256, where a whole forward+backward is
+#    launch-bound (tens of microseconds) whichever tile runs: 3 buckets up to GPT-2's 1024, not 7.
+#  - Each config is timed for ~30 ms (TUNE_WARMUP_MS + TUNE_REP_MS) instead of 125: kernels of microseconds to
+#    milliseconds get tens of repetitions or more, enough to rank configs that differ by >5%.
+#  - MINIPOST_AUTOTUNE=0: no tuning at all; each kernel runs the first config of its list (the one the sm_90
+#    compile report favours), for short runs or when timings are unreliable (a shared GPU).
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "TQ_BUCKET", "TK_BUCKET"]  # the autotuner adds the tensor dtypes
-_TUNED = {} if _INTERPRET else {
-    name: triton.autotune(_configs(name), key=_TUNE_KEY, prune_configs_by=dict(early_config_prune=_pruner(name)))(fn)
-    for name, fn in _KERNELS.items()}
+TUNE_WARMUP_MS, TUNE_REP_MS = 5, 25
+SHORT_BUCKET = 256
+
+
+def autotune_options():
+    """Keyword arguments of triton.autotune for the three kernels (their configs and pruner aside)."""
+    from triton.testing import do_bench
+    return dict(key=_TUNE_KEY, cache_results=True,
+                do_bench=functools.partial(do_bench, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS))
+
+
+def tuning_enabled():
+    return os.environ.get("MINIPOST_AUTOTUNE", "1") != "0"
+
+
+def make_tuned():
+    """kernel name -> its triton.autotune wrapper (used on CUDA only)."""
+    return {name: triton.autotune(_configs(name), prune_configs_by=dict(early_config_prune=_pruner(name)),
+                                  **autotune_options())(fn)
+            for name, fn in _KERNELS.items()}
+
+
+_TUNED = {} if _INTERPRET else make_tuned()
 
 
 def _bucket(t):
-    return min(max(triton.next_power_of_2(t), 16), 16384)
+    """Tuning-key bucket of a sequence length: SHORT_BUCKET for t <= SHORT_BUCKET, else the next power of two."""
+    return min(max(triton.next_power_of_2(t), SHORT_BUCKET), 16384)
 
 
-def _launch(name, n_rows, grid_block, BH, args, meta):
-    """Run kernel `name` on a grid (blocks over n_rows rows, B*H); grid_block names the tile along n_rows."""
+def untuned_config(name, dtype, head_dim, group):
+    """(BLOCK_M, BLOCK_N, num_stages, num_warps) that kernel `name` runs with MINIPOST_AUTOTUNE=0."""
+    return cuda_configs(name, dtype, head_dim, group)[0]
+
+
+def _launch(name, n_rows, grid_block, BH, args, meta, group):
+    """Run kernel `name` on a grid (blocks over n_rows rows, B*H); grid_block names the tile along n_rows;
+    group: query heads per kv head (selects the dK/dV configs)."""
     if _INTERPRET:
         bm, bn = INTERPRET_BLOCKS[name]
         block = dict(BLOCK_M=bm, BLOCK_N=bn)
         _KERNELS[name][(triton.cdiv(n_rows, block[grid_block]), BH)](*args, **meta, **block)
+    elif not tuning_enabled():
+        bm, bn, stages, warps = untuned_config(name, args[0].dtype, meta["HEAD_DIM"], group)
+        block = dict(BLOCK_M=bm, BLOCK_N=bn)
+        _KERNELS[name][(triton.cdiv(n_rows, block[grid_block]), BH)](*args, **meta, **block, num_stages=stages,
+                                                                       num_warps=warps)
     else:
         _TUNED[name][lambda META: (triton.cdiv(n_rows, META[grid_block]), BH)](*args, **meta)
 
@@ -475,7 +524,7 @@ def _forward(q, k, v, causal):
     qk_scale = LOG2E / math.sqrt(D)  # softmax scale 1/sqrt(D), moved to base 2
     args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, H // k.shape[1], Tq, Tk, D, qk_scale, _bucket(Tq), _bucket(Tk))
-    _launch("fwd", Tq, "BLOCK_M", B * H, args, _meta(q, causal))
+    _launch("fwd", Tq, "BLOCK_M", B * H, args, _meta(q, causal), H // k.shape[1])
     return o, lse
 
 
@@ -500,8 +549,9 @@ def _backward(q, k, v, o, lse, do, causal):
     assert dk.stride() == dv.stride()  # both fresh tensors of one shape: the kernel takes one set of strides
     # one dK/dV program per (key block, batch, kv head): it sums over the query heads of its group
     _launch("dkdv", Tk, "BLOCK_N", B * k.shape[1], (q, k, v, do, dk, dv, lse, delta, *common, *dk.stride(), *tail),
-            meta)
-    _launch("dq", Tq, "BLOCK_M", B * H, (q, k, v, do, dq, lse, delta, *common, *dq.stride(), *tail), meta)
+            meta, H // k.shape[1])
+    _launch("dq", Tq, "BLOCK_M", B * H, (q, k, v, do, dq, lse, delta, *common, *dq.stride(), *tail), meta,
+            H // k.shape[1])
     return dq, dk, dv
 
 

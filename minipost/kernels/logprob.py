@@ -23,9 +23,10 @@ Backward. With upstream gradients g_i = dL/dlogp_i and k_i = dL/dentropy_i (both
         (H = lse - sum_k p_k z_k;  d/dz_j sum_k p_k z_k = p_j + p_j (z_j - sum_k p_k z_k) = p_j + p_j (log p_j + H))
     dz_ij = g_i ([j = t_i] - p_ij) - k_i p_ij (log p_ij + entropy_i)
     dhidden = (dz / temperature) @ weight   (N, C)        dweight = (dz / temperature).T @ hidden   (V, C)
-It goes through the kept tokens (target >= 0) in chunks of n (CHUNK_BYTES of dz): `_dlogits_kernel` recomputes
-the chunk's logits from (hidden, weight) and writes dz (n, V) in the input dtype, with p from the saved lse; then
-two GEMMs (cuBLAS): dh = dz @ W, complete for those tokens, and dW += dz^T h, accumulated in float32.
+It goes through the kept tokens (target >= 0) by vocabulary slices and, in each, token chunks (CHUNK_BYTES and
+SLICE_BYTES): `_dlogits_kernel` recomputes a block's logits from (hidden, weight) and writes dz (n, cols) in the
+input dtype, with p from the saved lse; then two GEMMs (cuBLAS) into float32 accumulators: dh32 += dz @ W[slice]
+and dW32 += dz^T h, each rounded once to the input dtype (dW32 when its slice is done, dh32 at the end).
 
 Why recompute rather than keep gradients from the forward (Liger's fused linear cross-entropy computes dh and
 dW during the forward and needs no backward matmuls at all): this op returns per-token log-probs, and their
@@ -36,8 +37,8 @@ Cost of forward + backward, flops and bytes of the (N, V) terms (B: 2 for bf16):
                                            flops    bytes per logit      memory beyond inputs
   unfused torch (16-bit matmul, float32     6NCV    ~42: B logits, float32  ~14 bytes x N x V
     log_softmax and its backward)                   copies, softmax grad
-  this kernel                               8NCV    6: dz written, read     n x V x B (CHUNK_BYTES) + VC x 4
-                                                    by both GEMMs; + dW
+  this kernel                               8NCV    6: dz written, read     CHUNK_BYTES + SLICE_BYTES
+                                                    by both GEMMs; + dW     + N x C x 4 (dh32)
                                                     float32 adds per chunk
   Cut Cross-Entropy (recompute inside one   8NCV    ~0 (all on chip),       none
     kernel, atomics for the gradients)              plus atomics
@@ -45,7 +46,8 @@ Cost of forward + backward, flops and bytes of the (N, V) terms (B: 2 for bf16):
     kernels, read-modify-write of dh/dW)            read-modify-write
 Predicted on an H100/H200 (bf16 GEMMs at ~600 TFLOP/s achieved, ~3 TB/s; not yet measured on a GPU):
   (N, C, V) = (16384, 768, 50257): unfused 3.8 TFLOP = 6.3 ms + 35 GB = 11.5 ms -> ~18 ms, ~10 GB;
-      this kernel 5.1 TFLOP = 8.4 ms + 4.9 GB dz + 4.3 GB dW adds (7 chunks) = 3 ms -> ~11 ms (1.6x), 0.4 GB.
+      this kernel 5.1 TFLOP = 8.4 ms + 4.9 GB dz + ~4.5 GB float32 dW and dh adds (3 slices x 11 chunks) = 3 ms
+      -> ~11 ms (1.6x), 0.3 GB. (Measured on an H200, issue 26, before the slices: 17.4 ms, 0.57 GB.)
   (N, C, V) = (8192, 2048, 2048): unfused 0.21 TFLOP = 0.34 ms + 0.7 GB = 0.23 ms -> ~0.6 ms;
       this kernel 0.27 TFLOP = 0.46 ms + 0.1 GB -> ~0.5 ms (1.1x): a small vocabulary gains little either way.
 minipost/kernels/bench_logprob.py measures these; minipost/kernels/BENCHMARKS.md records what a GPU gave.
@@ -78,6 +80,20 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _to_bf16_rounded(x, dtype, INTERPRETED_BF16: tl.constexpr):
+    """x.to(dtype), rounding to nearest even. Compiled Triton rounds float32 -> bf16 that way; its interpreter
+    (3.6 - 3.9) truncates, a bias of up to 1 ulp that doubled the interpreter's dhidden error. There, add half an ulp
+    (minus one, plus the kept bit: ties to even) to the float32 bits first, so that truncating rounds to nearest.
+    Finite normal numbers only (dz is finite); zeros and subnormals, which the interpreter converts its own way,
+    pass unchanged."""
+    if INTERPRETED_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        nearest = (bits + 0x7FFF + ((bits >> 16) & 1)).to(tl.float32, bitcast=True)
+        x = tl.where(tl.abs(x) >= 1.1754943508222875e-38, nearest, x)  # float32's smallest normal
+    return x.to(dtype)
 
 
 @triton.jit
@@ -181,7 +197,7 @@ def _dlogits_kernel(
     row_ok = rows < N
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)  # (BLOCK_N,), all >= 0 on real rows (compacted)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)  # (BLOCK_N,) relative to the slice: may lie outside it
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
     if HAS_ENT:
@@ -195,7 +211,7 @@ def _dlogits_kernel(
     dz = _dlogits(z, cols[None, :] == tgt[:, None], col_ok[None, :], lse[:, None], g[:, None], k[:, None],
                   ent[:, None], HAS_ENT) * inv_temp
     ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dn + cols[None, :]
-    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(ptrs, _to_bf16_rounded(dz, dz_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,14 +281,34 @@ def _forward(hidden, weight, targets, inv_temp):
     return logp, entropy, lse
 
 
-# Bytes of the (chunk, V) dlogits buffer the backward works through: the only vocabulary-sized memory it
-# uses. 256 MiB: 2,560 tokens of GPT-2's 50,257-token vocabulary in bf16, where the GEMMs already run at full
-# speed; tests shrink it so that small shapes cross chunk edges.
-CHUNK_BYTES = 256 * 2**20
+# Working memory of the backward beyond its outputs (dh, dW in the input dtype), in two buffers:
+#   dz      (tokens, columns) in the input dtype, <= CHUNK_BYTES
+#   dW32    (columns, C) float32, the accumulator of one vocabulary slice, <= SLICE_BYTES
+# plus dh32 (kept tokens, C) float32 (N C 4 bytes: 50 MB at N = 16384, C = 768). The backward walks the vocabulary
+# in slices of `columns` and, inside each, the kept tokens in chunks: a slice's dW is finished (summed over every
+# token in float32) and rounded before the next slice starts, so no (V, C) float32 tensor ever exists; dh sums its
+# slices' contributions in dh32. 64 MiB each keeps every GEMM dimension >= ~1500 at GPT-2 and Llama-3 head shapes
+# (tensor cores stay near full speed; smaller chunks would only add launches and dh32 read-modify-writes):
+#   (N, C, V) = (16384, 768, 50257):  columns 21760 (3 slices), tokens 1536 (11 chunks), ~0.13 GB + dh32 0.05 GB
+#   (8192, 2048, 128256):             columns 8192 (16 slices), tokens 4096 (2 chunks), ~0.13 GB + dh32 0.07 GB
+#       predicted peak beyond the inputs ~0.8 GB with the 0.53 GB bf16 dW every method returns (was one (V, C)
+#       float32 accumulator plus its float32 GEMM output, 2 x 1.05 GB: 2.26 GB on an H200; Liger 0.58 GB).
+# Predicted time: about unchanged (the same 8NCV flops and dz bytes; dh32's read-modify-write, 2 x N C 4 bytes per
+# slice, adds 2.1 GB = 0.7 ms at 16 slices on a 3 TB/s GPU to ~28 ms). Tests shrink both to cross their edges.
+CHUNK_BYTES = 64 * 2**20
+SLICE_BYTES = 64 * 2**20
+
+
+def _slice_columns(V, C, block_v):
+    """Vocabulary columns per slice: all of V if its float32 dW fits SLICE_BYTES, else a multiple of the tile."""
+    if V * C * 4 <= SLICE_BYTES:
+        return V
+    return max(block_v, SLICE_BYTES // (4 * C) // block_v * block_v)
 
 
 def _chunk_tokens(n, V, itemsize, block_n):
-    """Tokens per backward chunk: as many as CHUNK_BYTES holds, a multiple of the token tile, at least one tile."""
+    """Tokens per backward chunk for V (padded) columns: as many as CHUNK_BYTES holds, a multiple of the token tile,
+    at least one tile."""
     fit = max(block_n, CHUNK_BYTES // (V * itemsize) // block_n * block_n)
     return min(n, fit)
 
@@ -284,48 +320,79 @@ def padded_vocab(V):
 
 def _mm_f32(a, b):
     """a @ b with float32 output. 16-bit CUDA operands: a tensor-core GEMM that accumulates and writes float32
-    (torch >= 2.8's out_dtype). Elsewhere widen first: exact for 16-bit values, so the result is the same."""
+    (torch >= 2.8's out_dtype). Elsewhere widen first: exact for 16-bit values, so the result is the same.
+
+    Also for dh = dz @ W, whose output is small (n, C) and whose reduction long (V): with a bf16 output, cuBLAS
+    splits such a K = V sum and may add the partial sums in bf16 (torch.backends.cuda.matmul.
+    allow_bf16_reduced_precision_reduction, on by default), several roundings of 2^-9 each: the likely cause of
+    dhidden's 2.2e-2 error on an H200 at (16384, 768, 50257), vs 3.7e-3 for unfused torch, whose (N, V) gradient
+    has an odd row stride that rules out those cuBLAS kernels. A float32 output rounds once, at the end."""
     if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
 
 
-def _backward(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp, need_dh, need_dw):
-    """dhidden and/or dweight (input dtypes, or None) by chunks of the tokens whose target is not ignored.
+def _addmm_f32_(acc, a, b):
+    """acc += a @ b in place, acc float32: on CUDA one GEMM accumulating into acc (torch >= 2.8's addmm
+    out_dtype); elsewhere, or where that is missing, through a float32 product (see _mm_f32)."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return acc.add_(_mm_f32(a, b))
 
-    Per chunk of n tokens: one Triton launch recomputes the chunk's logits (2nCV flops on tensor cores) and
-    writes dz = dL/dlogits / temperature (n, V) in the input dtype; then two GEMMs: dh = dz @ W (n x V x C,
-    each token's row done in one GEMM, written once in the input dtype) and dW += dz^T @ h (V x n x C,
-    accumulated over chunks in float32). Ignored tokens are dropped first, so prompt and padding cost nothing.
+
+def _backward(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp, need_dh, need_dw):
+    """dhidden and/or dweight (input dtypes, or None) by vocabulary slices and token chunks (see CHUNK_BYTES).
+
+    Only tokens whose target is not ignored are visited, so prompt and padding cost nothing. Per block of n tokens
+    and a slice of columns: one Triton launch recomputes the block's logits (2 n C cols flops on tensor cores) and
+    writes dz = dL/dlogits / temperature (n, cols) in the input dtype; then two GEMMs with float32 accumulators:
+    dh32[rows] += dz @ W[slice] (n x cols x C) and dW32 += dz^T @ h (cols x n x C). dW32 is rounded into dW once
+    its slice has seen every token, dh32 into dh at the end: each gradient entry is rounded once.
     """
     N, C = hidden.shape
     V = weight.shape[0]
     bn, bv, _, opts = _launch_options(hidden)
     dh = torch.zeros_like(hidden) if need_dh else None
-    dw32 = torch.zeros(V, C, device=weight.device, dtype=torch.float32) if need_dw else None  # (V, C)
+    dw = torch.zeros_like(weight) if need_dw else None
     keep = (targets >= 0).nonzero().squeeze(1)  # (n_kept,): one device sync per backward
     n_kept = keep.numel()
-    if n_kept:
-        has_ent = g_ent is not None
-        h, tgt, lse = hidden[keep], targets[keep], lse[keep].contiguous()  # (n_kept, C), (n_kept,), (n_kept,)
-        g = g_logp[keep].float() if g_logp is not None else torch.zeros_like(lse)
-        k = g_ent[keep].float() if has_ent else g  # unread without HAS_ENT
-        ent = entropy[keep].contiguous() if has_ent else lse
-        chunk = _chunk_tokens(n_kept, padded_vocab(V), hidden.element_size(), bn)
-        # rows padded to a multiple of 64 elements: aligned, vectorised stores (GPT-2's V = 50257 is odd)
-        dz_buf = torch.empty(chunk, padded_vocab(V), device=hidden.device, dtype=hidden.dtype)[:, :V]  # (chunk, V)
+    if not n_kept:
+        return dh, dw
+    has_ent = g_ent is not None
+    h, tgt, lse = hidden[keep], targets[keep], lse[keep].contiguous()  # (n_kept, C), (n_kept,), (n_kept,)
+    g = g_logp[keep].float() if g_logp is not None else torch.zeros_like(lse)
+    k = g_ent[keep].float() if has_ent else g  # unread without HAS_ENT
+    ent = entropy[keep].contiguous() if has_ent else lse
+    cols = _slice_columns(V, C, bv)
+    chunk = _chunk_tokens(n_kept, padded_vocab(cols), hidden.element_size(), bn)
+    # rows padded to a multiple of 64 elements: aligned, vectorised stores (GPT-2's V = 50257 is odd)
+    dz_buf = torch.empty(chunk, padded_vocab(cols), device=hidden.device, dtype=hidden.dtype)  # (chunk, cols)
+    dh32 = torch.zeros(n_kept, C, device=hidden.device, dtype=torch.float32) if need_dh else None  # (n_kept, C)
+    dw32 = torch.empty(cols, C, device=weight.device, dtype=torch.float32) if need_dw else None  # (cols, C)
+    for v0 in range(0, V, cols):
+        v1 = min(v0 + cols, V)
+        w, tgt_slice = weight[v0:v1], tgt - v0  # (v1 - v0, C); targets outside the slice match no column
+        if need_dw:
+            dw32.zero_()
         for s in range(0, n_kept, chunk):
             e = min(s + chunk, n_kept)
-            dz = dz_buf[:e - s]  # (n, V)
-            _dlogits_kernel[(triton.cdiv(e - s, bn), triton.cdiv(V, bv))](
-                h[s:e], weight, tgt[s:e], lse[s:e], ent[s:e], g[s:e], k[s:e], dz, e - s, V, C, inv_temp,
-                h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
+            dz = dz_buf[:e - s, :v1 - v0]  # (n, v1 - v0)
+            _dlogits_kernel[(triton.cdiv(e - s, bn), triton.cdiv(v1 - v0, bv))](
+                h[s:e], w, tgt_slice[s:e], lse[s:e], ent[s:e], g[s:e], k[s:e], dz, e - s, v1 - v0, C, inv_temp,
+                h.stride(0), h.stride(1), w.stride(0), w.stride(1), dz.stride(0),
                 HAS_ENT=has_ent, **opts)
             if need_dh:
-                dh.index_copy_(0, keep[s:e], (dz @ weight).to(hidden.dtype))  # (n, C)
+                _addmm_f32_(dh32[s:e], dz, w)  # (n, C)
             if need_dw:
-                dw32 += _mm_f32(dz.T, h[s:e])  # (V, C)
-    return dh, (dw32.to(weight.dtype) if need_dw else None)
+                _addmm_f32_(dw32[:v1 - v0], dz.T, h[s:e])  # (v1 - v0, C)
+        if need_dw:
+            dw[v0:v1] = dw32[:v1 - v0]  # rounded once, to the weight's dtype
+    if need_dh:
+        dh.index_copy_(0, keep, dh32.to(hidden.dtype))
+    return dh, dw
 
 
 class TokenLogprob(torch.autograd.Function):
