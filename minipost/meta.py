@@ -51,7 +51,7 @@ def one_of(choices):
     return (f"one of {', '.join(choices)}", lambda v: isinstance(v, str) and v in choices)
 
 
-ANY_NUMBER = ("a number", lambda v: type(v) in (int, float) and math.isfinite(v))
+ANY_NUMBER = ("a finite number", lambda v: type(v) in (int, float) and math.isfinite(v))
 TARGETS = (f"a non-empty list of {', '.join(LORA_TARGETS)}",
            lambda v: isinstance(v, list) and v and all(isinstance(t, str) and t in LORA_TARGETS for t in v))
 FINGERPRINT = ("16 hexadecimal digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{16}", v))

@@ -534,6 +534,13 @@ def test_every_kind_of_run_is_a_kind_meta_json_accepts():
     assert set(KINDS) == {"base", *LOSSES, *ALGOS}
 
 
+def test_samples_used_of_a_hand_made_meta(tmp_path):
+    """A checkpoint saved without "args" or "step" (a test's, a converted one) evaluates; samples are then unknown."""
+    from minipost.evaluate import samples_used
+    assert samples_used(tmp_path, {"kind": "sft", "script": "test"}) is None
+    assert samples_used(tmp_path, {"kind": "dpo", "args": {"batch_size": 4}, "step": 3}) == 12
+
+
 def test_allow_other_task_overrides_the_task_check(fx, run, tmp_path):
     r = run("sft", *SFT, "--init", fx / "other-task", "--allow-other-task", "--max-steps", "1", "--out",
             tmp_path / "out")
