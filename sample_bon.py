@@ -291,7 +291,7 @@ def run_sweep(args, model, tokenizer, task, rows, prompts, reward, out: Path):
             per_prompt["kl_est"].append(kl_best_of_n(proxy[cut], n))
             if oracle:
                 per_prompt["oracle"].append(expected_best_of_n(gold[cut], gold[cut], n))
-        mean = {k: sum(v) / P for k, v in per_prompt.items()}
+        mean = finite_means({k: sum(v) / P for k, v in per_prompt.items()}, reward)
         var = sum((r - mean["reward"]) ** 2 for r in per_prompt["reward"]) / max(1, P - 1)
         # "rewards": per prompt, in prompt order, to pair with another policy's per-prompt rewards
         results.append({"n": n, "reward": mean["reward"], "reward_se": math.sqrt(var / P), "format": mean["format"],
@@ -313,6 +313,22 @@ def run_sweep(args, model, tokenizer, task, rows, prompts, reward, out: Path):
     return results
 
 
+def number(x: float, decimals: int) -> str:
+    """x with a fixed number of decimals, as every table and summary prints it, or in general notation once
+    it is large (a reward function's own scale: 1e300 is not printed as 300 digits)."""
+    return f"{x:.{decimals}f}" if abs(x) < 1e6 else f"{x:.4g}"
+
+
+def finite_means(means: dict, reward) -> dict:
+    """{name: mean} -> means, or a UserError: finite rewards (checked per value) can still add up beyond
+    float64's range (|r| near 1.8e308), which no summary can print."""
+    for name, value in means.items():
+        if not math.isfinite(value):
+            raise UserError(f"{reward.name}: the mean {name} is {value} (its rewards add up beyond float64's "
+                            "range); rescale them")
+    return means
+
+
 def sweep_table(results, show_proxy: bool) -> str:
     r0 = results[0]
     head = (f"best-of-N on {r0['task']}/{r0['split']}: {r0['n_prompts']} prompts, pool {r0['pool']} per prompt, "
@@ -322,7 +338,7 @@ def sweep_table(results, show_proxy: bool) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
     for r in results:
         cells = [str(r["n"]), f"{r['reward']:.3f}", f"{r['reward_se']:.3f}", f"{r['format']:.3f}"]
-        cells += [f"{r['proxy']:.3f}"] if show_proxy else []
+        cells += [number(r["proxy"], 3)] if show_proxy else []
         cells += [f"{r['kl_bound']:.3f}", f"{r['kl_est']:.3f}", f"{r['gen_s_per_prompt']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(lines)
@@ -392,6 +408,9 @@ def best_of_n(args, device):
     if not records:
         raise UserError(f"--finished-only: none of the {len(rows)} chosen completions ended with EOS (raise "
                         "--max-new-tokens, or is --init an SFT model?)")
+    if reward is not None:  # before anything is written
+        means = finite_means({"score": sum(r["score"] for r in records) / len(records),
+                              "score of all candidates": sum(scores) / len(scores)}, reward)
     lines = "".join(json.dumps(r) + "\n" for r in records)
     if not distributed.is_main():
         return records
@@ -402,8 +421,8 @@ def best_of_n(args, device):
         log(f"wrote {len(records)} chosen completions to {out / 'bon.jsonl'}"
             + (f" ({skipped} unfinished or blank, left out)" if args.finished_only else ""))
     if reward is not None:
-        log(f"best-of-{n} by {reward.name}: mean score {sum(r['score'] for r in records) / len(records):.4f} "
-            f"(all candidates: {sum(scores) / len(scores):.4f})")
+        log(f"best-of-{n} by {reward.name}: mean score {number(means['score'], 4)} "
+            f"(all candidates: {number(means['score of all candidates'], 4)})")
     return records
 
 

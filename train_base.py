@@ -21,7 +21,7 @@ from tqdm import tqdm
 from minipost import distributed
 from minipost.checkpoint import load_resumed, load_train_state, rng_state, save_checkpoint, set_rng_state
 from minipost.cli import (MetricsLog, UserError, autocast, cosine_lr, finite_or_stop, pick_device, require_numbers,
-                          require_positive, run_main, task_from_flag, writable_dir)
+                          require_positive, run_main, task_from_flag, weights_finite_or_stop, writable_dir)
 from minipost.data import existing_file
 from minipost.engine import generate
 from minipost.model import GPT, PRESETS, GPTConfig
@@ -219,12 +219,14 @@ def main(argv=None):
         checked = finite_or_stop(step + 1, {"loss": distributed.all_sum(part), "gradient norm": grad_norm})
         opt.step()
         opt.zero_grad(set_to_none=True)
+        weights_finite_or_stop(step + 1, {"parameter norm": model})  # before the evaluation samples from it
 
         last = {"step": step + 1, "loss": checked["loss"], "lr": lr, "grad_norm": checked["gradient norm"],
                 "tokens": (step + 1) * args.batch_size * block, "time_s": elapsed + time.time() - t_start}
         done = step + 1 == args.max_steps
         if (step + 1) % args.eval_every == 0 or done:
             last["val_loss"] = evaluate(model, val_stream, args, block, device)
+            finite_or_stop(step + 1, {"val_loss": last["val_loss"]})
             tqdm.write(f"step {step + 1}: train {last['loss']:.3f}  val {last['val_loss']:.3f}  "
                        f"sample: {sample_text(model, tokenizer, seed=step)!r}")
         metrics.log(**last)

@@ -27,7 +27,8 @@ from minipost.adapters import adapt, add_adapter_flags, check_adapter_flags, has
 from minipost.checkpoint import (load_checkpoint, load_resumed, load_train_state, rng_state, save_checkpoint,
                                  set_rng_state)
 from minipost.cli import (MetricsLog, UserError, autocast, cosine_lr, finite_or_stop, peak_memory_mb, pick_device,
-                          require_numbers, require_positive, run_main, task_from_flag, tensor_memory_mb, writable_dir)
+                          require_numbers, require_positive, run_main, task_from_flag, tensor_memory_mb,
+                          weights_finite_or_stop, writable_dir)
 from minipost.data import collate, encode_conversations, epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy
 from minipost.tasks import TASKS
@@ -221,12 +222,14 @@ def main(argv=None):
         grad_norm = finite_or_stop(step + 1, {"loss": loss_sum, "gradient norm": grad_norm})["gradient norm"]
         opt.step()
         opt.zero_grad(set_to_none=True)
+        weights_finite_or_stop(step + 1, {"parameter norm": model})  # before the evaluation samples from it
 
         last = {"step": step + 1, "loss": loss_sum, "ce": ce_sum, "p_mean": p_sum, "lr": lr, "grad_norm": grad_norm,
                 "tokens": int(n_tokens), "step_time_s": time.time() - t_step, "time_s": elapsed + time.time() - t_start}
         done = step + 1 == args.max_steps
         if (step + 1) % args.eval_every == 0 or done:
             last.update(evaluate(step + 1))
+        finite_or_stop(step + 1, last)  # the loss parts, DFT's p_mean, the evaluation: before logging or saving
         if done:  # what the run cost
             last.update(trainable_params=sum(p.numel() for p in trainable),
                         tensor_memory_mb=tensor_memory_mb([model], opt), peak_memory_mb=peak_memory_mb(device))

@@ -19,8 +19,10 @@ GPT-2 (minipost/gpt2.py), e.g. `--init path/to/gpt2`, or Llama / Qwen2 / Mistral
 `--init path/to/SmolLM2-135M-Instruct`.
 
 Loading refuses, with one line naming the flag and the file: a pickle that needs more than tensors (never run),
-a config whose sizes no model could have, weights that do not fit it or hold NaN, and a checkpoint of another
-task than the script's (meta "task": the built-in task it was trained on; none for a base trained on --data).
+a config whose sizes no model could have, a meta.json or state.pt field of the wrong type or range
+(minipost/meta.py), weights that do not fit the config or hold NaN (or overflow float32's norm), and a checkpoint
+of another task than the script's (meta "task": the built-in task it was trained on; none for a base trained on
+--data).
 Which kinds a script accepts (a policy, a reward model, a run of its own kind for --resume) is the script's call.
 """
 import json
@@ -36,6 +38,7 @@ from .adapters import adapter_keys, attach, fingerprint, has_adapters, merge_ada
 from .cli import UserError
 from .gpt2 import is_gpt2_folder, load_gpt2_folder
 from .hf import is_hf_folder, load_hf_folder
+from .meta import check_meta, check_train_state
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer
 
@@ -112,13 +115,16 @@ def load_checkpoint(path, device="cpu", flag="--init", task=None) -> Checkpoint:
         except (ValueError, TypeError, OSError) as e:
             raise UserError(f"{where}: {name} is unusable ({type(e).__name__}: {str(e).splitlines()[0]})")
 
-    meta = read("meta.json", json_object)
+    meta = check_meta(read("meta.json", json_object), f"{where}: meta.json")  # every field typed
     config = read("config.json", lambda f: GPTConfig.from_dict(json_object(f)))  # sizes checked before allocating
     tokenizer = read("tokenizer.json", Tokenizer.load)
     state = load_tensors(ckpt / "model.pt", where)
-    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    # a diverged run's weights (cli.weights_finite_or_stop): NaN, infinite, or beyond a finite float32 norm
+    bad = next((k for k, v in state.items() if v.is_floating_point() and
+                not torch.linalg.vector_norm(v.float()).isfinite()), None)
     if bad is not None:
-        raise UserError(f"{where}: weight {bad} holds NaN or infinite values")
+        raise UserError(f"{where}: weight {bad} holds NaN or infinite values, or values so large that its norm "
+                        "overflows float32")
     have = meta.get("task")
     if task is not None and have is not None and have != task:
         raise UserError(f"{where}: trained on task '{have}', not --task {task} (pass --allow-other-task to use "
@@ -204,11 +210,7 @@ def load_train_state(ckpt_dir: Path) -> dict:
     f, where = Path(ckpt_dir) / "state.pt", f"--resume from {ckpt_dir}"
     if not f.is_file():
         raise UserError(f"{where}: no state.pt (the optimizer and RNG state a resume needs)")
-    state = load_tensors(f, where)
-    missing = [k for k in ("optimizer", "rng", "step", "elapsed") if k not in state]
-    if missing:
-        raise UserError(f"{where}: state.pt lacks {', '.join(missing)}")
-    return state
+    return check_train_state(load_tensors(f, where), f"{where}: state.pt")
 
 
 def rng_state() -> dict:

@@ -3,9 +3,12 @@
 Two kinds of failure end a script with one line on stderr (`error: ...`), never a traceback:
     UserError  bad input found by a check (a missing file, a bad flag value, a malformed row, a checkpoint of
                the wrong kind, a reward function that fails): exit code 2, fix the command or the input.
-    Diverged   a training run's own numbers went non-finite (loss or gradient norm): exit code 1, the run
-               failed although every input passed its checks. finite_or_stop raises it before the optimizer
-               step, so no update and no checkpoint ever holds the bad step.
+    Diverged   a training run's own numbers went non-finite: exit code 1, the run failed although every
+               input passed its checks. What counts (finite_or_stop, weights_finite_or_stop): anything a step
+               measures (loss, gradient norm, KL, entropy, rewards, evaluations) that is NaN or infinite, and
+               trained parameters whose float32 norm is (a NaN or infinite weight, or weights so large, a norm
+               above ~1.8e19, that their sum of squares overflows float32: such a model's activations do too).
+               Every script checks a step before it logs or saves it, so no checkpoint ever holds a diverged step.
 Bugs still raise normally (a traceback, exit code 1).
 """
 import json
@@ -24,7 +27,7 @@ class UserError(Exception):
 
 
 class Diverged(Exception):
-    """A training run's loss or gradient norm became NaN or infinite: reported as one line, exit code 1."""
+    """A training run's numbers or weights became NaN or infinite: reported as one line, exit code 1."""
 
 
 def run_main(main):
@@ -40,15 +43,28 @@ def run_main(main):
 
 def finite_or_stop(step: int, values: dict) -> dict:
     """{name: tensor or number} -> {name: float}; Diverged naming the step and the first non-finite value.
-    Called between backward and the optimizer step: the weights, and so every checkpoint, stay as the last
-    finite step left them. One .item() per value, which the loops log anyway."""
+    Other values (a string, a list, None) are passed over: a step's whole log can be handed in. Called before
+    the step is logged or saved (the loss and gradient norm also before the update). One .item() per tensor,
+    which the loops log anyway."""
     out = {}
     for name, value in values.items():
-        out[name] = value.item() if torch.is_tensor(value) else float(value)
+        if torch.is_tensor(value) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        out[name] = float(value)
         if not math.isfinite(out[name]):
-            raise Diverged(f"step {step}: {name} is {out[name]}; training diverged and stopped before this step's "
-                           "update (nothing of it was saved): lower --lr, or check --init's weights")
+            raise Diverged(f"step {step}: {name} is {out[name]}; training diverged and stopped, nothing of this step "
+                           "was saved (the last checkpoint stays as it was): lower --lr, or check --init's weights")
     return out
+
+
+def weights_finite_or_stop(step: int, models: dict) -> dict:
+    """{name: model} -> {name: float32 L2 norm of its trainable parameters}; Diverged unless each is finite.
+    Called after the optimizer step, before anything is saved: one norm kernel per device and one sync."""
+    norms = {name: torch.nn.utils.get_total_norm([p.detach() for p in m.parameters() if p.requires_grad])
+             for name, m in models.items()}
+    return finite_or_stop(step, norms)
 
 
 def require_positive(args, *flags):

@@ -53,8 +53,9 @@ def validation_prompts(task, start: int, n: int) -> list[dict]:
 def samples_used(run_dir, meta) -> int | None:
     """Training samples a run consumed: demonstrations (SFT, DFT) or preference pairs (DPO) seen, batch size x
     steps, or the sequences an RL run trained on, as logged per step by train_rlhf.py ("samples_used")."""
-    if meta.get("kind") in ("sft", "dft", "dpo", "rm"):
-        return int(meta["args"]["batch_size"]) * int(meta["step"])
+    if meta.get("kind") in ("sft", "dft", "dpo", "rm"):  # typed on load (minipost/meta.py), perhaps absent
+        batch_size, step = meta.get("args", {}).get("batch_size"), meta.get("step")
+        return batch_size * step if batch_size is not None and step is not None else None
     path = Path(run_dir) / "metrics.jsonl"
     logged = [json.loads(line).get("samples_used") for line in path.read_text().splitlines()] if path.is_file() else []
     logged = [v for v in logged if v is not None]

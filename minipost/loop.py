@@ -24,7 +24,7 @@ from tqdm import tqdm
 from . import distributed
 from .adapters import has_adapters
 from .checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
-from .cli import MetricsLog, finite_or_stop, peak_memory_mb, tensor_memory_mb
+from .cli import MetricsLog, finite_or_stop, peak_memory_mb, tensor_memory_mb, weights_finite_or_stop
 
 
 @dataclass
@@ -85,24 +85,30 @@ def optimizer_step(run, step, part, models) -> tuple[float, float]:
     """One optimizer step on the loss, each model's gradient norm clipped on its own (--grad-clip; 0: off) ->
     (the loss, the first model's norm). part: this rank's part of the loss (the parts of all ranks sum to it;
     in one process, the loss). A non-finite loss or norm stops the run (cli.Diverged) before the weights move,
-    on every rank alike: the loss checked is the summed one and the norms are of the averaged gradients."""
+    and trained weights whose norm is not finite after the update stop it before anything is saved, on every
+    rank alike: the loss checked is the summed one, the norms are of the averaged gradients and the replicas."""
     distributed.backward(part)
     norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), run.args.grad_clip or float("inf")) for m in models]
     names = ["gradient norm", "critic gradient norm"][:len(models)]  # PPO's second model is its critic
     checked = finite_or_stop(step + 1, {"loss": distributed.all_sum(part), **dict(zip(names, norms))})
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
+    weights_finite_or_stop(step + 1, dict(zip(["parameter norm", "critic parameter norm"], models)))
     return checked["loss"], checked[names[0]]
 
 
 def end_step(run, step, logs, evaluate, model, save_state=dict, save_meta=dict):
     """Log a finished step; evaluate and checkpoint `model` (+ save_state() for --resume, save_meta() for
-    meta.json) every --eval-every / --ckpt-every steps and at the last."""
+    meta.json) every --eval-every / --ckpt-every steps and at the last. A non-finite number among the step's
+    logs (KL, entropy, rewards, ...) or its evaluation stops the run (cli.Diverged) before it is logged or saved."""
     a = run.args
+    finite_or_stop(step + 1, logs)
     last = {"step": step + 1, **logs, "lr": run.lr, "step_time_s": time.time() - run.t_step}
     done = step + 1 == a.max_steps
     if (step + 1) % a.eval_every == 0 or done:
-        last.update(evaluate(step + 1))
+        evaluated = evaluate(step + 1)
+        finite_or_stop(step + 1, evaluated)
+        last.update(evaluated)
     last["time_s"] = run.elapsed + time.time() - run.t_start
     if done:  # what the run cost: its parameters, tensors and the process's peak memory
         last.update(trainable_params=run.trainable, tensor_memory_mb=tensor_memory_mb(run.models, run.opt),
@@ -111,8 +117,10 @@ def end_step(run, step, logs, evaluate, model, save_state=dict, save_meta=dict):
     run.bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "reward", "accuracy", "kl") if k in last})
     if (step + 1) % a.ckpt_every == 0 or done:
         # save_meta runs on every rank: it may be a collective, or change the model (rm's bias) on every replica
+        extra = save_meta()
+        finite_or_stop(step + 1, extra)  # rm's re-centred bias: a number that is also a weight
         meta = {"script": "train_rlhf.py", "kind": a.algo, "task": a.task, "args": vars(a), "step": step + 1,
-                "init": str(a.init), "elapsed_s": last["time_s"], **save_meta(), "metrics": last}
+                "init": str(a.init), "elapsed_s": last["time_s"], **extra, "metrics": last}
         if not distributed.is_main():
             return
         save_checkpoint(run.out, model, run.tokenizer, meta, {"optimizer": run.opt.state_dict(), "rng": rng_state(),

@@ -377,6 +377,9 @@ class Tokenizer:
             chat = state.get("chat", {"format": "minipost"})  # files from before chat formats: minipost's own
             if not isinstance(chat, dict) or not isinstance(chat.get("format"), str):
                 raise ValueError("'chat' must be an object with a 'format'")
+            if not all(chat.get(k) is None or isinstance(chat[k], str) for k in ("bos", "pad")) or \
+                    type(chat.get("nfc", False)) is not bool:
+                raise ValueError("'chat': 'bos' and 'pad' must be null or token names, 'nfc' true or false")
             enc = _encoding(name, pattern, dict(zip(tokens, ids)), specials)
             return cls(enc, chat["format"], chat.get("bos"), chat.get("pad"), chat.get("nfc", False) is True)
         except (ValueError, AssertionError, TypeError) as e:

@@ -10,6 +10,7 @@ checks a few rows both ways.
 """
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -136,6 +137,15 @@ def huge(prompts, completions, **kw):  # finite as a Python float, infinite in f
 
 def crash(prompts, completions, **kw):
     return [1 / 0 for c in completions]
+
+def length(prompts, completions, **kw):  # differs within a group: every GRPO group carries a gradient
+    return [float(len(c)) for c in completions]
+
+def e300(prompts, completions, **kw):  # finite, and so is the mean of any number of them
+    return [1e300] * len(completions)
+
+def near_max(prompts, completions, **kw):  # finite, but two of them add up to infinity
+    return [1.7e308] * len(completions)
 '''
 
 
@@ -155,7 +165,8 @@ def copy_ckpt(src: Path, dst: Path, meta=None, config=None, weights=None) -> Pat
 
 @pytest.fixture(scope="module")
 def fx(run, tmp_path_factory):
-    """Tiny arith base and SFT runs (2 steps each, a checkpoint at each), a reward model, and the broken,
+    """Tiny arith base and SFT runs (2 steps each, a checkpoint at each), GRPO and PPO runs from the SFT one
+    (likewise), a reward model, and the broken,
     malicious or mismatched files and checkpoints the rows use, all under one directory (also the rows'
     working directory, so `--reward rewards:huge` imports ./rewards.py)."""
     d = tmp_path_factory.mktemp("fx")
@@ -171,8 +182,12 @@ def fx(run, tmp_path_factory):
     rm = GPT(GPTConfig(**{**sft.model.config.to_dict(), "scalar_head": True}))
     rm.load_state_dict(sft.model.state_dict(), strict=False)
     save_checkpoint(d / "rm", rm, sft.tokenizer, {"kind": "rm", "task": "arith", "script": "test"})
-
     (d / "rewards.py").write_text(REWARDS)
+    for algo in ("grpo", "ppo"):  # 2 healthy steps, a checkpoint at each: what a diverging --resume must keep
+        r = run("rlhf", "--algo", algo, "--init", d / "sft", *RL, "--k", "2", "--epochs", "1", "--reward",
+                "rewards:length", "--max-steps", "2", "--ckpt-every", "1", "--out", d / algo, cwd=d)
+        assert r.returncode == 0, r.stderr[-2000:]
+
     (d / "evil.py").write_text(EVIL.format(marker=d / "pwned"))
     sys.path.insert(0, str(d))
     from evil import Payload
@@ -196,6 +211,16 @@ def fx(run, tmp_path_factory):
     copy_ckpt(d / "sft", d / "nan-weights", weights=lambda s: {k: v * float("nan") if k.endswith("wte.weight") else v
                                                                for k, v in s.items()})
     copy_ckpt(d / "sft", d / "x1000", weights=lambda s: {k: v * 1000 for k, v in s.items()})
+    copy_ckpt(d / "sft", d / "x1e21", weights=lambda s: {k: v * 1e21 for k, v in s.items()})  # finite, norm is not
+    for name, change in (("kind-object", {"kind": {"__reduce__": "os.system"}}), ("step-string", {"step": "2"}),
+                         ("task-number", {"task": 7}), ("elapsed-nan", {"elapsed_s": float("nan")}),
+                         ("adapter-rank", {"adapter": {"lora": {"r": -1, "alpha": 2.0, "dropout": 0.0,
+                                                                "targets": ["c_attn"]}, "prompt_tuning": None,
+                                                       "base": {"path": str(d / "base"), "fingerprint": "0" * 16}}})):
+        copy_ckpt(d / "sft", d / f"meta-{name}", meta=lambda m: {**m, **change})
+    copy_ckpt(d / "base", d / "state-step-string")
+    state = torch.load(d / "state-step-string" / "ckpt" / "state.pt", weights_only=True)
+    torch.save({**state, "step": "2"}, d / "state-step-string" / "ckpt" / "state.pt")
     copy_ckpt(d / "sft", d / "list-weights", weights=lambda s: list(s.values()))
     copy_ckpt(d / "sft", d / "list-meta", meta=lambda m: [m])
     copy_ckpt(d / "sft", d / "str-sizes", config=lambda c: {**c, "n_embd": str(c["n_embd"])})
@@ -249,15 +274,28 @@ def fx(run, tmp_path_factory):
 SFT = ["--n-eval", "1", "--max-new-tokens", "2", "--batch-size", "4"]  # train_sft.py at its cheapest
 RL = ["--n-eval", "1", "--n-kl", "1", "--max-new-tokens", "4", "--warmup", "1", "--batch-size", "2"]  # train_rlhf.py
 ROWS = [  # (id, entry, argv with {fx} for the fixture directory, exit code, what the error line must say)
-    # 1. training that goes non-finite: refused at parse time, or stopped before the update (exit 1)
+    # 1. training that goes non-finite: refused at parse time, or stopped before the step is logged or saved (exit 1)
     ("dpo-x1000-weights", "rlhf", "--algo dpo --init {fx}/x1000 --data {fx}/pairs.jsonl --max-steps 2 --batch-size 4",
      1, "step 1: gradient norm is nan"),
+    # the issue's case: the loss and gradient norm stay finite (a collapsed policy's GRPO loss can be 0), the
+    # weights reach 1e30 (finite, their float32 norm is not); at lr 1e10 the weights stay within it and the KL of
+    # the next rollout goes NaN first
+    ("grpo-lr-1e30", "rlhf", "--algo grpo --init {fx}/sft --resume --k 2 --reward rewards:length --lr 1e30 "
+     "--grad-clip 0 --max-steps 5", 1, "step 3: parameter norm is inf; training diverged"),
+    ("grpo-lr-1e10", "rlhf", "--algo grpo --init {fx}/sft --resume --k 2 --reward rewards:length --lr 1e10 "
+     "--grad-clip 0 --max-steps 5 --eval-every 100", 1, "step 4: kl is nan; training diverged"),
+    ("ppo-lr-1e30", "rlhf", "--algo ppo --init {fx}/sft --resume --reward rewards:length --lr 1e30 --grad-clip 0 "
+     "--max-steps 5 --epochs 1", 1, "step 3: parameter norm is inf"),
     ("grpo-reward-1e39", "rlhf", "--algo grpo --init {fx}/sft --reward rewards:huge --max-steps 2 --k 2",
      2, "step 1: rewards:huge gave a reward beyond float32's range (|r| > 3.4e38)"),
     ("base-lr-1e30", "base", "--resume --lr 1e30 --grad-clip 0 --max-steps 6 --ckpt-every 100", 1,
-     "training diverged"),
+     "step 3: parameter norm is inf; training diverged"),
     ("sft-lr-1e30", "sft", "--resume --init {fx}/base --lr 1e30 --grad-clip 0 --max-steps 6 --ckpt-every 100",
-     1, "training diverged"),
+     1, "step 3: parameter norm is inf; training diverged"),
+    ("bon-reward-sum-overflow", "bon", "--init {fx}/sft --reward rewards:near_max --n 2 --n-prompts 2", 2,
+     "rewards:near_max: the mean score is inf (its rewards add up beyond float64's range); rescale them"),
+    ("sft-init-weights-1e21", "sft", "--init {fx}/x1e21", 2,
+     "holds NaN or infinite values, or values so large that its norm overflows float32"),
     ("dpo-beta-nan", "rlhf", "--algo dpo --init {fx}/sft --beta nan", 2, "--beta must be > 0 (got nan)"),
     ("dpo-beta-0", "rlhf", "--algo dpo --init {fx}/sft --beta 0", 2, "--beta must be > 0 (got 0.0)"),
     ("grpo-temperature-nan", "rlhf", "--algo grpo --init {fx}/sft --temperature nan", 2,
@@ -338,6 +376,19 @@ ROWS = [  # (id, entry, argv with {fx} for the fixture directory, exit code, wha
     ("model-pt-list", "sft", "--init {fx}/list-weights", 2, "model.pt holds a list, not a dict of named tensors"),
     ("meta-json-list", "bon", "--init {fx}/list-meta", 2,
      "--init {fx}/list-meta: meta.json is unusable (ValueError: holds a list, not an object)"),
+    # every field of meta.json and state.pt typed (minipost/meta.py): none reaches a comparison or a row
+    ("meta-kind-object", "sft", "--init {fx}/meta-kind-object", 2, "--init {fx}/meta-kind-object: meta.json: field "
+     "'kind' must be one of base, sft, dft, rm, dpo, ppo, nft, rft, grpo, got {{'__reduce__': 'os.system'}}"),
+    ("meta-step-string", "eval", "--init {fx}/meta-step-string --task arith", 2,
+     "meta.json: field 'step' must be an integer >= 0, got '2'"),
+    ("meta-task-number", "rlhf", "--algo grpo --init {fx}/meta-task-number", 2,
+     "meta.json: field 'task' must be null or a string, got 7"),
+    ("meta-elapsed-nan", "eval", "--init {fx}/meta-elapsed-nan --task arith", 2,
+     "meta.json: field 'elapsed_s' must be a number >= 0, got nan"),
+    ("meta-adapter-rank", "bon", "--init {fx}/meta-adapter-rank", 2,
+     "meta.json: field 'adapter.lora.r' must be an integer in 1..32768, got -1"),
+    ("state-step-string", "base", "--resume --out {fx}/state-step-string", 2,
+     "--resume from {fx}/state-step-string/ckpt: state.pt: field 'step' must be an integer >= 0, got '2'"),
     ("base-vocab-size-10", "base", "--vocab-size 10 --corpus-docs 50", 2, "--vocab-size: vocab_size must be at least"),
     ("base-block-size-negative", "base", "--block-size -5", 2, "--block-size must be >= 2 (got -5)"),
     ("base-block-size-huge", "base", "--block-size 1000000000 --corpus-docs 50", 2,
@@ -413,7 +464,8 @@ FAST = {"base": ["--corpus-docs", "300", "--vocab-size", "320", "--block-size", 
                  "--eval-batches", "1"], "sft": SFT, "rlhf": RL, "bon": ["--max-new-tokens", "2", "--n-prompts", "1"],
         "eval": ["--n-eval", "1", "--max-new-tokens", "2", "--k", "1"], "pipeline": []}
 # rows that go non-finite after training has started: OUT already holds a checkpoint, which must stay as it was
-DIVERGE = {"dpo-x1000-weights": "sft", "grpo-reward-1e39": "sft", "base-lr-1e30": "base", "sft-lr-1e30": "sft"}
+DIVERGE = {"dpo-x1000-weights": "sft", "grpo-reward-1e39": "sft", "base-lr-1e30": "base", "sft-lr-1e30": "sft",
+           "grpo-lr-1e30": "grpo", "grpo-lr-1e10": "grpo", "ppo-lr-1e30": "ppo"}
 
 
 def row_argv(fx, entry, argv, out):
@@ -433,9 +485,11 @@ def test_bad_input_one_line(run, fx, tmp_path, name, entry, argv, code, message)
     assert r.returncode == code, r.stderr[-3000:]
     line = error_line(r)
     assert message.format(fx=fx) in line, line
-    if name in DIVERGE:  # stopped before the update: the checkpoint in OUT is the one that was there
+    if name in DIVERGE:  # stopped before the step was saved: the checkpoint in OUT is the one that was there
         assert digest(out / "ckpt") == before
         assert load_checkpoint(out).meta["step"] == 2
+        logged = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+        assert all(math.isfinite(v) for m in logged for v in m.values() if isinstance(v, float))  # nor logged
     assert not (fx / "pwned").exists()  # no checkpoint ran its payload
 
 
@@ -448,6 +502,54 @@ def test_fork_server_matches_a_fresh_python(fx, run, tmp_path):
         fresh, forked = fresh_python(entry, *args, cwd=fx), run(entry, *args, cwd=fx)
         assert fresh.returncode == forked.returncode == code, (name, fresh.stderr[-2000:])
         assert error_line(fresh) == error_line(forked), name
+
+
+def test_huge_finite_rewards_print_in_general_notation(fx, run, tmp_path):
+    """A reward of 1e300 is a number the summary prints as 1e+300, not as 301 digits; the file keeps it exactly."""
+    r = run("bon", *FAST["bon"], "--init", fx / "sft", "--reward", "rewards:e300", "--n", "2", "--out", tmp_path,
+            cwd=fx)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "mean score 1e+300 (all candidates: 1e+300)" in r.stderr
+    assert max(len(word) for word in r.stderr.split()) < 100
+    assert [json.loads(line)["score"] for line in (tmp_path / "bon.jsonl").read_text().splitlines()] == [1e300]
+
+
+def test_divergence_checks_name_the_quantity_and_the_step():
+    """The one check every script calls: numbers and weights. Non-numbers pass; a finite weight of 1e21 does not
+    (its float32 norm overflows), 1e18 does; the name and step are in the message."""
+    from minipost.cli import Diverged, finite_or_stop, weights_finite_or_stop
+    assert finite_or_stop(3, {"loss": torch.tensor(0.5), "kl": 2, "name": "x", "rewards": [1.0], "done": True}) == \
+        {"loss": 0.5, "kl": 2.0}
+    for bad in (float("nan"), float("-inf"), torch.tensor(float("inf"))):
+        with pytest.raises(Diverged, match=r"^step 7: entropy is (nan|-?inf); training diverged"):
+            finite_or_stop(7, {"loss": 1.0, "entropy": bad})
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.fill_(1e18)
+    norm = weights_finite_or_stop(1, {"parameter norm": model})["parameter norm"]
+    assert norm == pytest.approx(math.sqrt(12) * 1e18, rel=1e-5)  # 12 weights of 1e18; the bias is small
+    model.bias.requires_grad_(False)
+    with torch.no_grad():
+        model.bias.fill_(float("nan"))  # frozen (a LoRA base): not what the run trains, not checked here
+    weights_finite_or_stop(1, {"parameter norm": model})
+    with torch.no_grad():
+        model.weight[0, 0] = 1e21
+    with pytest.raises(Diverged, match=r"^step 2: critic parameter norm is inf"):
+        weights_finite_or_stop(2, {"parameter norm": torch.nn.Linear(2, 2), "critic parameter norm": model})
+
+
+def test_every_kind_of_run_is_a_kind_meta_json_accepts():
+    from minipost.meta import KINDS
+    from train_rlhf import ALGOS
+    from train_sft import LOSSES
+    assert set(KINDS) == {"base", *LOSSES, *ALGOS}
+
+
+def test_samples_used_of_a_hand_made_meta(tmp_path):
+    """A checkpoint saved without "args" or "step" (a test's, a converted one) evaluates; samples are then unknown."""
+    from minipost.evaluate import samples_used
+    assert samples_used(tmp_path, {"kind": "sft", "script": "test"}) is None
+    assert samples_used(tmp_path, {"kind": "dpo", "args": {"batch_size": 4}, "step": 3}) == 12
 
 
 def test_allow_other_task_overrides_the_task_check(fx, run, tmp_path):

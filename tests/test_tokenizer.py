@@ -393,6 +393,9 @@ def test_load_malformed_names_the_file(tok, tmp_path):
         "special_missing": edited(special_tokens=no_pad),
         "special_not_int": edited(special_tokens={**state["special_tokens"], "<|pad|>": str(n + 5)}),
         "bad_pattern": edited(pattern="(unclosed"),
+        "chat_bos_object": edited(chat={**state["chat"], "bos": {"__reduce__": "os.system"}}),
+        "chat_pad_list": edited(chat={**state["chat"], "pad": ["<|pad|>"]}),
+        "chat_nfc_string": edited(chat={**state["chat"], "nfc": "yes"}),
     }
     for name, data in cases.items():
         path = tmp_path / f"{name}.json"
