@@ -40,6 +40,7 @@ vocabulary, built through hf.py's reader of tokenizer.json vocabularies. tokeniz
 pre-tokenizer (PRE_TOKENIZERS; others are refused). The chat format comes from tokenizer.chat_template's markers,
 as for a folder (hf.py): ChatML for SmolLM2, whose template's default system message is not added by minipost.
 """
+import math
 import struct
 from pathlib import Path
 
@@ -122,7 +123,10 @@ def read_gguf(path):
     are views into the file's contents. ValueError (one line naming the file) for what is not GGUF v2/v3 or
     is cut short."""
     f = Path(path)
-    buf = memoryview(f.read_bytes())
+    try:
+        buf = memoryview(f.read_bytes())
+    except OSError as e:
+        raise ValueError(f"{f}: unreadable ({e.strerror or e})")
     r = _Reader(buf, f)
     if len(buf) < 4 or bytes(buf[:4]) != MAGIC:
         raise ValueError(f"{f}: not a GGUF file (it starts with {bytes(buf[:4])!r}, not {MAGIC!r})")
@@ -160,7 +164,7 @@ def _tensor_bytes(f, buf, name, ne, kind, at):
     per_block, block_bytes = READABLE[type_name]
     if ne and ne[0] % per_block:
         raise ValueError(f"{f}: tensor {name} has rows of {ne[0]}, not whole {type_name} blocks of {per_block}")
-    n = int(np.prod(ne)) if ne else 1
+    n = math.prod(ne)  # Python integers: a garbage shape cannot overflow into a small size
     size = n // per_block * block_bytes
     if at + size > len(buf):
         raise ValueError(f"{f}: truncated: tensor {name} ends at byte {at + size}, the file at {len(buf)}")
@@ -327,8 +331,13 @@ def is_gguf_file(path) -> bool:
     p = Path(path)
     if not p.is_file():
         return False
-    with open(p, "rb") as fh:
-        return p.suffix.lower() == ".gguf" or fh.read(4) == MAGIC
+    if p.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(p, "rb") as fh:
+            return fh.read(4) == MAGIC
+    except OSError:
+        return False
 
 
 def load_gguf(path):

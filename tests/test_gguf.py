@@ -20,7 +20,7 @@ import train_sft
 from minipost.checkpoint import load_checkpoint
 from minipost.cli import UserError, read_metrics
 from minipost.engine import generate
-from minipost.gguf import dequantize, load_gguf, read_gguf
+from minipost.gguf import dequantize, load_gguf, load_gguf_tokenizer, read_gguf
 from minipost.hf import export_hf, load_hf_folder
 from minipost.tasks import get_task
 
@@ -145,6 +145,15 @@ def test_bad_files_are_refused_in_one_line(tmp_path):
         with pytest.raises(UserError) as e:
             load_checkpoint(f)
         assert BAD[name] in str(e.value) and str(f) in str(e.value) and "\n" not in str(e.value), name
+
+
+def test_tokenizers_minipost_does_not_read_are_refused(tmp_path):
+    sentencepiece = write_gguf(tmp_path / "sp.gguf", {}, {"tokenizer.ggml.model": "llama"})
+    with pytest.raises(ValueError, match="tokenizer.ggml.model 'llama' is not supported .*not SentencePiece"):
+        load_gguf_tokenizer(sentencepiece)
+    qwen = write_gguf(tmp_path / "pre.gguf", {}, {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2"})
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre 'qwen2' is not supported"):
+        load_gguf_tokenizer(qwen)
 
 
 # ----------------------------------------------------------------------------- the real SmolLM2
