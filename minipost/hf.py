@@ -3,7 +3,8 @@ written by hand (no transformers, tokenizers or safetensors packages).
 
 A folder, as `huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct` leaves it or `export_hf` writes it:
 
-    config.json                    model_type llama | qwen2 | mistral, sizes, rms_norm_eps, rope_theta, rope_scaling
+    config.json                    model_type llama | qwen2 | mistral, sizes, rms_norm_eps, and the rotary settings:
+                                   transformers 4.x's rope_theta + rope_scaling, or 5.x's rope_parameters
     model.safetensors              the weights (float32, bfloat16 or float16), or shards
     model-00001-of-00002.safetensors ...   with model.safetensors.index.json {"weight_map": {tensor: shard}}
     tokenizer.json                 byte-level BPE: vocab, merges, pre-tokenizer regex, normalizer, added tokens
@@ -23,16 +24,29 @@ map onto minipost's GPT-2 names, per layer N (model.layers.N. -> transformer.h.N
     lm_head                                    lm_head (left out of a tied model's files, as HF does)
 
 Refused with one line: other model types, mixtures of experts, sliding-window attention, rope scaling other
-than linear and llama3, biases beyond q/k/v, activations other than SiLU, a head_dim that is not
-hidden_size / num_attention_heads. A Mistral folder without a sliding window is a Llama and is exported as one.
+than linear and llama3 (or with fields minipost does not compute), partial rotary, biases beyond q/k/v,
+activations other than SiLU, a head_dim that is not hidden_size / num_attention_heads. A Mistral folder
+without a sliding window is a Llama and is exported as one.
+
+Config schemas: transformers 5 writes the rotary settings as "rope_parameters": {"rope_theta", "rope_type",
+<scaling fields>} and 4.x as top-level rope_theta and rope_scaling; both are read, and a file holding both
+must hold the same values in each. A field that changes the numbers is never filled in by a guess: rope_theta
+absent everywhere is refused; elsewhere an absent field gets what transformers' own config class gives it
+(rms_norm_eps 1e-6, silu, an untied head, num_key_value_heads as many as the query heads for Llama but 32
+for Qwen2 and 8 for Mistral), and a Mistral config without sliding_window, which transformers would run with a
+window of 4096, is refused. The dtype (5.x `dtype`, 4.x `torch_dtype`) is not read: the weights' own is.
+export_hf writes both rotary schemas, equal, and both dtype names, so that transformers 4.x and 5.x read it.
 
 Tokenizer: tiktoken merges the adjacent pair whose joined token has the lowest id; Hugging Face's BPE applies
 merges in the order of the merges list. The two agree when the ids of merged tokens grow down the merges list
 (true of Llama 3's and Qwen2's vocabularies, converted from tiktoken, and of vocabularies trained by HF's BPE
 trainer, which numbers tokens as it creates them); the reader checks it. Later merges that make a token
 again (HF's converter lists every split of a token) keep that token's id as their priority; tiktoken also
-uses a whole pre-token that is itself in the vocabulary directly (HF's ignore_merges). Added tokens become
-tiktoken special tokens: render() inserts them, text never produces them (minipost's rule for every tokenizer).
+uses a whole pre-token that is itself in the vocabulary directly (HF's ignore_merges). Single bytes may be
+missing from the vocabulary (real ones lack bytes never seen in training: SmolLM2 lacks 21); text holding one
+is encoded as Hugging Face encodes it, the byte dropped from its pre-token (minipost.tokenizer.Tokenizer).
+Added tokens become tiktoken special tokens: render() inserts them, text never produces them (minipost's rule
+for every tokenizer); export lists them in the vocabulary too, where transformers keeps their ids.
 The chat format is read off the chat template's markers (minipost does not run Jinja): ChatML or Llama 3's
 headers, else minipost's own on new ids. A default system message that a template inserts by itself (Qwen2.5's,
 SmolLM2's, Llama 3.1's date header) is not added: pass it as the first message if the model expects it.
@@ -50,6 +64,9 @@ from .model import GPT, ROPE_SCALING, SIZE_LIMITS, GPTConfig
 from .tokenizer import CHAT_FORMATS, SPECIAL_TOKENS, Tokenizer, _encoding
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
+# num_key_value_heads when config.json leaves it out: each transformers config class's default (None: as many
+# as the query heads)
+KV_HEADS = {"llama": None, "qwen2": 32, "mistral": 8}
 INDEX = "model.safetensors.index.json"
 # SmolLM2's pre-tokenizer, Digits(individual) then ByteLevel's GPT-2 regex, as one regex: GPT-2's with a digit
 # always alone, and a run of spaces before a digit ending there (the digit was the end of its segment)
@@ -69,35 +86,76 @@ def is_hf_folder(path) -> bool:
     return isinstance(cfg, dict) and isinstance(cfg.get("model_type"), str) and cfg["model_type"] != "gpt2"
 
 
-def _rope_scaling(hf: dict):
-    """HF rope_scaling -> minipost's {"type", ...} or None; ValueError for the types minipost does not compute."""
-    rs = hf.get("rope_scaling")
-    if rs is None:
+def _rope_dict(hf: dict, key: str):
+    """config[key] (rope_parameters or rope_scaling) as minipost's (theta or None, {"type", ...} or None), or
+    None when absent; ValueError for what minipost does not compute, including keys it does not know."""
+    rp = hf.get(key)
+    if rp is None:
         return None
-    kind = rs.get("rope_type", rs.get("type")) if isinstance(rs, dict) else None
-    if kind == "default":
-        return None
-    if kind not in ROPE_SCALING:
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (minipost computes "
+    if not isinstance(rp, dict):
+        raise ValueError(f"{key} must be an object, got {rp!r:.80}")
+    kind = rp.get("rope_type", rp.get("type", "default"))  # no type: transformers computes the default rotary
+    if not isinstance(kind, str) or kind != "default" and kind not in ROPE_SCALING:
+        raise ValueError(f"{key} type {kind!r} is not supported (minipost computes default, "
                          f"{' and '.join(ROPE_SCALING)})")
-    if missing := [k for k in ROPE_SCALING[kind] if k not in rs]:
-        raise ValueError(f"rope_scaling {kind} lacks {missing}")
-    return {"type": kind, **{k: rs[k] for k in ROPE_SCALING[kind]}}
+    fields = ROPE_SCALING.get(kind, ())
+    if missing := [k for k in fields if k not in rp]:
+        raise ValueError(f"{key} {kind} lacks {missing}")
+    if rp.get("partial_rotary_factor", 1) != 1:
+        raise ValueError(f"{key} partial_rotary_factor={rp['partial_rotary_factor']}: minipost rotates every pair")
+    if unknown := sorted(set(rp) - {"rope_type", "type", "rope_theta", "partial_rotary_factor", *fields}):
+        raise ValueError(f"{key} {kind} has {unknown}, which minipost does not compute")
+    return rp.get("rope_theta"), None if kind == "default" else {"type": kind, **{k: rp[k] for k in fields}}
+
+
+def _rope(hf: dict):
+    """(rope_theta, rope_scaling or None) from either schema: transformers 4.x's top-level rope_theta and
+    rope_scaling, or 5.x's rope_parameters {"rope_theta", "rope_type", <scaling fields>}. Where a file holds
+    both, they must agree. No default: a config without rope_theta anywhere is refused (transformers would
+    take its class default, and a wrong theta moves every logit while loading without a word)."""
+    if hf.get("partial_rotary_factor", 1) != 1:
+        raise ValueError(f"partial_rotary_factor={hf['partial_rotary_factor']}: minipost rotates every pair")
+    found = {key: d for key in ("rope_parameters", "rope_scaling") if (d := _rope_dict(hf, key)) is not None}
+    thetas = {where: t for where, t in [("rope_theta", hf.get("rope_theta")),
+                                        *((f"{key}.rope_theta", d[0]) for key, d in found.items())] if t is not None}
+    if not thetas:
+        raise ValueError("rope_theta is neither at the top level nor in rope_parameters (no default is assumed)")
+    for where, theta in thetas.items():
+        if type(theta) not in (int, float) or not 0 < theta < float("inf"):
+            raise ValueError(f"{where} must be a positive number, got {theta!r:.80}")
+    if len(set(thetas.values())) > 1:
+        raise ValueError("rope_theta differs between " + " and ".join(f"{k}={v}" for k, v in thetas.items()))
+    theta = next(iter(thetas.values()))
+    scalings = [d[1] for d in found.values()]
+    if len(scalings) == 2 and scalings[0] != scalings[1]:
+        raise ValueError(f"rope_parameters {scalings[0]} and rope_scaling {scalings[1]} disagree")
+    return float(theta), scalings[0] if scalings else None
 
 
 def hf_config(hf: dict) -> GPTConfig:
-    """HF LlamaConfig / Qwen2Config / MistralConfig dict -> GPTConfig, refusing what minipost would compute
-    differently (ValueError, one line)."""
+    """HF LlamaConfig / Qwen2Config / MistralConfig dict (as transformers 4.x or 5.x writes it) -> GPTConfig,
+    refusing what minipost would compute differently (ValueError, one line). A field that changes the numbers
+    is read, or, where absent, given the value transformers' own config class gives it (KV_HEADS and the
+    rms_norm_eps, hidden_act, tie_word_embeddings, attention_bias defaults below), or refused (rope_theta,
+    Mistral's sliding_window)."""
     kind = hf.get("model_type")
     if kind not in MODEL_TYPES:
         raise ValueError(f"model_type {kind!r} is not supported (minipost reads {', '.join(MODEL_TYPES)} and gpt2)")
     if moe := [k for k in ("num_local_experts", "num_experts", "n_routed_experts") if hf.get(k)]:
         raise ValueError(f"{moe[0]}={hf[moe[0]]}: mixture-of-experts models are not supported")
+    if kind == "mistral" and "sliding_window" not in hf:
+        raise ValueError("a mistral config without sliding_window: transformers then uses a window of 4096 "
+                         "(sliding-window attention is not supported; write null for none)")
     if hf.get("sliding_window") is not None and (kind == "mistral" or hf.get("use_sliding_window")):
         raise ValueError(f"sliding_window={hf['sliding_window']}: sliding-window attention is not supported")
-    if hf.get("hidden_act", "silu") != "silu":
+    layer_types = hf.get("layer_types")  # transformers 5's per-layer attention kinds (Qwen2 writes them)
+    attention_kinds = set(map(str, layer_types)) if isinstance(layer_types, list) else None
+    if layer_types is not None and (attention_kinds is None or attention_kinds - {"full_attention"}):
+        shown = sorted(attention_kinds) if attention_kinds is not None else layer_types
+        raise ValueError(f"layer_types {shown!r:.120}: only full_attention layers are supported")
+    if hf.get("hidden_act", "silu") != "silu":  # silu: every one of the three classes' default
         raise ValueError(f"hidden_act={hf['hidden_act']!r}: minipost's SwiGLU uses silu")
-    for flag in ("attention_bias", "mlp_bias"):
+    for flag in ("attention_bias", "mlp_bias"):  # LlamaConfig's, false by default; Qwen2's q/k/v biases are fixed
         if hf.get(flag):
             raise ValueError(f"{flag}=true: only Qwen2's q/k/v biases are supported")
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -105,14 +163,17 @@ def hf_config(hf: dict) -> GPTConfig:
     if missing:
         raise ValueError(f"config.json lacks {', '.join(missing)}")
     heads, width = hf["num_attention_heads"], hf["hidden_size"]
+    rope_theta, rope_scaling = _rope(hf)
+    # null: every class takes num_attention_heads; absent: the class default (the weights' shapes confirm it)
+    kv_heads = hf.get("num_key_value_heads", KV_HEADS[kind]) or heads
     config = GPTConfig(
         # rotary positions need no table: block_size is only the longest sequence allowed, kept in range
         block_size=min(hf["max_position_embeddings"], SIZE_LIMITS["block_size"]), vocab_size=hf["vocab_size"],
         n_layer=hf["num_hidden_layers"], n_head=heads, n_embd=width, dropout=0.0, bias=False,
-        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), pos="rope", rope_theta=hf.get("rope_theta", 10000.0),
-        rope_scaling=_rope_scaling(hf), mlp="swiglu", mlp_hidden=hf["intermediate_size"],
-        n_kv_head=hf.get("num_key_value_heads") or heads, qkv_bias=kind == "qwen2",
-        tie_embeddings=hf.get("tie_word_embeddings", False) is True)
+        # 1e-6 and an untied head: the default of all three classes, which transformers applies when absent
+        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), pos="rope", rope_theta=rope_theta,
+        rope_scaling=rope_scaling, mlp="swiglu", mlp_hidden=hf["intermediate_size"],
+        n_kv_head=kv_heads, qkv_bias=kind == "qwen2", tie_embeddings=hf.get("tie_word_embeddings", False) is True)
     config.check()
     if hf.get("head_dim") not in (None, config.head_dim):
         raise ValueError(f"head_dim={hf['head_dim']} is not hidden_size / num_attention_heads = {config.head_dim}")
@@ -227,7 +288,10 @@ def _pattern(pre, f) -> str:
 
 
 def _ranks(model: dict, specials: dict, f) -> dict:
-    """A BPE model's vocab + merges -> tiktoken ranks {bytes: id}, checked as the module docstring says."""
+    """A BPE model's {"vocab": {token: id}, "merges": ["a b" or [a, b], ...]} (tokens in the byte-level
+    alphabet, as tokenizer.json and GGUF's tokenizer.ggml.tokens / merges hold them) -> tiktoken ranks
+    {bytes: id}, leaving out the added tokens `specials` {name: id}; checked as the module docstring says.
+    f names the source in errors."""
     decoder = {c: b for b, c in bytes_to_unicode().items()}
     vocab = model.get("vocab")
     if not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values()):
@@ -246,9 +310,8 @@ def _ranks(model: dict, specials: dict, f) -> dict:
                 raise ValueError(f"{f}: added token {s!r} has id {specials[s]} but vocab id {i}")
             continue
         ranks[to_bytes(s)] = i
-    # some single bytes may be missing (SmolLM2 lacks 21 its training never saw); issue 25 item 3 settles what
-    # encoding such a byte does (engineer A's branch); until then GGUF loading needs only that they load
-    made, prev = {bytes([b]) for b in range(256)}, -1
+    # single bytes never seen in training may be absent (SmolLM2 lacks 21); Tokenizer.encode drops them as HF does
+    made, prev = {bytes([b]) for b in range(256)} & set(ranks), -1
     for n, merge in enumerate(model.get("merges", []), 1):
         ab = merge.split(" ") if isinstance(merge, str) else merge  # "a b" (older files) or ["a", "b"]
         if not isinstance(ab, list) or len(ab) != 2 or not all(isinstance(x, str) for x in ab):
@@ -372,11 +435,6 @@ def export_hf_tokenizer(tokenizer: Tokenizer, out: Path, block_size: int):
     def text(tok: bytes) -> str:
         return "".join(byte_enc[b] for b in tok)
 
-    # the special tokens are in the vocab too, as in Hugging Face's own files: where they come first (SmolLM2's
-    # ids 0..16) a vocab without them has holes, and transformers then gives them new ids after the last
-    vocab = {text(t): r for t, r in ranks.items()}
-    vocab.update({name: i for name, i in specials.items() if name not in vocab})
-    vocab = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
     tj = {"version": "1.0", "truncation": None, "padding": None,
           "added_tokens": [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
                             "normalized": False, "special": True} for name, i in sorted(specials.items(),
@@ -390,7 +448,10 @@ def export_hf_tokenizer(tokenizer: Tokenizer, out: Path, block_size: int):
           # ignore_merges: a pre-token that is itself a token is used whole, as tiktoken does
           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                    "vocab": vocab,
+                    # the added tokens too: tokenizers keeps an added token's id only if the vocab has it
+                    # (else it numbers it after the vocab; SmolLM2's are ids 0-16)
+                    "vocab": dict(sorted([*((text(t), r) for t, r in ranks.items()), *specials.items()],
+                                         key=lambda kv: kv[1])),
                     "merges": [[text(a), text(b)] for a, b in _derive_merges(ranks)]}}
     (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
     end = CHAT_FORMATS[tokenizer.chat]["end"]
@@ -455,14 +516,17 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir, dtype=torch.float32, ma
     if cfg.rope_scaling is not None:
         rope_scaling = {"rope_type": cfg.rope_scaling["type"], **{k: v for k, v in cfg.rope_scaling.items()
                                                                    if k != "type"}}
+    # rotary settings in both schemas, equal: transformers 5.x reads rope_parameters, 4.x (and tools that
+    # follow it) the top-level rope_theta and rope_scaling; the dtype likewise under its 5.x and 4.x names
+    rope_parameters = {"rope_theta": cfg.rope_theta, **(rope_scaling or {"rope_type": "default"})}
     hf = dict(architectures=["Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"], model_type=kind,
               vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.hidden,
               num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
               head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
-              rope_theta=cfg.rope_theta, rope_scaling=rope_scaling, hidden_act="silu",
-              tie_word_embeddings=cfg.tie_embeddings, attention_dropout=0.0, bos_token_id=tokenizer.bos_id,
-              eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-              torch_dtype=_DTYPE_NAMES[dtype])
+              rope_theta=cfg.rope_theta, rope_scaling=rope_scaling, rope_parameters=rope_parameters,
+              hidden_act="silu", tie_word_embeddings=cfg.tie_embeddings, attention_dropout=0.0,
+              bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+              dtype=_DTYPE_NAMES[dtype], torch_dtype=_DTYPE_NAMES[dtype])
     if kind == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
     else:

@@ -25,6 +25,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import regex  # tiktoken's own dependency: the \p{..} regex syntax of tiktoken's patterns, for Python
 import tiktoken
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"]
@@ -201,7 +202,15 @@ class Tokenizer:
     inserted only by `render`.
 
     chat: the format's name; bos, pad: special-token names where the format leaves them to the model;
-    nfc: NFC-normalise text before encoding (Qwen2's tokenizer does)."""
+    nfc: NFC-normalise text before encoding (Qwen2's tokenizer does).
+
+    A vocabulary imported from Hugging Face may lack some single bytes (`absent`): real byte-level BPE
+    vocabularies leave out bytes never seen in training (SmolLM2 lacks 21: 0x04, 0x06, 0x13, 0x14, 0x16, 0x1D,
+    0xC0, 0xC1, 0xF1, 0xF2, 0xF5-0xFF). A Python str can still hold the ASCII control characters among them and,
+    through 0xF1 / 0xF2, the code points U+40000..U+BFFFF (0xC0, 0xC1 and 0xF5-0xFF never occur in UTF-8).
+    encode() drops such bytes exactly as Hugging Face's BPE does: the text is split into pre-tokens first, the
+    missing bytes are removed from each pre-token, and what is left of it is merged as usual (so "!\x04!"
+    encodes as "!!" would, and "\x04" alone as nothing). tiktoken itself would panic on them."""
 
     def __init__(self, enc: tiktoken.Encoding, chat: str = "minipost", bos: str | None = None,
                  pad: str | None = None, nfc: bool = False):
@@ -222,6 +231,12 @@ class Tokenizer:
         if chat == "minipost":  # the role tokens, for code that builds minipost conversations by hand
             self.system_id, self.user_id, self.assistant_id = (enc.encode_single_token(f"<|{r}|>") for r in ROLES)
         self.vocab_size = enc.n_vocab
+        ranks = enc._mergeable_ranks
+        self.absent = bytes(b for b in range(256) if bytes([b]) not in ranks)  # single bytes with no id
+        try:
+            self._split = regex.compile(enc._pat_str) if self.absent else None
+        except regex.error as e:
+            raise ValueError(f"pattern of {enc.name!r} does not compile in Python's regex: {e}")
 
     def __repr__(self):
         return f"Tokenizer({self.enc.name!r}, vocab_size={self.vocab_size}, chat={self.chat!r})"
@@ -230,7 +245,28 @@ class Tokenizer:
         """Plain text -> ids. Special-token strings in the text are encoded as the ordinary text they are."""
         if self.nfc:
             text = unicodedata.normalize("NFC", text)
+        if self.absent:
+            try:
+                data = text.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates: U+FFFD, as tiktoken replaces them
+                text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+                data = text.encode("utf-8")
+            if len(data.translate(None, self.absent)) != len(data):
+                return self._encode_dropping(text)
         return self.enc.encode(text, allowed_special=set(), disallowed_special=())
+
+    def _encode_dropping(self, text: str) -> list[int]:
+        """encode() for text holding bytes the vocabulary lacks (see the class docstring): per pre-token, the
+        bytes that are left, merged by tiktoken's rule (the whole piece if it is a token, else the adjacent pair
+        of lowest rank first)."""
+        ranks, ids = self.enc._mergeable_ranks, []
+        for match in self._split.finditer(text):
+            data = match.group().encode("utf-8").translate(None, self.absent)
+            if data in ranks:
+                ids.append(ranks[data])
+            elif data:
+                ids += [ranks[t] for t in _merge_word([bytes([b]) for b in data], ranks)]
+        return ids
 
     def decode(self, ids) -> str:
         """ids (any iterable of ints, e.g. a 1-D tensor) -> text. Specials decode to their names; byte

@@ -229,6 +229,13 @@ def fx(run, tmp_path_factory):
                          ("moe", {"num_local_experts": 8})):
         out = export_hf(GPT(llama), sft.tokenizer, d / f"hf-{name}")
         (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), **change}))
+    # transformers 5's schema: an unknown rope_type in rope_parameters; rope_theta in neither place
+    for name, edit in (("rope-dynamic", lambda c: {**c, "rope_scaling": None, "rope_parameters": {
+                            "rope_type": "dynamic", "factor": 2.0, "rope_theta": c["rope_theta"]}}),
+                       ("no-theta", lambda c: {**{k: v for k, v in c.items() if k != "rope_theta"},
+                                               "rope_parameters": {"rope_type": "default"}})):
+        out = export_hf(GPT(llama), sft.tokenizer, d / f"hf-{name}")
+        (out / "config.json").write_text(json.dumps(edit(json.loads((out / "config.json").read_text()))))
     export_hf(GPT(llama), sft.tokenizer, d / "hf-shard", max_shard_bytes=20_000)
     sorted((d / "hf-shard").glob("model-*.safetensors"))[1].unlink()
     for kind in ("WordPiece", "Unigram"):
@@ -414,6 +421,10 @@ ROWS = [  # (id, entry, argv with {fx} for the fixture directory, exit code, wha
     ("grpo-init-hf-sliding-window", "rlhf", "--algo grpo --init {fx}/hf-sliding", 2,
      "sliding_window=4096: sliding-window attention is not supported"),
     ("bon-init-hf-moe", "bon", "--init {fx}/hf-moe", 2, "mixture-of-experts models are not supported"),
+    ("sft-init-hf-rope-type-unknown", "sft", "--init {fx}/hf-rope-dynamic", 2,
+     "{fx}/hf-rope-dynamic/config.json: rope_parameters type 'dynamic' is not supported"),
+    ("eval-init-hf-no-rope-theta", "eval", "--init {fx}/hf-no-theta --task arith", 2,
+     "{fx}/hf-no-theta/config.json: rope_theta is neither at the top level nor in rope_parameters"),
     ("eval-init-hf-missing-shard", "eval", "--init {fx}/hf-shard --task arith", 2,
      "model.safetensors.index.json: shard model-00002-of-"),
     ("sft-init-hf-wordpiece", "sft", "--init {fx}/hf-WordPiece", 2,

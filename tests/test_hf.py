@@ -433,10 +433,35 @@ def adapters_flags(lora_r=None, prompt_tuning=None):
     ({"attention_bias": True}, "only Qwen2's q/k/v biases"),
     ({"head_dim": 16}, "head_dim=16 is not hidden_size / num_attention_heads"),
     ({"num_key_value_heads": 3}, "n_head 4 is not a multiple of n_kv_head 3"),
+    # transformers 5's schema: rope_parameters, which must agree with the 4.x fields where both are given
+    ({"rope_scaling": None, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+     "rope_parameters type 'dynamic' is not supported"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}},
+     "rope_theta differs between rope_theta=10000.0 and rope_parameters.rope_theta=50000.0"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "disagree"),
+    ({"rope_scaling": None, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "attention_factor": 2.0}},
+     "rope_parameters linear has ['attention_factor'], which minipost does not compute"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "rope_parameters llama3 lacks ['low_freq_factor'"),
+    ({"rope_scaling": "linear"}, "rope_scaling must be an object"),
+    ({"rope_theta": "1e4"}, "rope_theta must be a positive number, got '1e4'"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5: minipost rotates every pair"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types ['full_attention', 'sliding_attention']"),
 ])
 def test_unsupported_configs(change, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         hf_config({**LLAMA, **change})
+
+
+@pytest.mark.parametrize("cfg,field,message", [
+    (LLAMA, "rope_theta", "rope_theta is neither at the top level nor in rope_parameters (no default is assumed)"),
+    # transformers' MistralConfig and Qwen2Config fill these in with their defaults: a window of 4096 (refused),
+    # 32 key/value heads (taken, and then the shapes disagree)
+    (MISTRAL, "sliding_window", "a mistral config without sliding_window: transformers then uses a window of 4096"),
+    (QWEN2, "num_key_value_heads", "n_head 4 is not a multiple of n_kv_head 32"),
+])
+def test_absent_fields_that_change_the_numbers(cfg, field, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        hf_config({k: v for k, v in cfg.items() if k != field})
 
 
 def test_bad_folders(tmp_path):

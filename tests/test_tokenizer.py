@@ -17,6 +17,7 @@ from minipost.tokenizer import (
     SPECIAL_TOKENS,
     Tokenizer,
     _category_class,
+    _encoding,
     _train_ranks,
     train_bpe,
     training_regex,
@@ -399,3 +400,23 @@ def test_load_malformed_names_the_file(tok, tmp_path):
         with pytest.raises(ValueError, match=re.escape(str(path))):
             Tokenizer.load(path)
     assert Tokenizer.load(good).vocab_size == tok.vocab_size
+
+
+def test_bytes_missing_from_the_vocabulary_are_dropped_per_pre_token():
+    """A vocabulary without some single bytes (real ones lack bytes never seen in training): the byte is removed
+    from its pre-token and the rest merges as usual, as Hugging Face's BPE does (tests/test_hf_transformers.py
+    checks it against transformers on the real SmolLM2 vocabulary); tiktoken itself would panic on it."""
+    singles = [bytes([b]) for b in range(256) if b not in (0x04, 0xF1)]
+    ranks = {t: i for i, t in enumerate(singles + [b"!!", b"ab", b" c"])}  # ids 0..256
+    specials = {name: 257 + i for i, name in enumerate(SPECIAL_TOKENS)}  # <|endoftext|> 257 ... <|end|> 261
+    tok = Tokenizer(_encoding("gaps", r" ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+", ranks, specials))
+    assert tok.absent == b"\x04\xf1"
+    bang, ab, c = ranks[b"!!"], ranks[b"ab"], ranks[b" c"]
+    # pre-tokens: "ab" | "!\x04!" | " c" -> ab | !! (the two marks merge across the dropped byte) | " c"
+    assert tok.encode("ab!\x04! c") == [ab, bang, c]
+    assert tok.encode("a\x04b") == [ranks[b"a"], ranks[b"b"]]  # \x04 is a pre-token of its own: gone, no merge
+    assert tok.encode("\x04") == [] and tok.encode(" \x04") == [ranks[b" "]]
+    # U+40000 is F1 80 80 80 in UTF-8: the lead byte goes, the three continuation bytes stay
+    assert tok.encode("!" + chr(0x40000)) == [ranks[b"!"], *[ranks[b"\x80"]] * 3]
+    assert tok.encode("ab! c") == tok.enc.encode("ab! c")  # text without a missing byte: tiktoken's own result
+    assert tok.render([{"role": "user", "content": "!\x04!"}])[0] == [257, 259, bang, 261]
