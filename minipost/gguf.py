@@ -36,7 +36,8 @@ row 2i and row i + D/2 as row 2i + 1. `_unpermute` puts them back so minipost's 
 
 The tokenizer: tokenizer.ggml.model "gpt2" (byte-level BPE) with tokens, merges and token types; CONTROL and
 USER_DEFINED tokens become special tokens (render inserts them, text never makes them), the others the BPE
-vocabulary, built through hf.py's reader of tokenizer.json vocabularies. tokenizer.ggml.pre names the
+vocabulary, built through hf.py's reader of tokenizer.json vocabularies (single bytes the vocabulary lacks,
+21 in SmolLM2's, are dropped from text as Hugging Face's tokenizer drops them). tokenizer.ggml.pre names the
 pre-tokenizer (PRE_TOKENIZERS; others are refused). The chat format comes from tokenizer.chat_template's markers,
 as for a folder (hf.py): ChatML for SmolLM2, whose template's default system message is not added by minipost.
 """
