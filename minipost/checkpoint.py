@@ -16,7 +16,8 @@ Atomic: everything is written to OUT/ckpt.tmp, then OUT/ckpt is renamed to OUT/c
 and ckpt.old removed. A run killed at any point leaves either ckpt or ckpt.old complete, and the loader
 takes whichever is there. `--init OUT` and `--init OUT/ckpt` both work, and so does a Hugging Face folder:
 GPT-2 (minipost/gpt2.py), e.g. `--init path/to/gpt2`, or Llama / Qwen2 / Mistral (minipost/hf.py), e.g.
-`--init path/to/SmolLM2-135M-Instruct`.
+`--init path/to/SmolLM2-135M-Instruct`, and so does a llama GGUF file (minipost/gguf.py), e.g.
+`--init SmolLM2-135M-Instruct.Q4_1.gguf`.
 
 Loading refuses, with one line naming the flag and the file: a pickle that needs more than tensors (never run),
 a config whose sizes no model could have, a meta.json or state.pt field of the wrong type or range
@@ -36,6 +37,7 @@ import torch
 
 from .adapters import adapter_keys, attach, fingerprint, has_adapters, merge_adapters
 from .cli import UserError
+from .gguf import is_gguf_file, load_gguf
 from .gpt2 import is_gpt2_folder, load_gpt2_folder
 from .hf import is_hf_folder, load_hf_folder
 from .meta import check_meta, check_train_state
@@ -98,10 +100,11 @@ def load_checkpoint(path, device="cpu", flag="--init", task=None) -> Checkpoint:
     a GPT-2 import or a base trained on --data, passes)."""
     where = f"{flag} {path}"
     ckpt = find_checkpoint(path)
-    if ckpt is None and (is_gpt2_folder(path) or is_hf_folder(path)):  # a Hugging Face folder
-        kind = "gpt2" if is_gpt2_folder(path) else "hf"
+    gguf = ckpt is None and is_gguf_file(path)
+    if ckpt is None and (gguf or is_gpt2_folder(path) or is_hf_folder(path)):  # a GGUF file, a Hugging Face folder
+        kind = "gguf" if gguf else "gpt2" if is_gpt2_folder(path) else "hf"
         try:
-            model, tokenizer = (load_gpt2_folder if kind == "gpt2" else load_hf_folder)(path)
+            model, tokenizer = {"gguf": load_gguf, "gpt2": load_gpt2_folder, "hf": load_hf_folder}[kind](path)
         except ValueError as e:
             raise UserError(f"{where}: {e}")
         return Checkpoint(model.to(device), tokenizer, {"kind": kind, "script": f"{kind} import", "step": 0},

@@ -228,14 +228,18 @@ def load_hf_model(path) -> GPT:
         config = hf_config(json.loads((path / "config.json").read_text()))
     except ValueError as e:  # a JSONDecodeError is one too
         raise ValueError(f"{path / 'config.json'}: {e}")
-    hf = read_hf_weights(path)
+    return model_from_hf_tensors(config, read_hf_weights(path), path)
 
+
+def model_from_hf_tensors(config: GPTConfig, hf: dict, path, source="config.json") -> GPT:
+    """GPT(config) from {HF name: tensor} (consumed); `source` names where the sizes came from in errors.
+    minipost/gguf.py comes through here too, its tensors renamed to HF's."""
     def take(name, rows=None):
         if name not in hf:
             raise ValueError(f"{path}: weights lack {name}")
         t = hf.pop(name).float()
         if rows is not None and t.shape[0] != rows:
-            raise ValueError(f"{path}: {name} has {t.shape[0]} rows, config.json implies {rows}")
+            raise ValueError(f"{path}: {name} has {t.shape[0]} rows, {source} implies {rows}")
         return t
 
     sd = {"transformer.wte.weight": take("model.embed_tokens.weight")}
@@ -372,24 +376,30 @@ def load_hf_tokenizer(path) -> Tokenizer:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{cfg_file}: not JSON ({e})")
     cfg = cfg if isinstance(cfg, dict) else {}
-    template = _chat_template(path, cfg)
-    chat = next((name for name, marker in (("chatml", "<|im_start|>"), ("llama3", "<|start_header_id|>"))
+    try:
+        return byte_level_tokenizer(path.name or "hf", ranks, specials, pattern, _chat_template(path, cfg),
+                                    _token_name(cfg.get("bos_token")), _token_name(cfg.get("pad_token")),
+                                    nfc=normalizer is not None)
+    except ValueError as e:
+        raise ValueError(f"{f}: {e}")
+
+
+def byte_level_tokenizer(enc_name, ranks, specials, pattern, template, bos, pad, nfc=False) -> Tokenizer:
+    """A Tokenizer from a byte-level BPE's ranks and special tokens (specials grows when minipost's own are
+    needed), in the chat format the template's markers name; bos, pad: the model's token names or None.
+    minipost/gguf.py builds GGUF tokenizers through here too."""
+    chat = next((fmt for fmt, marker in (("chatml", "<|im_start|>"), ("llama3", "<|start_header_id|>"))
                  if marker in template or (not template and marker in specials)), "minipost")
     if chat == "minipost":  # no chat format of its own that minipost knows: minipost's, on new ids
         next_id = max([*ranks.values(), *specials.values()]) + 1
-        for name in SPECIAL_TOKENS:
-            if name not in specials:
-                specials[name], next_id = next_id, next_id + 1
+        for token in SPECIAL_TOKENS:
+            if token not in specials:
+                specials[token], next_id = next_id, next_id + 1
     # the document separator of `text` rows: <|endoftext|> where the model has it (Qwen2, SmolLM2), not a
     # chat marker some configs call bos; Llama 3's and minipost's formats fix their own
-    bos = "<|endoftext|>" if "<|endoftext|>" in specials else _token_name(cfg.get("bos_token"))
-    pad = _token_name(cfg.get("pad_token"))
-    try:
-        enc = _encoding(path.name or "hf", pattern, ranks, specials)
-        return Tokenizer(enc, chat, bos if bos in specials else None, pad if pad in specials else None,
-                         nfc=normalizer is not None)
-    except ValueError as e:
-        raise ValueError(f"{f}: {e}")
+    bos = "<|endoftext|>" if "<|endoftext|>" in specials else bos
+    enc = _encoding(enc_name, pattern, ranks, specials)
+    return Tokenizer(enc, chat, bos if bos in specials else None, pad if pad in specials else None, nfc=nfc)
 
 
 def load_hf_folder(path):

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -266,7 +267,28 @@ def fx(run, tmp_path_factory):
         out = export_hf(GPT(llama), sft.tokenizer, d / f"hf-{kind}")
         tj = json.loads((out / "tokenizer.json").read_text())
         (out / "tokenizer.json").write_text(json.dumps({**tj, "model": {"type": kind, "vocab": {}}}))
+    # GGUF files (minipost/gguf.py): cut short, a quantisation minipost does not read, another architecture
+    x = struct.pack("<64f", *range(64))  # a (2, 32) float32 tensor
+    (d / "truncated.gguf").write_bytes(tiny_gguf("llama", [("token_embd.weight", 0, (32, 2), x)])[:-40])
+    # ggml type 14 is Q6_K: 210 bytes per block of 256
+    (d / "q6k.gguf").write_bytes(tiny_gguf("llama", [("blk.0.attn_q.weight", 14, (256, 1), bytes(210))]))
+    (d / "gemma.gguf").write_bytes(tiny_gguf("gemma", [("token_embd.weight", 0, (32, 2), x)]))
     return d
+
+
+def tiny_gguf(arch: str, tensors) -> bytes:
+    """GGUF v3 bytes written by hand: general.architecture and tensors [(name, ggml type, ne (fastest dimension
+    first), data)], aligned to 32 bytes (tests/test_gguf.py writes through the gguf package instead)."""
+    def string(s):
+        return struct.pack("<Q", len(s.encode())) + s.encode()
+
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 1) + string("general.architecture") + struct.pack("<I", 8)
+    head += string(arch)
+    data = b""
+    for name, kind, ne, raw in tensors:
+        head += string(name) + struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, kind, len(data))
+        data += raw + bytes(-len(raw) % 32)
+    return head + bytes(-len(head) % 32) + data
 
 
 # ------------------------------------------------------------------------------------ the table
@@ -459,6 +481,13 @@ ROWS = [  # (id, entry, argv with {fx} for the fixture directory, exit code, wha
     ("sft-init-hf-wordpiece", "sft", "--init {fx}/hf-WordPiece", 2,
      "tokenizer.json: a WordPiece tokenizer; minipost reads byte-level BPE tokenizers only"),
     ("ppo-init-hf-unigram", "rlhf", "--algo ppo --init {fx}/hf-Unigram", 2, "a Unigram tokenizer"),
+    # GGUF files
+    ("sft-init-gguf-truncated", "sft", "--init {fx}/truncated.gguf", 2,
+     "--init {fx}/truncated.gguf: {fx}/truncated.gguf: truncated: tensor token_embd.weight ends at byte"),
+    ("dpo-init-gguf-q6k", "rlhf", "--algo dpo --init {fx}/q6k.gguf", 2,
+     "tensor blk.0.attn_q.weight is Q6_K, which minipost does not read"),
+    ("bon-init-gguf-gemma", "bon", "--init {fx}/gemma.gguf", 2,
+     "general.architecture 'gemma' is not supported (minipost reads llama GGUF files)"),
 ]
 FAST = {"base": ["--corpus-docs", "300", "--vocab-size", "320", "--block-size", "96", "--batch-size", "4",
                  "--eval-batches", "1"], "sft": SFT, "rlhf": RL, "bon": ["--max-new-tokens", "2", "--n-prompts", "1"],
