@@ -13,6 +13,7 @@ generator seeded with seed + r (u_t for step t), so a row's tokens depend neithe
 on the device. A token is picked by inverse CDF (the first whose cumulative probability exceeds u_t), one
 vectorised op for the whole batch instead of a torch.multinomial call per row.
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,8 @@ class DecodeStep:
         self.tok = torch.zeros(batch, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_pos = model.config.block_size - model.n_prefix - 1  # a stopped row's position stays valid
-        self.graphs = {} if device.type == "cuda" else None  # bucket b -> (graph, its static logits)
+        graphs = device.type == "cuda" and os.environ.get("MINIPOST_CUDA_GRAPHS", "1") != "0"  # 0: eager, to compare
+        self.graphs = {} if graphs else None  # bucket b -> (graph, its static logits)
         self.sizes = buckets(batch)
 
     def batch_size(self, b, going):
