@@ -4,9 +4,15 @@ Prompts of different lengths are left-padded to one length P, so every row write
 same cache slot; a key mask hides the padding and per-row positions count only real tokens, which makes
 each row's result the same as generating it alone. N samples of one prompt share one prefill: the prompt's
 cache is computed once and fanned out (repeat_interleave) before decoding. Rows that have finished (EOS) leave
-the batch whenever a quarter of it has finished, so one long answer does not make every row keep decoding.
+the batch (DecodeStep.batch_size says when), so one long answer does not make every row keep decoding.
 Each row's budget is its own: max_new_tokens, or fewer when its prompt leaves less room in the context, so a
 long prompt elsewhere in the batch does not cut a row short.
+
+Decoding is one step at fixed shapes (DecodeStep): the cache is allocated once per call at its final size
+(KVCache), each step writes one slot of it in place and reads it under a mask, and finished rows are
+compacted into the front of the same buffers. That is what lets CUDA capture the step once per batch size as
+a graph and replay it (gpt-fast's static cache, nano-vLLM's graph per batch size); on CPU it runs eagerly and
+computes exactly what it did before it had fixed shapes (tests/test_engine.py checks it bit for bit).
 
 Sampling is seeded per row: output row r (prompt r // N, sample r % N) draws its uniforms from its own CPU
 generator seeded with seed + r (u_t for step t), so a row's tokens depend neither on the rest of the batch nor
