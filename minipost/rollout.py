@@ -125,8 +125,9 @@ class Rollout:
     # temperature, in the layout of seqs.mask: (N, T-1) float32, 0 off the mask. They are the sampling policy's
     # "old" log-probs, with no second forward. Not bit-equal to a teacher-forced pass (sequence_logprobs): the
     # sampler reads a KV-cache decode step's logits (model.logits), the pass a full-sequence forward through
-    # kernels.token_logprobs; float32 on CPU they differ by float rounding (about 1e-6 at most, measured in
-    # tests/test_rlhf.py); under bf16 autocast on CUDA by more (different attention and head kernels).
+    # kernels.token_logprobs. Float32 on CPU they differ by float rounding: at most 3.1e-6, 2.2e-7 on average
+    # (minipost/kernels/BENCHMARKS.md; tests/test_rlhf.py holds them within 1e-5). Under bf16 autocast on CUDA
+    # by more (other attention and head kernels): python -m minipost.bench_rollout --gpu measures it.
     logprobs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
 

@@ -35,7 +35,7 @@ def naive_generate(model, prompt, max_new, seed, temperature=1.0, top_k=None, to
     gen = torch.Generator().manual_seed(seed)  # one uniform per step from the row's own stream
     seq, out, lps = list(prompt), [], []
     for _ in range(min(max_new, model.config.block_size - len(prompt))):
-        hidden = model(torch.tensor([seq]))
+        hidden = model(torch.tensor([seq], device=model.lm_head.weight.device))
         logits = model.logits(hidden[:, -1])
         u = torch.rand(1, dtype=torch.float64, generator=gen) if temperature else None
         tok, lp = sample_next(logits, u, temperature, top_k, top_p)
@@ -137,6 +137,19 @@ def test_the_cuda_graph_step_shapes_on_cpu(layout, monkeypatch):
     assert len({len(c) for c in g.completions()}) >= 4  # stopped at several steps: 6 -> 4 -> 2 -> 1 rows
     greedy = generate(model, prompts, 20, EOS, PAD, temperature=0)
     assert torch.equal(greedy.tokens, engine_before.generate(model, prompts, 20, EOS, PAD, temperature=0).tokens)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (their CPU shapes: test above)")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_graph_replays_equal_the_naive_generate(layout):
+    """On a GPU, float32: the replayed graphs (one per bucket) sample what the naive generate samples."""
+    model = tiny_model(9, layout).cuda()
+    prompts = [[2 + i % 20 for i in range(n)] for n in (26, 31, 35, 37, 22, 3)]
+    g = generate(model, prompts, 20, EOS, PAD, seed=40)
+    for r, prompt in enumerate(prompts):
+        want, want_lp = naive_generate(model, prompt, 20, 40 + r)
+        assert g.completions()[r] == want
+        torch.testing.assert_close(g.logprobs[r, :len(want)].cpu(), torch.tensor(want_lp), rtol=0, atol=1e-5)
 
 
 def test_entropy_equals_teacher_forced_entropy():
