@@ -172,7 +172,7 @@ def gpu(args):
     sampler's log-probs and a teacher-forced pass under bf16 autocast (the production path)."""
     import os
 
-    from minipost.rollout import pack, sequence_logprobs
+    from minipost.rollout import pack, response_layout, sequence_logprobs
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**PRESETS["gpt2"], "vocab_size": 50257})).eval()
@@ -206,7 +206,6 @@ def gpu(args):
     with torch.autocast("cuda", torch.bfloat16):
         g = generate(model, prompts, 64, model.config.vocab_size - 1, 0, temperature=1.0, seed=0)
         seqs = pack(prompts, g.completions(), 0, "cuda")
-        from minipost.rollout import response_layout
         sampler = response_layout(g.logprobs, prompts, seqs)
         forward = sequence_logprobs(model, seqs)
     gap = (sampler - forward)[seqs.mask == 1].abs()
