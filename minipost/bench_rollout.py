@@ -11,11 +11,11 @@ against `generate`, and the decode step's time against reading the weights and t
 memory bandwidth given by --bandwidth-gbs (H200: 4800 GB/s). Weights are random: speed does not depend on them.
 """
 import argparse
-import sys
 import time
 
 import torch
 
+from minipost.cli import UserError, require_numbers, require_positive, run_main
 from minipost.engine import generate
 from minipost.gpt2 import _CONV1D
 from minipost.model import GPT, PRESETS, GPTConfig
@@ -224,10 +224,11 @@ def main(argv=None):
                    "(H200: 4800)")
     p.add_argument("--skip-grpo", action="store_true", help="CPU: generation only")
     args = p.parse_args(argv)
+    require_positive(args, "repeats", "grpo_steps")
+    require_numbers(args, bandwidth_gbs="> 0")
     if args.gpu:
         if not torch.cuda.is_available():
-            print("bench_rollout --gpu: no CUDA device here", file=sys.stderr)
-            return 2
+            raise UserError("--gpu: no CUDA device here (torch.cuda.is_available() is false)")
         return gpu(args)
     cpu_generation(args)
     if not args.skip_grpo:
@@ -235,4 +236,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
