@@ -433,8 +433,9 @@ def train_ppo(args, init, resumed, task, device, out):
                            step_seed(args.seed, step) + lo)
         seqs, mask = r.seqs, r.seqs.mask  # mask (N_rank, T-1)
         with torch.no_grad():
-            # old log-probs recomputed by the training model at the sampling temperature: the first ratio is 1
-            old_logp, ent = sequence_logprobs(policy, seqs, temperature, entropy=True)  # (N, T-1)
+            # old log-probs: the sampler's own, at the sampling temperature (no second forward; equal to the
+            # training model's teacher-forced ones up to float rounding: see Rollout.logprobs)
+            old_logp, ent = r.logprobs, r.entropy  # (N, T-1)
             ref_logp = sequence_logprobs(ref, seqs, temperature)
             old_values = token_values(critic, seqs)  # (N, T-1)
             raw = r.score(reward, step + 1)  # (N,)
@@ -519,8 +520,8 @@ def train_group(args, init, resumed, task, device, out):
             keep = keep_group.repeat_interleave(K)
             if args.algo == "rft":
                 keep &= correct  # rejection sampling: learn from the correct samples only
+        old_logp, ent = r.logprobs, r.entropy  # (N, T-1): the sampler's, as in train_ppo (see Rollout.logprobs)
         with torch.no_grad():
-            old_logp, ent = sequence_logprobs(policy, seqs, temperature, entropy=True)  # (N, T-1)
             ref_logp = sequence_logprobs(ref, seqs, temperature)  # for the KL term and the logged KL
         idx = distributed.cat(keep.nonzero()[:, 0] + lo * K)  # global row numbers of every rank's kept samples
         used = []

@@ -197,9 +197,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # q (B, H, T, D); k, v (B, Hkv, T, D)
         mask = None
         if cache is not None:
-            # k, v become everything cached so far, this step included: (B, Hkv, Tk, D) with Tk >= T
+            # k, v become the cache's keys and values, this step's included: (B, Hkv, Tk, D) with Tk >= T
             k, v = cache.update(layer, k, v)
-            mask = cache.attn_mask(T)  # None, or (B, 1, T, Tk) bool when rows hold padding
+            mask = cache.attn_mask(T)  # None, or (B, 1, T, Tk) bool: padding, and slots not written yet
         if mask is None:
             y = kernels.attention(q, k, v, causal=True)  # (B, H, T, D); query head h reads kv head h // (H / Hkv)
         else:
@@ -297,7 +297,8 @@ class GPT(nn.Module):
         if pos is None:
             pos = torch.arange(T, device=idx.device)
         pos = pos.expand(B, T) + n  # (B, T)
-        if int(pos.max()) >= self.config.block_size:
+        # (a decode step's positions are the engine's own, kept in range; checking them would sync the GPU)
+        if (cache is None or not cache.decoding) and int(pos.max()) >= self.config.block_size:
             raise ValueError(f"position {int(pos.max())} is past block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         if learned:

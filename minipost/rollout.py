@@ -121,6 +121,15 @@ class Rollout:
     completions: list[list[int]]  # the sampled response ids, EOS included when it finished
     texts: list[str]  # decoded responses without their EOS
     finished: torch.Tensor  # (N,) bool: the response ended with EOS within the budget
+    # the sampler's own log-prob of every response token and entropy of its distribution, both at the sampling
+    # temperature, in the layout of seqs.mask: (N, T-1) float32, 0 off the mask. They are the sampling policy's
+    # "old" log-probs, with no second forward. Not bit-equal to a teacher-forced pass (sequence_logprobs): the
+    # sampler reads a KV-cache decode step's logits (model.logits), the pass a full-sequence forward through
+    # kernels.token_logprobs. Float32 on CPU they differ by float rounding: at most 3.1e-6, 2.2e-7 on average
+    # (minipost/kernels/BENCHMARKS.md; tests/test_rlhf.py holds them within 1e-5). Under bf16 autocast on CUDA
+    # by more (other attention and head kernels): python -m minipost.bench_rollout --gpu measures it.
+    logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
     def score(self, reward, step=None) -> torch.Tensor:
         """(N,) float32 reward of every sample, on the rollout's device (reward: a rewards.Reward); step: the
@@ -146,7 +155,18 @@ def sample_rollout(model, tokenizer, rows, k, max_new_tokens, temperature, seed)
     expanded = [prompts[i // k] for i in range(len(responses))]
     seqs = pack(expanded, responses, tokenizer.pad_id, device)
     return Rollout(seqs, [rows[i // k] for i in range(len(responses))], expanded, responses,
-                   [completion_text(tokenizer, r) for r in responses], g.finished)
+                   [completion_text(tokenizer, r) for r in responses], g.finished,
+                   response_layout(g.logprobs, expanded, seqs), response_layout(g.entropy, expanded, seqs))
+
+
+def response_layout(values, prompts, seqs: Sequences):
+    """Per response token values (N, L), row i's first len(response i) entries -> (N, T-1) in the layout of
+    seqs.mask: response token j of row i sits at target position len(prompt i) - 1 + j."""
+    out = torch.zeros_like(seqs.mask)
+    lengths = seqs.mask.sum(1).long().tolist()
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        out[i, len(p) - 1:len(p) - 1 + n] = values[i, :n]
+    return out
 
 
 @torch.no_grad()

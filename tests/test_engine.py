@@ -1,8 +1,10 @@
-"""The KV-cache engine against a naive generate that re-runs the whole sequence every step."""
+"""The KV-cache engine against a naive generate that re-runs the whole sequence every step, and against the
+engine as it was before its fixed-shape decode step (tests/engine_before.py), bit for bit."""
 import pytest
 import torch
 
-from minipost.engine import filter_logits, generate, sample_next
+import engine_before
+from minipost.engine import buckets, filter_logits, generate, sample_next
 from minipost.model import GPT, GPTConfig
 
 EOS, PAD = 1, 0
@@ -33,7 +35,7 @@ def naive_generate(model, prompt, max_new, seed, temperature=1.0, top_k=None, to
     gen = torch.Generator().manual_seed(seed)  # one uniform per step from the row's own stream
     seq, out, lps = list(prompt), [], []
     for _ in range(min(max_new, model.config.block_size - len(prompt))):
-        hidden = model(torch.tensor([seq]))
+        hidden = model(torch.tensor([seq], device=model.lm_head.weight.device))
         logits = model.logits(hidden[:, -1])
         u = torch.rand(1, dtype=torch.float64, generator=gen) if temperature else None
         tok, lp = sample_next(logits, u, temperature, top_k, top_p)
@@ -94,6 +96,79 @@ def test_logprobs_equal_teacher_forced_forward(layout):
         logp = model.teacher_forced_logprobs(seq[:, :-1], seq[:, 1:], temperature)[0, len(prompt) - 1:]  # predicts comp tokens
         torch.testing.assert_close(g.logprobs[r, :len(comp)], logp, rtol=0, atol=1e-5)
         assert (logp <= 0).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("temperature,num_samples", [(0, 1), (0, 3), (1.0, 1), (1.0, 4), (0.7, 2)])
+def test_same_as_the_engine_before_bit_for_bit(layout, temperature, num_samples):
+    """float32 CPU: the fixed-shape decode step (static cache, tensor slot, bucketed compaction) gives the old
+    engine's tokens, log-probs, masks and finished flags exactly, greedy and sampled, on padded prompts of
+    several lengths and on an unpadded batch; rows stop at different steps, so the batch is compacted."""
+    model = tiny_model(6, layout)
+    padded = [[5, 6, 7], [8], [9, 10, 11, 12, 13, 14], [3, 4], [15, 16, 17, 18], [19, 20]]
+    near_end = [[2 + i % 20 for i in range(n)] for n in (26, 31, 35, 37, 22)]  # budgets 14, 9, 5, 3, 18 of 40
+    lengths = set()
+    for prompts, seed, max_new in [(padded, 11, 20), (near_end, 3, 30), ([[4, 5, 6], [7, 8, 9]], 8, 12)]:
+        new = generate(model, prompts, max_new, EOS, PAD, temperature, num_samples=num_samples, seed=seed)
+        old = engine_before.generate(model, prompts, max_new, EOS, PAD, temperature, num_samples=num_samples,
+                                     seed=seed)
+        for name in ("tokens", "logprobs", "mask", "finished"):
+            assert torch.equal(getattr(new, name), getattr(old, name)), name
+        lengths |= {int(m.sum()) for m in new.mask}
+    assert len(lengths) >= 4  # rows stopped at several steps (EOS or budget), so the batch was compacted
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_cuda_graph_step_shapes_on_cpu(layout, monkeypatch):
+    """What a CUDA graph replays, run eagerly on CPU: every step reads all T_max cache slots under the mask,
+    and stopped rows are compacted into power-of-two buckets (rows past the live ones stay in the batch,
+    stale). Every row equals the naive per-row generation, and greedy tokens equal the old engine's."""
+    from minipost.engine import DecodeStep
+
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, b, filled: self.eager(b))  # keys stay T_max
+    monkeypatch.setattr(DecodeStep, "batch_size", lambda self, b, going: min(s for s in self.sizes if s >= going))
+    model = tiny_model(8, layout)
+    prompts = [[2 + i % 20 for i in range(n)] for n in (26, 31, 35, 37, 22, 3)]  # budgets 14, 9, 5, 3, 18, 37
+    g = generate(model, prompts, 20, EOS, PAD, seed=30)
+    for r, prompt in enumerate(prompts):
+        want, want_lp = naive_generate(model, prompt, 20, 30 + r)
+        assert g.completions()[r] == want
+        torch.testing.assert_close(g.logprobs[r, :len(want)], torch.tensor(want_lp), rtol=0, atol=1e-5)
+    assert len({len(c) for c in g.completions()}) >= 4  # stopped at several steps: 6 -> 4 -> 2 -> 1 rows
+    greedy = generate(model, prompts, 20, EOS, PAD, temperature=0)
+    assert torch.equal(greedy.tokens, engine_before.generate(model, prompts, 20, EOS, PAD, temperature=0).tokens)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (their CPU shapes: test above)")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_graph_replays_equal_the_naive_generate(layout):
+    """On a GPU, float32: the replayed graphs (one per bucket) sample what the naive generate samples."""
+    model = tiny_model(9, layout).cuda()
+    prompts = [[2 + i % 20 for i in range(n)] for n in (26, 31, 35, 37, 22, 3)]
+    g = generate(model, prompts, 20, EOS, PAD, seed=40)
+    for r, prompt in enumerate(prompts):
+        want, want_lp = naive_generate(model, prompt, 20, 40 + r)
+        assert g.completions()[r] == want
+        torch.testing.assert_close(g.logprobs[r, :len(want)].cpu(), torch.tensor(want_lp), rtol=0, atol=1e-5)
+
+
+def test_entropy_equals_teacher_forced_entropy():
+    """Generation.entropy is the entropy of softmax(logits / T) at each sampled position: what a teacher-forced
+    pass with return_entropy gives (within 1e-5, float32)."""
+    model = tiny_model(7)
+    g = generate(model, PROMPTS, 12, EOS, PAD, 0.9, seed=4)
+    for r, prompt in enumerate(PROMPTS):
+        comp = g.completions()[r]
+        seq = torch.tensor([prompt + comp])
+        _, ent = model.teacher_forced_logprobs(seq[:, :-1], seq[:, 1:], 0.9, return_entropy=True)
+        torch.testing.assert_close(g.entropy[r, :len(comp)], ent[0, len(prompt) - 1:], rtol=0, atol=1e-5)
+        assert (g.entropy[r, len(comp):] == 0).all()
+
+
+def test_buckets():
+    assert buckets(64) == [64, 32, 16, 8, 4, 2, 1]
+    assert buckets(24) == [24, 16, 8, 4, 2, 1]
+    assert buckets(1) == [1]
 
 
 def test_cache_holds_the_kv_heads_only():
