@@ -58,6 +58,30 @@ def test_attention_compile_baseline_times_backward_without_retained_graph():
     torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=2**-7 * want.abs().max().item())
 
 
+def test_logprob_benchmark_exits_1_when_a_method_fails(monkeypatch, capsys):
+    """A method that raises or runs out of memory makes the exit status 1 (gpu_check.sh's summary counts it);
+    Liger not installed does not. The cells are stand-ins: what is checked is the bookkeeping, not CUDA."""
+    import minipost.kernels.logprob as logprob
+
+    outcome = {}
+
+    def cell(method, fn, N, C, V, args):
+        return dict(method=method, N=N, C=C, V=V, kept=N, **outcome.get(method, {"fwd": 1.0, "fwd+bwd": 3.0}))
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    monkeypatch.setattr(logprob, "accumulation_path", lambda dtype: "addmm")
+    monkeypatch.setattr(bench_logprob, "_methods", lambda: dict(minipost=len, torch=len, compile=len, liger=None))
+    monkeypatch.setattr(bench_logprob, "bench_cell", cell)
+    args = bench_logprob.parse_args(["--cells", "64x16x32", "--methods", "minipost", "torch", "liger"])
+    assert args.dtype == "autocast"  # the production path, as the docstring says
+    assert bench_logprob.bench(args) == 0
+    assert "| 64 | 16 | 32 | liger | n/a |" in capsys.readouterr().out
+    for failure in ({"error": True}, {"oom": True}):
+        outcome["torch"] = failure
+        assert bench_logprob.bench(args) == 1
+        assert "FAILED: torch" in capsys.readouterr().out
+
+
 def test_train_step_flops_and_peaks():
     """minipost/bench_train.py's model FLOPs at GPT-2 small, by hand: N = 124,439,808 parameters (tied head) less
     the 1024 x 768 position embeddings; forward 2N + 4 L T C per token. And the bf16 peaks it divides by."""

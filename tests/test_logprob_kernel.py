@@ -307,6 +307,33 @@ def test_autocast_hands_the_ops_bf16(monkeypatch, mode):
     assert (logp.double() - exact).abs().max() > 1e-4
 
 
+def test_addmm_out_dtype_is_probed_once(monkeypatch):
+    """Whether torch.addmm(out_dtype=float32) works is asked once per device type and dtype, not on every
+    backward GEMM; out of memory propagates. (CPU torch lacks it: the probe says so, the fallback runs.)"""
+    monkeypatch.setattr(logprob, "_ADDMM_OUT_DTYPE", {})
+    calls = []
+    real = torch.addmm
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("out_dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "addmm", counted)
+    assert not logprob.addmm_out_dtype_works("cpu", torch.bfloat16)
+    assert not logprob.addmm_out_dtype_works("cpu", torch.bfloat16) and calls == [torch.float32]
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "addmm", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        logprob.addmm_out_dtype_works("cpu", torch.float16)
+    acc = torch.ones(3, 2)
+    a, b = torch.randn(3, 5).bfloat16(), torch.randn(5, 2).bfloat16()
+    logprob._addmm_f32_(acc, a, b)  # CPU: the float32 product, exact for bf16 operands
+    torch.testing.assert_close(acc, 1 + a.double().mm(b.double()).float(), rtol=1e-6, atol=1e-6)
+
+
 def test_dhidden_as_precise_as_unfused_torch_at_gpt2_head():
     """GPT-2's LM head (C = 768) in bf16, against float64 and against unfused torch doing the same bf16 computation
     (bf16 logits, float32 log_softmax, bf16 dlogits, bf16 GEMMs). dhidden = dz @ W sums V terms, the target's
