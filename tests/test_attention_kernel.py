@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from minipost import kernels
+from minipost.cli import UserError
 
 import minipost.kernels.flash_attention as attn_mod
 from minipost.kernels.flash_attention import triton_attention
@@ -336,6 +337,10 @@ def test_untuned_config_is_the_first_listed(monkeypatch, name, group):
             assert attn_mod.untuned_config(name, dtype, head_dim, group) == want
     monkeypatch.setenv("MINIPOST_AUTOTUNE", "1")
     assert attn_mod.tuning_enabled()
+    for bad in ("off", "false", ""):  # not silently "on": a UserError, one line and exit code 2 in scripts
+        monkeypatch.setenv("MINIPOST_AUTOTUNE", bad)
+        with pytest.raises(UserError, match=f"MINIPOST_AUTOTUNE='{bad}': expected one of 1, 0"):
+            attn_mod.tuning_enabled()
 
 
 def test_untuned_launch_path_matches_float64(monkeypatch):

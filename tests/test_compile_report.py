@@ -1,4 +1,4 @@
-"""kernels/compile_report.py: compiling for sm_90 without a GPU, and reading the cubin right.
+"""minipost/kernels/compile_report.py: compiling for sm_90 without a GPU, and reading the cubin right.
 
 Runs in a fresh Python without TRITON_INTERPRET (the test session's Triton is the interpreter). Each compile
 takes seconds on a CPU, so only a few configs: the shipped bf16 and float32 tiles of the log-prob backward, and

@@ -35,20 +35,23 @@ LOGIT_ULPS = 8  # float32 ulps of the logits' sum of |terms| that a gradient may
 
 
 def _logit_resolution(hidden, weight, targets, temperature, g_logp, g_ent):
-    """(dhidden, dweight) absolute errors that float32 logits allow, from the inputs alone.
+    """(dhidden, dweight) absolute errors that float32 logits allow, from the inputs and float64 probabilities.
 
     A logit z_ij = sum_c h_ic w_jc / T is known to LOGIT_ULPS * 2^-24 * sum_c |h_ic w_jc| / T, lse to that plus
-    log V; an error delta in z - lse moves dlogits_ij by (|g_i| + |k_i|) p_ij delta (sum_j p_ij = 1), so
-    dhidden_i = sum_j dlogits_ij w_j / T by (|g_i| + |k_i|) delta max|w| / T, and dweight_j = sum_i dlogits_ij h_i / T
-    by sum_i (|g_i| + |k_i|) delta max|h| / T (kept tokens only)."""
+    log V; an error delta in z - lse moves dlogits_ij by u_i p_ij delta, u_i = |g_i| + |k_i| (kept tokens only),
+    so dhidden_i = sum_j dlogits_ij w_j / T by u_i delta max|w| / T (sum_j p_ij = 1), and dweight_j =
+    sum_i dlogits_ij h_i / T by sum_i u_i p_ij delta max|h| / T: weighted by p, not by 1 per token, or the bound
+    would grow with N for columns that no token predicts and pass a dweight of TF32 precision (p from a float64
+    softmax)."""
     h, w = hidden.double().abs(), weight.double().abs()
     V = weight.shape[0]
     delta = LOGIT_ULPS * 2.0**-24 * ((h @ w.T).max().item() / temperature + math.log(V) + 1.0)
-    u = ((g_logp.double().abs() + g_ent.double().abs()) * (targets >= 0)).cpu()  # (N,)
+    u = (g_logp.double().abs() + g_ent.double().abs()) * (targets >= 0)  # (N,)
     if not u.numel():
         return 0.0, 0.0
+    p = torch.softmax(hidden.double() @ weight.double().T / temperature, dim=-1)  # (N, V)
     return (delta * u.max().item() * w.max().item() / temperature,
-            delta * u.sum().item() * h.max().item() / temperature)
+            delta * (u @ p).max().item() * h.max().item() / temperature)
 
 
 def _inputs(N, V, C, dtype=torch.float32, ignore="some", seed=0):
@@ -302,6 +305,33 @@ def test_autocast_hands_the_ops_bf16(monkeypatch, mode):
     # and not merely close to the float32 result: the bf16 rounding of the inputs is visible in the log-probs
     exact = token_logprobs_reference(hidden.double(), weight.double(), targets, 0.9)
     assert (logp.double() - exact).abs().max() > 1e-4
+
+
+def test_addmm_out_dtype_is_probed_once(monkeypatch):
+    """Whether torch.addmm(out_dtype=float32) works is asked once per device type and dtype, not on every
+    backward GEMM; out of memory propagates. (CPU torch lacks it: the probe says so, the fallback runs.)"""
+    monkeypatch.setattr(logprob, "_ADDMM_OUT_DTYPE", {})
+    calls = []
+    real = torch.addmm
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("out_dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "addmm", counted)
+    assert not logprob.addmm_out_dtype_works("cpu", torch.bfloat16)
+    assert not logprob.addmm_out_dtype_works("cpu", torch.bfloat16) and calls == [torch.float32]
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "addmm", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        logprob.addmm_out_dtype_works("cpu", torch.float16)
+    acc = torch.ones(3, 2)
+    a, b = torch.randn(3, 5).bfloat16(), torch.randn(5, 2).bfloat16()
+    logprob._addmm_f32_(acc, a, b)  # CPU: the float32 product, exact for bf16 operands
+    torch.testing.assert_close(acc, 1 + a.double().mm(b.double()).float(), rtol=1e-6, atol=1e-6)
 
 
 def test_dhidden_as_precise_as_unfused_torch_at_gpt2_head():

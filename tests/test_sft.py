@@ -132,3 +132,7 @@ def test_precision_policy(monkeypatch, base, tmp_path):
         autocast(torch.device("cpu"))
     code, err = run("--init", str(base), "--max-steps", "1", "--out", str(tmp_path / "o"))
     assert code == 2 and err.splitlines()[-1] == "error: MINIPOST_PRECISION='fp16': expected bf16 (the default) or fp32"
+    monkeypatch.delenv("MINIPOST_PRECISION")
+    monkeypatch.setenv("MINIPOST_KERNELS", "cuda")  # the kernels' switch too (MINIPOST_AUTOTUNE alike, on CUDA)
+    code, err = run("--init", str(base), "--max-steps", "1", "--out", str(tmp_path / "o"))
+    assert code == 2 and err.splitlines()[-1] == "error: MINIPOST_KERNELS='cuda': expected one of auto, triton, torch"

@@ -405,14 +405,19 @@ def test_load_malformed_names_the_file(tok, tmp_path):
     assert Tokenizer.load(good).vocab_size == tok.vocab_size
 
 
+def _tokenizer_with_gaps():
+    """(Tokenizer, ranks): every single byte but 0x04 and 0xF1, plus the merges "!!", "ab", " c"."""
+    singles = [bytes([b]) for b in range(256) if b not in (0x04, 0xF1)]
+    ranks = {t: i for i, t in enumerate(singles + [b"!!", b"ab", b" c"])}  # ids 0..256
+    specials = {name: 257 + i for i, name in enumerate(SPECIAL_TOKENS)}  # <|endoftext|> 257 ... <|end|> 261
+    return Tokenizer(_encoding("gaps", r" ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+", ranks, specials)), ranks
+
+
 def test_bytes_missing_from_the_vocabulary_are_dropped_per_pre_token():
     """A vocabulary without some single bytes (real ones lack bytes never seen in training): the byte is removed
     from its pre-token and the rest merges as usual, as Hugging Face's BPE does (tests/test_hf_transformers.py
     checks it against transformers on the real SmolLM2 vocabulary); tiktoken itself would panic on it."""
-    singles = [bytes([b]) for b in range(256) if b not in (0x04, 0xF1)]
-    ranks = {t: i for i, t in enumerate(singles + [b"!!", b"ab", b" c"])}  # ids 0..256
-    specials = {name: 257 + i for i, name in enumerate(SPECIAL_TOKENS)}  # <|endoftext|> 257 ... <|end|> 261
-    tok = Tokenizer(_encoding("gaps", r" ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+", ranks, specials))
+    tok, ranks = _tokenizer_with_gaps()
     assert tok.absent == b"\x04\xf1"
     bang, ab, c = ranks[b"!!"], ranks[b"ab"], ranks[b" c"]
     # pre-tokens: "ab" | "!\x04!" | " c" -> ab | !! (the two marks merge across the dropped byte) | " c"
@@ -423,3 +428,12 @@ def test_bytes_missing_from_the_vocabulary_are_dropped_per_pre_token():
     assert tok.encode("!" + chr(0x40000)) == [ranks[b"!"], *[ranks[b"\x80"]] * 3]
     assert tok.encode("ab! c") == tok.enc.encode("ab! c")  # text without a missing byte: tiktoken's own result
     assert tok.render([{"role": "user", "content": "!\x04!"}])[0] == [257, 259, bang, 261]
+
+
+def test_a_long_pre_token_with_a_missing_byte():
+    """16001 marks around one missing byte form one pre-token: what is left merges leftmost pair first into
+    8000 "!!" and a last "!" (tiktoken's single-piece BPE; a pure-Python merge took 23 s at this length)."""
+    tok, ranks = _tokenizer_with_gaps()
+    assert tok.encode("!" * 8000 + "\x04" + "!" * 8001) == [ranks[b"!!"]] * 8000 + [ranks[b"!"]]
+    # a long pre-token beside one holding a missing byte (F1 of U+40000)
+    assert tok.encode("ab" * 3000 + chr(0x40000)) == [ranks[b"ab"]] * 3000 + [ranks[b"\x80"]] * 3

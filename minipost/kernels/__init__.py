@@ -11,7 +11,7 @@ autocast, inputs are used as they come (float32: full-precision dots, for tests 
 The ops then run with autocast off, so the torch reference too computes in float32 from the rounded inputs.
 
 Dispatch: CUDA tensors use Triton, CPU tensors use the torch reference (minipost/kernels/reference.py).
-MINIPOST_KERNELS=triton|torch forces one path. Forcing Triton on CPU tensors needs Triton's interpreter
+MINIPOST_KERNELS=triton|torch forces one path (auto: the default). Forcing Triton on CPU tensors needs Triton's interpreter
 (TRITON_INTERPRET=1, set before Triton is imported): that is how the tests check the kernels without a GPU.
 Note: this `kernels` package is minipost's own, unrelated to the `kernels` project on PyPI.
 """
@@ -20,16 +20,24 @@ from contextlib import nullcontext
 
 import torch
 
+from ..cli import UserError
 from .reference import attention_reference, token_logprobs_reference
 
 _MODES = ("auto", "triton", "torch")
 
 
+def env_setting(name: str, choices: tuple) -> str:
+    """Environment variable `name`, choices[0] where unset; any other value than `choices` is a UserError (in
+    every script: one line, exit code 2)."""
+    value = os.environ.get(name, choices[0])
+    if value not in choices:
+        raise UserError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """True when an op on tensor `t` should run the Triton kernel (read per call so tests can flip it)."""
-    mode = os.environ.get("MINIPOST_KERNELS", "auto")
-    if mode not in _MODES:
-        raise ValueError(f"MINIPOST_KERNELS={mode!r}: expected one of {', '.join(_MODES)}")
+    mode = env_setting("MINIPOST_KERNELS", _MODES)
     if mode != "auto":
         return mode == "triton"
     return t.is_cuda

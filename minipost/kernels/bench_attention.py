@@ -16,7 +16,9 @@ Times are triton.testing.do_bench medians (ms) after warm-up (compilation and au
 backward is (forward+backward) - forward (fwd_bwd_times: torch.compile refuses a retained graph).
 FLOPs follow FlashAttention's convention: forward 4*B*H*T^2*D, halved when causal; backward 2.5x forward.
 "peak MiB" is the peak memory allocated by one forward+backward beyond the inputs. "max err" compares the
-output and the packed qkv gradient with sdpa-flash's, relative to their largest value.
+output and the packed qkv gradient with those of the shape's reference path, relative to their largest value:
+sdpa-flash, or where it fails or is not listed the first path that ran; the reference's own row shows "ref".
+A path that fails prints "n/a" and makes the exit status 1, except sdpa-cudnn (unavailable on some GPUs/builds).
 
 Without CUDA the kernels run in Triton's interpreter on small CPU shapes and the script prints their max
 errors against a float64 run of minipost/kernels/reference.py (exit status 1 if any exceeds its tolerance).
@@ -131,7 +133,7 @@ def gpu_main(args):
           f"{datetime.date.today()} | {args.dtype}, {'causal' if causal else 'non-causal'}, "
           f"B*T={args.tokens}, H*D={args.hidden}, q/k/v strided views of the packed qkv")
     print("command: python -m minipost.kernels.bench_attention " + " ".join(sys.argv[1:]))
-    rows = []
+    rows, failed = [], set()
     for D in args.D:
         H = args.hidden // D
         for T in args.T:
@@ -155,14 +157,18 @@ def gpu_main(args):
                 except Exception as e:  # e.g. cuDNN attention missing for this GPU / build, or out of memory
                     print(f"{name} T={T} D={D}: n/a ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
                     rows.append((D, T, B, H, name) + ("n/a",) * 9)
+                    if name != "sdpa-cudnn":  # cuDNN attention may be missing for this GPU / build
+                        failed.add(name)
                     torch.cuda.empty_cache()
                     continue
-                if ref is None:
-                    ref = (o, grad)  # the first path that ran (sdpa-flash when listed)
+                if ref is None:  # the first path that ran (sdpa-flash when listed): its row shows "ref"
+                    ref = (o, grad)
+                    errs = ("ref", "ref")
+                else:
+                    errs = (f"{_rel_err(o, ref[0]):.1e}", f"{_rel_err(grad, ref[1]):.1e}")
                 tf = lambda flops, ms: f"{flops / (ms * 1e-3) / 1e12:.0f}"  # noqa: E731
                 rows.append((D, T, B, H, name, f"{t_fwd:.3f}", tf(f, t_fwd), f"{t_bwd:.3f}", tf(2.5 * f, t_bwd),
-                             f"{t_all:.3f}", tf(3.5 * f, t_all), f"{peak:.0f}", f"{_rel_err(o, ref[0]):.1e}",
-                             f"{_rel_err(grad, ref[1]):.1e}"))
+                             f"{t_all:.3f}", tf(3.5 * f, t_all), f"{peak:.0f}", *errs))
                 print(" | ".join(map(str, rows[-1])), flush=True)
                 del o, grad
             del qkv, do, ref
@@ -174,7 +180,9 @@ def gpu_main(args):
     print("|" + "---|" * len(header))
     for r in rows:
         print("| " + " | ".join(map(str, r)) + " |")
-    return 0
+    if failed:
+        print(f"FAILED: {', '.join(sorted(failed))} (see above)")
+    return 1 if failed else 0
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ and their difference as the backward (fwd_bwd_times: no retained graph, which to
 TFLOP/s counting only kept tokens (forward 2 n C V, backward 4 n C V: the useful matmuls, not the kernel's
 recomputation); peak memory of one forward+backward above the inputs; and the errors of logp, dhidden and
 dweight against a float32 torch run on the same (rounded) inputs, relative to their largest value.
-A cell that runs out of memory prints "OOM". A markdown table is printed last. It first runs the small
-correctness comparison below, on the GPU.
+A cell that runs out of memory prints "OOM", one that raises "error"; either makes the exit status 1 (liger
+not installed does not). The header names how the backward accumulates (logprob.accumulation_path). A
+markdown table is printed last. It first runs the small correctness comparison below, on the GPU.
 
 Without CUDA it says so and runs only that correctness comparison (against float64 runs of the torch
 reference) in Triton's interpreter on CPU tensors.
@@ -168,7 +169,7 @@ def bench_cell(method, fn, N, C, V, args):
 
 
 def _missing(cell):
-    return "OOM" if cell.get("oom") else "error" if cell.get("error") else "-"
+    return "OOM" if cell.get("oom") else "error" if cell.get("error") else "n/a" if cell.get("absent") else "-"
 
 
 def _fmt(cell, key, pattern="%.3f"):
@@ -183,6 +184,8 @@ def bench(args):
     import torch._dynamo
     import triton
 
+    from minipost.kernels.logprob import accumulation_path
+
     for name in ("recompile_limit", "cache_size_limit"):  # one compiled graph per cell, never an eager fallback
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 256)
@@ -190,12 +193,14 @@ def bench(args):
     name = torch.cuda.get_device_name()
     print(f"device: {name}; torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}; "
           f"--dtype {args.dtype}; median of do_bench(warmup={args.warmup} ms, rep={args.rep} ms)")
+    compute = torch.bfloat16 if args.dtype == "autocast" else DTYPES[args.dtype]
+    print(f"minipost's backward accumulates dh and dW by {accumulation_path(compute)}")
     print("command: python -m minipost.kernels.bench_logprob " + " ".join(sys.argv[1:]))
     cells = []
     for N, C, V in args.cells:
         for method in args.methods:
             if methods[method] is None:
-                cells.append(dict(method=method, N=N, C=C, V=V, kept=0, error=True))
+                cells.append(dict(method=method, N=N, C=C, V=V, kept=0, absent=True))
                 print(f"{method}: not installed (pip install liger-kernel)")
                 continue
             cells.append(bench_cell(method, methods[method], N, C, V, args))
@@ -208,6 +213,10 @@ def bench(args):
         print(_row(cell))
     print("\nTFLOP/s count kept tokens n only: 2nCV forward, 4nCV backward, 6nCV both. Peak memory is above the "
           "inputs. Errors: max |grad - float32 torch on the same rounded inputs| / max |that grad|.")
+    failed = sorted({c["method"] for c in cells if c.get("error") or c.get("oom")})
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (see above)")
+    return 1 if failed else 0
 
 
 def _row(cell):
@@ -223,7 +232,8 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, nargs="+", default=GRID["n"], help="tokens N")
     p.add_argument("--c", type=int, nargs="+", default=GRID["c"], help="hidden size C")
     p.add_argument("--v", type=int, nargs="+", default=GRID["v"], help="vocabulary size V")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="autocast", help="autocast (the production "
+                   "path: float32 tensors under bf16 autocast), or tensors of that dtype without autocast")
     p.add_argument("--methods", nargs="+", choices=["minipost", "torch", "compile", "liger"],
                    default=["minipost", "torch", "compile", "liger"])
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the gradient check (it holds "
@@ -259,8 +269,7 @@ def main(argv=None):
         return 0
     print("correctness on the GPU (small shapes) before timing:")
     correctness("cuda")
-    bench(args)
-    return 0
+    return bench(args)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,12 @@ processes (MINIPOST_AUTOTUNE=0: no tuning, the first config; see _TUNE_KEY); und
 """
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import env_setting
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -443,7 +444,8 @@ def autotune_options():
 
 
 def tuning_enabled():
-    return os.environ.get("MINIPOST_AUTOTUNE", "1") != "0"
+    """MINIPOST_AUTOTUNE: 1 (the default) or 0; any other value is refused (a UserError, see env_setting)."""
+    return env_setting("MINIPOST_AUTOTUNE", ("1", "0")) == "1"
 
 
 def make_tuned():

@@ -332,15 +332,44 @@ def _mm_f32(a, b):
     return a.float() @ b.float()
 
 
+_ADDMM_OUT_DTYPE = {}  # (device type, 16-bit dtype) -> whether addmm_out_dtype_works: probed once each
+
+
+def addmm_out_dtype_works(device, dtype):
+    """Whether torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc) adds a @ b (16-bit `dtype`) into a float32
+    acc on `device`, correctly. Probed once on 16 x 16 tensors and cached: torch builds or versions that lack
+    it (or, as some may, want acc in the operands' dtype) raise a TypeError or RuntimeError, and _addmm_f32_
+    then takes its fallback on every call without trying again. Out of memory is no answer: it propagates."""
+    key = (torch.device(device).type, dtype)
+    if key not in _ADDMM_OUT_DTYPE:
+        acc = torch.ones(16, 16, device=device)
+        a = torch.ones(16, 16, device=device, dtype=dtype)
+        try:
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            works = bool((acc == 17).all())
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError):
+            works = False
+        _ADDMM_OUT_DTYPE[key] = works
+    return _ADDMM_OUT_DTYPE[key]
+
+
 def _addmm_f32_(acc, a, b):
     """acc += a @ b in place, acc float32: on CUDA one GEMM accumulating into acc (torch >= 2.8's addmm
-    out_dtype); elsewhere, or where that is missing, through a float32 product (see _mm_f32)."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        try:
-            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        except (TypeError, RuntimeError, NotImplementedError):
-            pass
+    out_dtype, where addmm_out_dtype_works); elsewhere through a float32 product (see _mm_f32)."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and addmm_out_dtype_works(a.device, a.dtype):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     return acc.add_(_mm_f32(a, b))
+
+
+def accumulation_path(dtype):
+    """How the backward's GEMMs accumulate dh and dW for CUDA inputs of `dtype` (for benchmark headers)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "float32 GEMMs"
+    if addmm_out_dtype_works("cuda", dtype):
+        return "addmm(out_dtype=float32) into the float32 accumulators"
+    return "fallback: float32-output mm, then add (addmm(out_dtype=float32) unsupported here)"
 
 
 def _backward(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp, need_dh, need_dw):
