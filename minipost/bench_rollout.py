@@ -178,7 +178,7 @@ def gpu(args):
     model = GPT(GPTConfig(**{**PRESETS["gpt2"], "vocab_size": 50257})).eval()
     model = model.to("cuda", torch.bfloat16)
     params = sum(p.numel() for n, p in model.named_parameters() if "wpe" not in n)  # a step reads one wpe row
-    new = 128
+    new = 64  # new tokens a call: enough for a steady decode rate, and the whole mode fits its ~40 s in gpu_check.sh
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GPT-2-small size (12 x 768, 50257 tokens), "
           f"bf16 weights, prompts of 8-32 tokens, {new} new tokens, greedy")
     print("| batch | minipost tokens/s | HF generate tokens/s | speed-up | decode step ms | bound ms | "

@@ -68,7 +68,7 @@ if [[ $DRY -eq 1 ]]; then
     section "1. kernel tests (dry run: a subset, interpreter)" 60 5 env MINIPOST_AUTOTUNE=0 $PY -m pytest -p no:cacheprovider -rf \
         tests/test_logprob_kernel.py tests/test_attention_kernel.py -k "gpt2_head or grid and 7-1-16 or autotuning or float32_matches and 17-17"
 else
-    section "1. kernel tests, compiled on CUDA" 65 5 env MINIPOST_AUTOTUNE=0 $PY -m pytest -p no:cacheprovider -rf $XDIST \
+    section "1. kernel tests, compiled on CUDA" 55 5 env MINIPOST_AUTOTUNE=0 $PY -m pytest -p no:cacheprovider -rf $XDIST \
         tests/test_logprob_kernel.py tests/test_attention_kernel.py
 fi
 
@@ -84,7 +84,7 @@ section "3. token log-prob, torch.compile baseline" 30 2 $PY -m minipost.kernels
 
 # 4. Attention (issue 26 item 6): minipost vs FlashAttention-2 and cuDNN through SDPA, B*T = 16k, H*D = 2048.
 # 5: the unfused baselines at one shape whose minipost row section 4 has (errors there are against naive).
-section "4. attention vs SDPA flash / cuDNN" 45 2 $PY -m minipost.kernels.bench_attention --T 1024 4096 8192 --D 64 128 \
+section "4. attention vs SDPA flash / cuDNN" 40 2 $PY -m minipost.kernels.bench_attention --T 1024 4096 8192 --D 64 128 \
     --paths sdpa-flash minipost sdpa-cudnn
 section "5. attention, naive and torch.compile baselines" 25 2 $PY -m minipost.kernels.bench_attention --T 1024 --D 64 \
     --paths naive compile
@@ -143,7 +143,7 @@ if has_module minipost.bench_rollout; then
     if [[ $DRY -eq 1 ]]; then
         section "8. decode (issue 27) (dry run: --help only)" 45 2 $PY -m minipost.bench_rollout --help
     else
-        section "8. decode (issue 27)" 25 2 $PY -m minipost.bench_rollout --gpu
+        section "8. decode (issue 27)" 40 2 $PY -m minipost.bench_rollout --gpu
     fi
 else
     echo; echo "== 8. decode (issue 27): skipped, minipost.bench_rollout not present"
