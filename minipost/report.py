@@ -419,6 +419,20 @@ def read_sweeps(out: Path, stages) -> dict:
     return {st.name: read_jsonl(Path(out) / st.name / "sweep.jsonl") for st in stages if st.script == "bon"}
 
 
+def eval_k(evals) -> str:
+    """"k = 4": the --k of the evaluations, as each eval.json recorded it (several values: all of them)."""
+    ks = sorted({r["k"] for rows in evals.values() for r in rows if r.get("k") is not None})
+    return "k = " + (", ".join(map(str, ks)) if ks else "?")
+
+
+def stage_devices(stages) -> str:
+    """The device the stages ran on, from their --device flags: "CPU", "GPU" (cuda) or both."""
+    names = {"cpu": "CPU", "cuda": "GPU"}
+    used = sorted({names.get(st.argv[st.argv.index("--device") + 1], st.argv[st.argv.index("--device") + 1])
+                   for st in stages if "--device" in st.argv})
+    return " and ".join(used) or "CPU"
+
+
 def write_report(out: Path, stages, scale, evals: dict, made=()) -> Path:
     """evals: task -> rows of the policies' eval.json (plus name, method, seed), as pipeline.collect_evals;
     made: the PNG files plots.plots drew beside it."""
@@ -469,12 +483,13 @@ def write_report(out: Path, stages, scale, evals: dict, made=()) -> Path:
     md += ["## How each number was made", "", "Stages (each a script call; rerun one to reproduce it):", ""]
     md += [f"- `{st.name}`: `{st.command}`" for st in stages]
     md += ["", "KL to SFT: mean over test prompts of the summed per-token log-ratio log pi(y_t) - log pi_SFT(y_t) "
-           "on k T = 1 samples of the policy per prompt (k = 4), against the SFT policy of the same seed. Reward: "
+           f"on k T = 1 samples of the policy per prompt ({eval_k(evals)}), against the SFT policy of the same seed. Reward: "
            "the task's verifier (arith, greedy answer unless marked T = 1) or hidden lexicon score (sentiment, "
            "T = 1 samples). Best-of-N: expected over N-subsets of a pool of samples per prompt; the KL estimate is "
            "a plug-in from the pool; log N - (N-1)/N is only an upper bound (Beirami et al. 2024). Every number "
-           "here comes from one thread per stage on this machine's CPU: another thread count or device changes "
-           "the training bits (~1e-7 from the first steps) and so the exact numbers, not the verdicts' intervals."]
+           f"here comes from one thread per stage on this machine's {stage_devices(stages)}: another thread count "
+           "or device changes the training bits (~1e-7 from the first steps) and so the exact numbers, not the "
+           "verdicts' intervals."]
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path
