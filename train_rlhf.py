@@ -51,6 +51,7 @@ minibatch (minipost/distributed.py).
 import argparse
 import copy
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -64,7 +65,7 @@ from minipost.cli import (UserError, autocast, pick_device, require_numbers, req
 from minipost.data import epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy
 from minipost.distributed import minibatches
-from minipost.loop import end_step, optimizer_step, start_run, training_steps
+from minipost.loop import adamw, end_step, optimizer_step, start_run, training_steps
 from minipost.model import GPT, GPTConfig
 from minipost.preferences import (build_pairs, demo_pairs, load_pairs, pair_accuracy, pair_logprob_sums,
                                   pair_sequences, pair_totals, reference_samples, split_pairs, write_pairs)
@@ -218,6 +219,24 @@ def load_init(args, device):
     return ck, resumed
 
 
+def start(args, out, models, tokenizer, resumed, held=()):
+    """A family's run (minipost/loop.py): AdamW over the trainable parameters of the trained models (one
+    parameter group each, no weight decay); when resuming, the checkpoint's optimizer, RNG and step -> (Run,
+    the family's own saved state or None). held: the other models the run keeps (reference, reward model),
+    for the memory it reports."""
+    opt = adamw([{"params": [p for p in m.parameters() if p.requires_grad]} for m in models], args.lr)
+    meta = {"script": "train_rlhf.py", "kind": args.algo, "task": args.task, "args": vars(args),
+            "init": str(args.init)}
+    run, state = start_run(args, out, opt, tokenizer, resumed, [*models, *held], meta, desc=args.algo)
+    print(f"trainable parameters: {run.trainable:,}" + (" (adapters)" if has_adapters(models[0]) else ""))
+    return run, state
+
+
+def warmup_lr(args, step):
+    """Linear warm-up over --warmup steps, then constant --lr."""
+    return args.lr * min(1.0, (step + 1) / args.warmup)
+
+
 def frozen_copy(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -323,7 +342,7 @@ def train_reward_model(args, init, resumed, task, device, out):
         torch.manual_seed(args.seed)
         model = scalar_model(merge_adapters(init.model))
     model = adapt(model.to(device), args, args.init, args.seed).eval()  # with adapters: LoRA + the new head train
-    run, _ = start_run(args, out, [model], tok, resumed)
+    run, _ = start(args, out, [model], tok, resumed)
     trained = distributed.wrap(model)
 
     def scores(pairs, net=model):  # -> r_chosen (P,), r_rejected (P,)
@@ -354,7 +373,7 @@ def train_reward_model(args, init, resumed, task, device, out):
         model.score_head.bias -= mean
         return {"reward_bias": model.score_head.bias.item(), "centred_on": len(reference)}
 
-    for step in training_steps(run, evaluate):
+    for step in training_steps(run, evaluate, partial(warmup_lr, args)):
         idx = epoch_indices(step, args.batch_size, len(train), args.seed)  # the global batch
         rc, rr = scores([train[i] for i in idx[slice(*distributed.share(len(idx)))]], trained)  # this rank's pairs
         # means over equal shares: this rank's part of the batch's mean is its own mean / W
@@ -379,7 +398,7 @@ def train_dpo(args, init, resumed, task, device, out):
     with torch.no_grad():
         ref_train = pair_logprob_sums(ref, train, tok.pad_id, device, args.ipo)  # (chosen (P,), rejected (P,))
         ref_val = pair_logprob_sums(ref, val, tok.pad_id, device, args.ipo)
-    run, _ = start_run(args, out, [policy], tok, resumed, held=[ref])
+    run, _ = start(args, out, [policy], tok, resumed, held=[ref])
     trained = distributed.wrap(policy)
 
     def preference_loss(pi_c, pi_r, ref_c, ref_r):  # -> loss, (implicit rewards of chosen, of rejected)
@@ -392,7 +411,7 @@ def train_dpo(args, init, resumed, task, device, out):
         _, (rc, rr) = preference_loss(*pair_logprob_sums(policy, val, tok.pad_id, device, args.ipo), *ref_val)
         return {"val_accuracy": pair_accuracy(rc, rr), **evaluate_policy_run(step)}
 
-    for step in training_steps(run, evaluate):
+    for step in training_steps(run, evaluate, partial(warmup_lr, args)):
         idx = epoch_indices(step, args.batch_size, len(train), args.seed)  # the global batch
         idx = idx[slice(*distributed.share(len(idx)))]  # this rank's pairs of it
         seqs = pair_sequences([train[i] for i in idx], tok.pad_id, device)  # P chosen rows, then P rejected
@@ -424,14 +443,14 @@ def train_ppo(args, init, resumed, task, device, out):
         critic = scalar_model(merge_adapters(init.model))
         torch.nn.init.zeros_(critic.score_head.weight)
     critic.to(device).eval()
-    run, state = start_run(args, out, [policy, critic], tok, resumed,
+    run, state = start(args, out, [policy, critic], tok, resumed,
                            held=[ref] + ([reward.model] if reward.model is not None else []))
     kl_coef = args.beta if state is None else state["kl_coef"]  # adapted with --target-kl
     if state is not None:
         critic.load_state_dict(state["critic"])
     trained, trained_critic = distributed.wrap(policy), distributed.wrap(critic)
 
-    for step in training_steps(run, evaluate):
+    for step in training_steps(run, evaluate, partial(warmup_lr, args)):
         # rollout: one response per prompt; this rank samples rows lo..hi-1 of the global batch of N
         rows = [pool[i] for i in epoch_indices(step, args.batch_size, len(pool), args.seed)]
         N, (lo, hi) = len(rows), distributed.share(len(rows))
@@ -494,12 +513,12 @@ def train_group(args, init, resumed, task, device, out):
     evaluate = policy_evaluation(args, policy, ref, tok, task)
     reward = make_reward(task, tok, device, args.reward, args.reward_model, other_task_ok=args.allow_other_task)
     pool = prompt_pool(args, tok, task, policy.config.block_size - policy.n_prefix)
-    run, _ = start_run(args, out, [policy], tok, resumed,
+    run, _ = start(args, out, [policy], tok, resumed,
                        held=[ref] + ([reward.model] if reward.model is not None else []))
     C = args.minibatch_size * args.max_new_tokens  # NFT's and Dr.GRPO's constant normaliser
     trained = distributed.wrap(policy)
 
-    for step in training_steps(run, evaluate):
+    for step in training_steps(run, evaluate, partial(warmup_lr, args)):
         # rollout: K responses per prompt, prompt-major (row i answers prompt i // K); this rank samples the
         # whole groups of prompts lo..hi-1, rows lo*K..hi*K-1 of the global batch, so group statistics are local
         rows = [pool[i] for i in epoch_indices(step, args.batch_size, len(pool), args.seed)]
