@@ -16,6 +16,9 @@ How the work is split, so that W ranks compute what one process computes (up to 
   losses      each rank computes its PART of the global loss (its rows' terms over the global denominator),
               so the parts sum to the loss of one process; DDP averages gradients over the W ranks, so each
               rank backpropagates W x part (backward()). Logged values are all_sum()s of the parts.
+  minibatches the RL updates' epochs x minibatches come from minibatches(): one permutation of the global rows
+              (the same on every rank), each rank's own rows of each minibatch (a stand-in when none), and the
+              weight that turns its own loss into its part (token mean, sequence mean or constant normaliser).
   statistics  what the algorithm defines over the whole batch (PPO's advantage whitening, the logged means)
               is computed from all_sum() or from rows gathered with cat() / gather(), never per rank.
   evaluation  prompts are shared out, results gathered back in prompt order on every rank.
