@@ -37,6 +37,8 @@ from minipost.checkpoint import find_checkpoint
 from minipost.cli import UserError, pick_device, require_positive, run_main, writable_dir
 from minipost.plots import plots
 from minipost.report import read_sweeps, write_report
+from minipost.stages import (IMITATOR, LORA, PROMPT_TUNING, RETRIEVAL, REWARD_MODEL, SFT_LIKE, STUDENT, TEACHER,
+                             split_name)
 
 HERE = Path(__file__).resolve().parent
 # cheap adaptation's own learning rates (peak; cosine to a tenth): LoRA at 1e-2 beat 2e-3, prompt tuning learnt
@@ -128,130 +130,183 @@ def lr_name(loss: str, lr: float) -> str:
     return loss if lr == SFT_LR else f"{loss}-lr{lr:g}"
 
 
+class Plan:
+    """The stages planned so far; add() appends one with its dependencies read from its flags."""
+
+    def __init__(self, scale: Scale, out: Path, device: str):
+        self.s, self.out, self.device, self.stages = scale, out, device, []
+
+    def d(self, name) -> str:
+        """A stage's directory, as its flags name it."""
+        return str(self.out / name)
+
+    def add(self, name, script, argv, steps=None, done_file=""):
+        argv = [str(a) for a in list(argv) + ["--device", self.device] + self.s.extra.get(script, [])]
+        if script not in ("bon", "eval"):
+            argv += ["--out", self.d(name)]
+        # a stage depends on every earlier stage whose directory appears in its flags (--init, --data, ...)
+        deps = [st.name for st in self.stages
+                if any(a == self.d(st.name) or a.startswith(self.d(st.name) + "/") for a in argv)]
+        self.stages.append(Stage(name, script, argv, steps, done_file, deps))
+
+    def sft(self, name, init, task, steps, *flags, seed=0, n_train=None):
+        s = self.s
+        self.add(name, "sft", ["--init", self.d(init), "--task", task, *flags, "--seed", seed, "--max-steps", steps,
+                               "--n-train", n_train or s.n_train, "--n-eval", s.curve_eval, "--eval-every", steps],
+                 steps)
+
+
 def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
     """Every stage of the study, dependencies first; the long chains (RL, PPO) come early in the list, so
     they start as soon as they can."""
-    s, stages, seeds = scale, [], range(scale.seeds)
-    d = lambda name: str(out / name)  # noqa: E731
+    p = Plan(scale, out, device)
+    for part in (bases_and_sft, rl_arith, sentiment_chains, sft_vs_dft, best_of_n, cheap_adaptation, imitation,
+                 evaluations, retrieval):
+        part(p)
+    return p.stages
 
-    def add(name, script, argv, steps=None, done_file=""):
-        argv = [str(a) for a in list(argv) + ["--device", device] + s.extra.get(script, [])]
-        if script not in ("bon", "eval"):
-            argv += ["--out", d(name)]
-        # a stage depends on every earlier stage whose directory appears in its flags (--init, --data, ...)
-        deps = [st.name for st in stages if any(a == d(st.name) or a.startswith(d(st.name) + "/") for a in argv)]
-        stages.append(Stage(name, script, argv, steps, done_file, deps))
 
-    def sft(name, init, task, steps, *flags, seed=0, n_train=s.n_train):
-        add(name, "sft", ["--init", d(init), "--task", task, *flags, "--seed", seed, "--max-steps", steps,
-                          "--n-train", n_train, "--n-eval", s.curve_eval, "--eval-every", steps], steps)
+def bases_and_sft(p: Plan):
+    """Bases; arith's reads longer windows (as many tokens a step): retrieval's few-shot prompts must fit.
+    arith: a short SFT warm-up teaches the chat format (DFT's p-weighted gradient cannot: from the base, the
+    format's tokens have p ~ 0); SFT, DFT, the cheap adaptations and best-of-N all start from it."""
+    s = p.s
+    p.add("arith/base", "base", ["--task", "arith", "--preset", s.preset, "--max-steps", s.base_steps, "--block-size",
+          s.arith_block, "--batch-size", 16 * 128 // s.arith_block], s.base_steps)
+    p.add("sentiment/base", "base", ["--task", "sentiment", "--preset", s.preset, "--max-steps", s.base_steps],
+          s.base_steps)
+    p.sft("arith/warmup", "arith/base", "arith", s.warmup_steps)
+    for seed in range(s.seeds):
+        p.sft(f"sentiment/sft-seed{seed}", "sentiment/base", "sentiment", s.sft_steps, seed=seed)
+        p.sft(f"arith/sft-seed{seed}", "arith/warmup", "arith", s.sft_steps, "--loss", "sft", seed=seed)
 
-    # bases; arith's reads longer windows (as many tokens a step): retrieval's few-shot prompts must fit
-    add("arith/base", "base", ["--task", "arith", "--preset", s.preset, "--max-steps", s.base_steps, "--block-size",
-        s.arith_block, "--batch-size", 16 * 128 // s.arith_block], s.base_steps)
-    add("sentiment/base", "base", ["--task", "sentiment", "--preset", s.preset, "--max-steps", s.base_steps],
-        s.base_steps)
-    # arith: a short SFT warm-up teaches the chat format (DFT's p-weighted gradient cannot: from the base, the
-    # format's tokens have p ~ 0); SFT, DFT, the cheap adaptations and best-of-N all start from it
-    sft("arith/warmup", "arith/base", "arith", s.warmup_steps)
-    for seed in seeds:
-        sft(f"sentiment/sft-seed{seed}", "sentiment/base", "sentiment", s.sft_steps, seed=seed)
-        sft(f"arith/sft-seed{seed}", "arith/warmup", "arith", s.sft_steps, "--loss", "sft", seed=seed)
-    # RL on arith (Chen et al.): each seed's chain starts from its own SFT policy trained longer (teacher_steps:
-    # from the plain SFT policy, ~0.13 T = 1 accuracy, a few dozen RL steps move nothing beyond noise); equal
-    # budgets (same steps, prompts per step and samples per prompt), evaluated curve_points times on the way.
-    # sft-long-seed0 is also the imitation study's teacher.
-    for seed in seeds:
-        sft(f"arith/sft-long-seed{seed}", "arith/warmup", "arith", s.teacher_steps, "--loss", "sft", seed=seed)
-    for seed in seeds:
+
+def rl_arith(p: Plan):
+    """RL on arith (Chen et al.): each seed's chain starts from its own SFT policy trained longer (teacher_steps:
+    from the plain SFT policy, ~0.13 T = 1 accuracy, a few dozen RL steps move nothing beyond noise); equal
+    budgets (same steps, prompts per step and samples per prompt), evaluated curve_points times on the way.
+    sft-long-seed0 is also the imitation study's teacher."""
+    s, d = p.s, p.d
+    for seed in range(s.seeds):
+        p.sft(f"arith/{TEACHER}-seed{seed}", "arith/warmup", "arith", s.teacher_steps, "--loss", "sft", seed=seed)
+    for seed in range(s.seeds):
         for algo in ("grpo", "nft", "rft"):
-            add(f"arith/{algo}-seed{seed}", "rlhf", ["--algo", algo, "--init", d(f"arith/sft-long-seed{seed}"), "--task",
-                "arith", "--seed", seed, "--max-steps", s.rl_steps, "--n-prompts", s.n_prompts, "--n-eval",
-                s.curve_eval, "--n-kl", s.curve_eval, "--eval-every", s.rl_steps // s.curve_points], s.rl_steps)
-    # sentiment (Rafailov et al.; Gao et al.): per seed, SFT -> reward model on pairs of the SFT policy's
-    # samples -> PPO with that reward model and DPO on those same pairs, each at several KL strengths
-    for seed in seeds:
-        sft_s, rm = f"sentiment/sft-seed{seed}", f"sentiment/rm-seed{seed}"
+            p.add(f"arith/{algo}-seed{seed}", "rlhf", ["--algo", algo, "--init", d(f"arith/{TEACHER}-seed{seed}"),
+                  "--task", "arith", "--seed", seed, "--max-steps", s.rl_steps, "--n-prompts", s.n_prompts,
+                  "--n-eval", s.curve_eval, "--n-kl", s.curve_eval, "--eval-every", s.rl_steps // s.curve_points],
+                  s.rl_steps)
+
+
+def sentiment_chains(p: Plan):
+    """sentiment (Rafailov et al.; Gao et al.): per seed, SFT -> reward model on pairs of the SFT policy's
+    samples -> PPO with that reward model and DPO on those same pairs, each at several KL strengths."""
+    s, d = p.s, p.d
+    for seed in range(s.seeds):
+        sft_s, rm = f"sentiment/sft-seed{seed}", f"sentiment/{REWARD_MODEL}seed{seed}"
         common = ["--init", d(sft_s), "--task", "sentiment", "--seed", seed, "--n-prompts", s.n_prompts, "--n-eval",
                   s.curve_eval, "--n-kl", s.curve_eval]
-        add(rm, "rlhf", ["--algo", "rm", *common, "--max-steps", s.pref_steps, "--eval-every", s.pref_steps],
-            s.pref_steps)
+        p.add(rm, "rlhf", ["--algo", "rm", *common, "--max-steps", s.pref_steps, "--eval-every", s.pref_steps],
+              s.pref_steps)
         for beta in s.ppo_betas:
-            add(f"sentiment/ppo-beta{beta}-seed{seed}", "rlhf", ["--algo", "ppo", *common, "--reward-model", d(rm),
-                "--beta", beta, "--max-steps", s.rl_steps, "--eval-every", s.rl_steps], s.rl_steps)
+            p.add(f"sentiment/ppo-beta{beta}-seed{seed}", "rlhf", ["--algo", "ppo", *common, "--reward-model", d(rm),
+                  "--beta", beta, "--max-steps", s.rl_steps, "--eval-every", s.rl_steps], s.rl_steps)
         for beta in s.dpo_betas:
-            add(f"sentiment/dpo-beta{beta}-seed{seed}", "rlhf", ["--algo", "dpo", *common, "--data",
-                d(rm) + "/pairs-train.jsonl", "--val-data", d(rm) + "/pairs-val.jsonl", "--beta", beta,
-                "--max-steps", s.pref_steps, "--eval-every", s.pref_steps], s.pref_steps)
-        add(f"sentiment/bon-test-seed{seed}", "bon", ["--init", d(sft_s), "--task", "sentiment", "--split", "test",
-            "--reward-model", d(rm), "--seed", seed, "--prompt-seed", 1, "--sweep", s.sweep, "--n-prompts",
-            s.sweep_prompts, "--out", d(f"sentiment/bon-test-seed{seed}")], done_file="sweep.jsonl")
-    # SFT vs DFT (Wu et al.): each at each of its learning rates; the report picks each method's on validation
-    for seed in seeds:
-        for loss in ("sft", "dft"):
-            for lr in s.lrs[loss]:
-                if (loss, lr) != ("sft", SFT_LR):  # that one is the chain's SFT policy, above
-                    sft(f"arith/{lr_name(loss, lr)}-seed{seed}", "arith/warmup", "arith", s.sft_steps, "--loss",
-                        loss, "--lr", lr, "--min-lr", lr / 10, seed=seed)
-    # SFT vs best-of-N (Somerstep et al.): from the warm-up SFT also starts from, a reward model learns from
-    # SFT's n_train demonstrations (each preferred to a wrong warm-up sample of its prompt) and selects among
-    # N warm-up samples; the verifier itself selecting is the oracle beside it
-    for seed in seeds:
-        add(f"arith/rm-seed{seed}", "rlhf", ["--algo", "rm", "--init", d("arith/warmup"), "--task", "arith", "--seed",
-            seed, "--pairs-from-demos", "--n-prompts", s.n_train, "--k", 2, "--n-eval", s.curve_eval, "--max-steps",
-            s.pref_steps, "--eval-every", s.pref_steps], s.pref_steps)
-        for split in ("test", "ood"):
-            add(f"arith/bon-{split}-seed{seed}", "bon", ["--init", d("arith/warmup"), "--task", "arith", "--split",
-                split, "--reward-model", d(f"arith/rm-seed{seed}"), "--seed", seed, "--prompt-seed", 1, "--sweep",
-                s.sweep, "--n-prompts", s.sweep_prompts, "--out", d(f"arith/bon-{split}-seed{seed}")],
-                done_file="sweep.jsonl")
-    # full SFT vs cheap adaptation (Hu et al.; Lester et al.): from the same warm-up, as many steps and
-    # demonstrations as SFT; only the adapters train, at their own learning rates
-    cheap = [(f"lora-r{r}", ["--lora-r", r, "--lr", LORA_LR, "--min-lr", LORA_LR / 10]) for r in s.lora_ranks]
-    cheap += [("prompt-tuning", ["--prompt-tuning", PROMPT_TOKENS, "--lr", PROMPT_LR, "--min-lr", PROMPT_LR / 10])]
-    for seed in seeds:
-        for name, flags in cheap:
-            sft(f"arith/{name}-seed{seed}", "arith/warmup", "arith", s.sft_steps, *flags, seed=seed)
-    # imitation (Gudibande et al.): the teacher is the policy's size trained longer (sft-long-seed0); smaller
-    # students fine-tuned on its greedy answers, or on as many true demonstrations, as many steps as SFT had
-    tuned = s.warmup_steps + s.sft_steps
-    add("arith/teacher-samples", "bon", ["--init", d("arith/sft-long-seed0"), "--task", "arith", "--split", "train", "--n",
-        1, "--temperature", 0, "--n-prompts", max(s.imitation_sizes), "--finished-only", "--out",
-        d("arith/teacher-samples")], done_file="bon.jsonl")
-    for preset in s.student_presets:
-        add(f"arith/student-{preset}-base", "base", ["--task", "arith", "--preset", preset, "--max-steps",
-            s.base_steps], s.base_steps)
-        for n in s.imitation_sizes:
-            for seed in seeds:
-                sft(f"arith/student-{preset}-n{n}-seed{seed}", f"arith/student-{preset}-base", "arith", tuned,
-                    seed=seed, n_train=n)
-                sft(f"arith/imitation-{preset}-n{n}-seed{seed}", f"arith/student-{preset}-base", "arith", tuned,
-                    "--data", d("arith/teacher-samples") + "/bon.jsonl", seed=seed, n_train=n)
+            p.add(f"sentiment/dpo-beta{beta}-seed{seed}", "rlhf", ["--algo", "dpo", *common, "--data",
+                  d(rm) + "/pairs-train.jsonl", "--val-data", d(rm) + "/pairs-val.jsonl", "--beta", beta,
+                  "--max-steps", s.pref_steps, "--eval-every", s.pref_steps], s.pref_steps)
+        p.add(f"sentiment/bon-test-seed{seed}", "bon", ["--init", d(sft_s), "--task", "sentiment", "--split", "test",
+              "--reward-model", d(rm), "--seed", seed, "--prompt-seed", 1, "--sweep", s.sweep, "--n-prompts",
+              s.sweep_prompts, "--out", d(f"sentiment/bon-test-seed{seed}")], done_file="sweep.jsonl")
 
-    # one identical evaluation of every final policy: reward on each split, KL to its chain's SFT policy (the
-    # same seed's; an RL run's is the policy it started from); SFT-like arith runs also on validation (held-out train-distribution prompts); sentiment
-    # policies also get their reward model's (proxy) score, for the over-optimisation plot
-    for st in list(stages):
+
+def sft_vs_dft(p: Plan):
+    """SFT vs DFT (Wu et al.): each at each of its learning rates; the report picks each method's on validation."""
+    s = p.s
+    for seed in range(s.seeds):
+        for loss in SFT_LIKE:
+            for lr in s.lrs[loss]:
+                if (loss, lr) != ("sft", SFT_LR):  # that one is the chain's SFT policy (bases_and_sft)
+                    p.sft(f"arith/{lr_name(loss, lr)}-seed{seed}", "arith/warmup", "arith", s.sft_steps, "--loss",
+                          loss, "--lr", lr, "--min-lr", lr / 10, seed=seed)
+
+
+def best_of_n(p: Plan):
+    """SFT vs best-of-N (Somerstep et al.): from the warm-up SFT also starts from, a reward model learns from
+    SFT's n_train demonstrations (each preferred to a wrong warm-up sample of its prompt) and selects among
+    N warm-up samples; the verifier itself selecting is the oracle beside it."""
+    s, d = p.s, p.d
+    for seed in range(s.seeds):
+        rm = f"arith/{REWARD_MODEL}seed{seed}"
+        p.add(rm, "rlhf", ["--algo", "rm", "--init", d("arith/warmup"), "--task", "arith", "--seed", seed,
+              "--pairs-from-demos", "--n-prompts", s.n_train, "--k", 2, "--n-eval", s.curve_eval, "--max-steps",
+              s.pref_steps, "--eval-every", s.pref_steps], s.pref_steps)
+        for split in ("test", "ood"):
+            p.add(f"arith/bon-{split}-seed{seed}", "bon", ["--init", d("arith/warmup"), "--task", "arith", "--split",
+                  split, "--reward-model", d(rm), "--seed", seed, "--prompt-seed", 1, "--sweep", s.sweep,
+                  "--n-prompts", s.sweep_prompts, "--out", d(f"arith/bon-{split}-seed{seed}")],
+                  done_file="sweep.jsonl")
+
+
+def cheap_adaptation(p: Plan):
+    """Full SFT vs cheap adaptation (Hu et al.; Lester et al.): from the same warm-up, as many steps and
+    demonstrations as SFT; only the adapters train, at their own learning rates."""
+    s = p.s
+    cheap = [(f"{LORA}{r}", ["--lora-r", r, "--lr", LORA_LR, "--min-lr", LORA_LR / 10]) for r in s.lora_ranks]
+    cheap += [(PROMPT_TUNING, ["--prompt-tuning", PROMPT_TOKENS, "--lr", PROMPT_LR, "--min-lr", PROMPT_LR / 10])]
+    for seed in range(s.seeds):
+        for name, flags in cheap:
+            p.sft(f"arith/{name}-seed{seed}", "arith/warmup", "arith", s.sft_steps, *flags, seed=seed)
+
+
+def imitation(p: Plan):
+    """Imitation (Gudibande et al.): the teacher is the policy's size trained longer (sft-long-seed0); smaller
+    students fine-tuned on its greedy answers, or on as many true demonstrations, as many steps as SFT had."""
+    s, d = p.s, p.d
+    tuned = s.warmup_steps + s.sft_steps
+    p.add("arith/teacher-samples", "bon", ["--init", d(f"arith/{TEACHER}-seed0"), "--task", "arith", "--split",
+          "train", "--n", 1, "--temperature", 0, "--n-prompts", max(s.imitation_sizes), "--finished-only", "--out",
+          d("arith/teacher-samples")], done_file="bon.jsonl")
+    for preset in s.student_presets:
+        base = f"arith/{STUDENT}{preset}-base"
+        p.add(base, "base", ["--task", "arith", "--preset", preset, "--max-steps", s.base_steps], s.base_steps)
+        for n in s.imitation_sizes:
+            for seed in range(s.seeds):
+                p.sft(f"arith/{STUDENT}{preset}-n{n}-seed{seed}", base, "arith", tuned, seed=seed, n_train=n)
+                p.sft(f"arith/{IMITATOR}{preset}-n{n}-seed{seed}", base, "arith", tuned, "--data",
+                      d("arith/teacher-samples") + "/bon.jsonl", seed=seed, n_train=n)
+
+
+def evaluations(p: Plan):
+    """One identical evaluation of every final policy: reward on each split, KL to its chain's SFT policy (the
+    same seed's; an RL run's is the policy it started from); SFT-like arith runs also on validation (held-out
+    train-distribution prompts); sentiment policies also get their reward model's (proxy) score, for the
+    over-optimisation plot."""
+    s, d = p.s, p.d
+    for st in list(p.stages):
         task, method = st.name.split("/")
-        if st.script not in ("sft", "rlhf") or method == "warmup" or method.startswith("rm-"):
+        if st.script not in ("sft", "rlhf") or method == "warmup" or method.startswith(REWARD_MODEL):
             continue
         seed = method.partition("-seed")[2] or "0"
-        flags = ["--validation-from", s.n_train] if task == "arith" and method.startswith(("sft", "dft")) else []
+        flags = ["--validation-from", s.n_train] if task == "arith" and method.startswith(SFT_LIKE) else []
         if task == "sentiment":
-            flags = ["--reward-model", d(f"sentiment/rm-seed{seed}")]
+            flags = ["--reward-model", d(f"sentiment/{REWARD_MODEL}seed{seed}")]
         reference = st.init if st.script == "rlhf" else d(f"{task}/sft-seed{seed}")  # the chain's SFT policy
-        add(f"{task}/eval/{method}", "eval", ["--init", d(st.name), "--task", task, "--reference",
-            reference, "--n-eval", s.n_eval, "--seed", seed, *flags, "--out",
-            d(f"{task}/eval/{method}") + "/eval.json"], done_file="eval.json")
-    # retrieval-augmented prompting: k solved train examples before the question, to the frozen warm-up (the
-    # start every adaptation shares; nothing trained, no seed) and to each seed's SFT policy
+        p.add(f"{task}/eval/{method}", "eval", ["--init", d(st.name), "--task", task, "--reference",
+              reference, "--n-eval", s.n_eval, "--seed", seed, *flags, "--out",
+              d(f"{task}/eval/{method}") + "/eval.json"], done_file="eval.json")
+
+
+def retrieval(p: Plan):
+    """Retrieval-augmented prompting: k solved train examples before the question, to the frozen warm-up (the
+    start every adaptation shares; nothing trained, no seed) and to each seed's SFT policy."""
+    s, d = p.s, p.d
     for k in s.retrieve_k:
-        for name, policy, seed in [("warmup", "arith/warmup", 0)] + [("sft", f"arith/sft-seed{i}", i) for i in seeds]:
-            tag = f"rag-{name}-k{k}" + (f"-seed{seed}" if name == "sft" else "")
-            add(f"arith/eval/{tag}", "eval", ["--init", d(policy), "--task", "arith", "--reference",
-                d(f"arith/sft-seed{seed}"), "--n-eval", s.n_eval, "--retrieve", k, "--out",
-                d(f"arith/eval/{tag}") + "/eval.json"], done_file="eval.json")
-    return stages
+        for name, policy, seed in [("warmup", "arith/warmup", 0)] + [("sft", f"arith/sft-seed{i}", i)
+                                                                     for i in range(s.seeds)]:
+            tag = f"{RETRIEVAL}{name}-k{k}" + (f"-seed{seed}" if name == "sft" else "")
+            p.add(f"arith/eval/{tag}", "eval", ["--init", d(policy), "--task", "arith", "--reference",
+                  d(f"arith/sft-seed{seed}"), "--n-eval", s.n_eval, "--retrieve", k, "--out",
+                  d(f"arith/eval/{tag}") + "/eval.json"], done_file="eval.json")
 
 
 def stage_done(stage: Stage, out: Path) -> bool:
@@ -380,12 +435,11 @@ def collect_evals(stages, out: Path) -> dict:
         path = out / st.name / st.done_file
         if st.script != "eval" or not path.is_file():
             continue
-        task, _, policy = st.name.split("/")
+        task, method, seed = split_name(st.name)
         row = json.loads(path.read_text())
-        method, _, seed = policy.partition("-seed")
-        row.update(name=str(Path(st.init).relative_to(out)), method=method, seed=int(seed or 0),
+        row.update(name=str(Path(st.init).relative_to(out)), method=method, seed=seed,
                    kl_to_sft=row["kl_to_ref"], samples=row["samples_used"])
-        if method.startswith("rag-"):  # retrieval prompts a frozen model: it trains nothing of its own
+        if method.startswith(RETRIEVAL):  # retrieval prompts a frozen model: it trains nothing of its own
             row.update(train_time_s=0.0, samples=0, trainable_params=0, tensor_memory_mb=None, peak_memory_mb=None)
         evals.setdefault(task, []).append(row)
     return evals

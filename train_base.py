@@ -19,11 +19,12 @@ import torch
 from tqdm import tqdm
 
 from minipost import distributed
-from minipost.checkpoint import load_resumed, load_train_state, rng_state, save_checkpoint, set_rng_state
-from minipost.cli import (MetricsLog, UserError, autocast, cosine_lr, finite_or_stop, pick_device, require_numbers,
-                          require_positive, run_main, task_from_flag, weights_finite_or_stop, writable_dir)
+from minipost.checkpoint import load_resumed
+from minipost.cli import (UserError, autocast, cosine_lr, pick_device, require_numbers, require_positive, run_main,
+                          task_from_flag, writable_dir)
 from minipost.data import existing_file
 from minipost.engine import generate
+from minipost.loop import adamw, decay_groups, end_step, optimizer_step, start_run, training_steps
 from minipost.model import GPT, PRESETS, GPTConfig
 from minipost.tasks import TASKS
 from minipost.tokenizer import train_bpe
@@ -144,7 +145,6 @@ def main(argv=None):
     except ValueError as e:
         raise UserError(f"--preset {args.preset} with --block-size {config.block_size}: {e}")
     writable_dir(out)  # before the work
-    start_step, state = 0, None
     task = None if args.data else args.task  # what the checkpoint records: a --data base belongs to no task
     ckpt = load_resumed(out, "base", task=task) if args.resume else None
     resuming = ckpt is not None
@@ -155,8 +155,6 @@ def main(argv=None):
         if want != have:
             diff = ", ".join(f"{k}={have[k]} (flags ask {want[k]})" for k in want if want[k] != have[k])
             raise UserError(f"--resume: checkpoint {ckpt.path} has another shape: {diff}")
-        state = load_train_state(ckpt.path)
-        start_step = state["step"]
     else:
         t0 = time.time()
         try:
@@ -178,62 +176,33 @@ def main(argv=None):
                         f"block size {block} (use more documents or --block-size)")
     print(f"data: {len(train_stream):,} train tokens, {len(val_stream):,} validation tokens")
 
-    # AdamW with weight decay on matrices only (not on biases, LayerNorms)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resuming else None,
-                         enabled=distributed.is_main())
-    elapsed = state["elapsed"] if state else 0.0
+    # AdamW with weight decay on matrices only (not on biases, LayerNorms); no step 0 evaluation, and time_s is
+    # the training time before each evaluation
+    meta = {"script": "train_base.py", "kind": "base", "task": task, "args": vars(args)}
+    run, _ = start_run(args, out, adamw(decay_groups(model.parameters(), args.weight_decay), args.lr), tokenizer,
+                       ckpt, [model], meta, desc="base", step_time=False, time_with_eval=False, costs=False,
+                       postfix=lambda last: {"loss": f"{last['loss']:.3f}", "lr": f"{last['lr']:.1e}"})
     trained = distributed.wrap(model)  # what the training forward calls: DDP under torchrun
 
-    def checkpoint(step, last_metrics):
-        if not distributed.is_main():
-            return
-        meta = {"script": "train_base.py", "kind": "base", "task": task, "args": vars(args), "step": step,
-                "metrics": last_metrics, "elapsed_s": elapsed + time.time() - t_start}
-        save_checkpoint(out, model, tokenizer, meta,
-                        {"optimizer": opt.state_dict(), "rng": rng_state(), "step": step,
-                         "elapsed": meta["elapsed_s"]})
+    def evaluate_val(step):
+        final["val_loss"] = evaluate(model, val_stream, args, block, device)
+        tqdm.write(f"step {step}: train {last['loss']:.3f}  val {final['val_loss']:.3f}  "
+                   f"sample: {sample_text(model, tokenizer, seed=step - 1)!r}")
+        return {"val_loss": final["val_loss"]}
 
-    t_start = time.time()
-    last = {}
-    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="base",
-               disable=not distributed.is_main())
-    for step in bar:
-        lr = cosine_lr(step, args.max_steps, args.lr, args.min_lr, args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    final = {}  # the last evaluation, for the closing line
+    for step in training_steps(run, None, lambda step: cosine_lr(step, args.max_steps, args.lr, args.min_lr,
+                                                                  args.warmup)):
         # the global batch is a function of (seed, step): resuming needs no data-loader state
         x, y = get_batch(train_stream, args.batch_size, block,
                          torch.Generator().manual_seed(args.seed * 1_000_003 + step))
         lo, hi = distributed.share(args.batch_size)  # equal shares: this rank's part of the mean is its mean / W
         with autocast(device):
             part = lm_loss(trained, x[lo:hi].to(device), y[lo:hi].to(device)) / distributed.world()
-        distributed.backward(part)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        checked = finite_or_stop(step + 1, {"loss": distributed.all_sum(part), "gradient norm": grad_norm})
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        weights_finite_or_stop(step + 1, {"parameter norm": model})  # before the evaluation samples from it
-
-        last = {"step": step + 1, "loss": checked["loss"], "lr": lr, "grad_norm": checked["gradient norm"],
-                "tokens": (step + 1) * args.batch_size * block, "time_s": elapsed + time.time() - t_start}
-        done = step + 1 == args.max_steps
-        if (step + 1) % args.eval_every == 0 or done:
-            last["val_loss"] = evaluate(model, val_stream, args, block, device)
-            finite_or_stop(step + 1, {"val_loss": last["val_loss"]})
-            tqdm.write(f"step {step + 1}: train {last['loss']:.3f}  val {last['val_loss']:.3f}  "
-                       f"sample: {sample_text(model, tokenizer, seed=step)!r}")
-        metrics.log(**last)
-        bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.1e}")
-        if (step + 1) % args.ckpt_every == 0 or done:
-            checkpoint(step + 1, last)
-    print(f"done: step {args.max_steps}, val loss {last.get('val_loss', float('nan')):.3f}, checkpoint in {out / 'ckpt'}")
+        loss, grad_norm = optimizer_step(run, step, part, [model])
+        last = {"loss": loss, "lr": run.lr, "grad_norm": grad_norm, "tokens": (step + 1) * args.batch_size * block}
+        end_step(run, step, last, evaluate_val, model)
+    print(f"done: step {args.max_steps}, val loss {final.get('val_loss', float('nan')):.3f}, checkpoint in {out / 'ckpt'}")
 
 
 if __name__ == "__main__":

@@ -23,14 +23,15 @@ task's train prompts (or --data prompts.jsonl) and score them with the task's re
 module:function or --reward-model (an --algo rm checkpoint).
 
 Logged to OUT/metrics.jsonl every step (evaluation keys at step 0, every --eval-every steps and at the end):
-  all        loss, lr, step_time_s (wall time of the step), time_s
+  all        loss, grad_norm (the policy's gradient norm before clipping; RL: mean over the step's
+             minibatches, 0 when none ran), lr, step_time_s (wall time of the step), time_s
   rm         accuracy, margin (batch pairs); val_accuracy, val_loss (held-out pairs)
   dpo        accuracy, margin, chosen_reward, rejected_reward (implicit rewards beta (logp - ref)), entropy
   ppo        reward (mean reward of the rollouts), score (after the missing-EOS penalty), kl (sequence KL of
              the rollouts to the reference: per-sequence sum of logp - ref, mean over sequences), entropy,
              pg_loss, value_loss, clipfrac, approx_kl, approx_kl_first (first minibatch: ratio 1, so ~0), kl_coef,
-             samples_used (rollouts trained on)
-  nft/rft/grpo  reward, accuracy (reward > 0.5), kl, entropy, groups_filtered, samples_used
+             samples_used (rollouts trained on), finished (fraction of rollouts ended by EOS)
+  nft/rft/grpo  reward, accuracy (reward > 0.5), kl, entropy, groups_filtered, samples_used, finished
   policies   SPLIT_reward, SPLIT_format (task reward of greedy / T=1 samples, as the task evaluates); test_kl,
              test_entropy, test_sample_reward (the policy's own test samples at --temperature); dpo: val_accuracy
 Tip: on a small shared CPU, OMP_NUM_THREADS=1 is often several times faster (the ops are tiny).
@@ -50,6 +51,7 @@ minibatch (minipost/distributed.py).
 import argparse
 import copy
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -62,15 +64,21 @@ from minipost.cli import (UserError, autocast, pick_device, require_numbers, req
                           writable_dir)
 from minipost.data import epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy
-from minipost.loop import end_step, optimizer_step, start_run, training_steps
+from minipost.distributed import minibatches
+from minipost.loop import adamw, end_step, optimizer_step, start_run, training_steps
 from minipost.model import GPT, GPTConfig
 from minipost.preferences import (build_pairs, demo_pairs, load_pairs, pair_accuracy, pair_logprob_sums,
-                                  pair_sequences, reference_samples, split_pairs, write_pairs)
+                                  pair_sequences, pair_totals, reference_samples, split_pairs, write_pairs)
 from minipost.rewards import eos_scores, make_reward, same_tokenizer
 from minipost.rollout import prompt_ids, sample_kl, sample_rollout, sequence_logprobs, step_seed, token_values
 from minipost.tasks import TASKS
 
 ALGOS = ("rm", "dpo", "ppo", "nft", "rft", "grpo")
+# Sampling seeds of what is not a training step, as step_seed(--seed, "step") numbers no run reaches (rollout
+# step s samples with step_seed(--seed, s); rm and dpo, which sample pairs, never roll out)
+PAIRS_SEED_STEP = {"train": 0, "test": 1}  # the built-in preference pairs of each split
+REFERENCE_SEED_STEP = 2  # rm: the SFT samples the reward model is centred on
+EVAL_SEED_STEP = 10**6  # every evaluation's T = 1 test samples: the same seed at every step
 # The defaults that differ between algorithms, stated here once (each flag's help lists them; parse_args applies
 # them). Tuned so each run learns within a few CPU minutes (tiny model, 2 cores). batch_size counts pairs (rm,
 # dpo) or prompts (ppo: 1 sample each; nft/rft/grpo: k each). nft/rft/grpo on arith: 32 prompts x 8 samples,
@@ -211,6 +219,24 @@ def load_init(args, device):
     return ck, resumed
 
 
+def start(args, out, models, tokenizer, resumed, held=()):
+    """A family's run (minipost/loop.py): AdamW over the trainable parameters of the trained models (one
+    parameter group each, no weight decay); when resuming, the checkpoint's optimizer, RNG and step -> (Run,
+    the family's own saved state or None). held: the other models the run keeps (reference, reward model),
+    for the memory it reports."""
+    opt = adamw([{"params": [p for p in m.parameters() if p.requires_grad]} for m in models], args.lr)
+    meta = {"script": "train_rlhf.py", "kind": args.algo, "task": args.task, "args": vars(args),
+            "init": str(args.init)}
+    run, state = start_run(args, out, opt, tokenizer, resumed, [*models, *held], meta, desc=args.algo)
+    print(f"trainable parameters: {run.trainable:,}" + (" (adapters)" if has_adapters(models[0]) else ""))
+    return run, state
+
+
+def warmup_lr(args, step):
+    """Linear warm-up over --warmup steps, then constant --lr."""
+    return args.lr * min(1.0, (step + 1) / args.warmup)
+
+
 def frozen_copy(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -248,9 +274,9 @@ def preference_pairs(args, sft, tokenizer, task, out):
         return train, val
     reward = make_reward(task, tokenizer, next(sft.parameters()).device, args.reward)
     built = {}
-    for i, (split, n) in enumerate((("train", args.n_prompts), ("test", args.n_eval))):
+    for split, n in (("train", args.n_prompts), ("test", args.n_eval)):
         t0 = time.time()
-        rows, seed = task.prompts(split, n, seed=0), step_seed(args.seed, i)
+        rows, seed = task.prompts(split, n, seed=0), step_seed(args.seed, PAIRS_SEED_STEP[split])
         if args.pairs_from_demos:  # a task's demos and prompts of one split and seed are the same problems
             demos = [d["messages"][-1]["content"] for d in task.demos(split, n, seed=0)]
             pairs, records = demo_pairs(sft, tokenizer, reward, rows, demos, args.k, args.max_new_tokens, block,
@@ -291,7 +317,7 @@ def policy_evaluation(args, policy, ref, tokenizer, task):
             r = evaluate_policy(policy, tokenizer, task, rows, args.max_new_tokens, task.eval_temperature)
             result[f"{split}_reward"], result[f"{split}_format"] = r["reward"], r["format"]
         kl = sample_kl(policy, ref, tokenizer, splits["test"][:args.n_kl], args.max_new_tokens, args.temperature,
-                       seed=step_seed(args.seed, 10**6), reward_fn=task.reward)
+                       seed=step_seed(args.seed, EVAL_SEED_STEP), reward_fn=task.reward)
         result["test_kl"], result["test_entropy"] = kl["kl"], kl["entropy"]
         result["test_sample_reward"] = kl["reward"]  # the task's (ground-truth) reward of those same samples
         tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()))
@@ -309,14 +335,14 @@ def train_reward_model(args, init, resumed, task, device, out):
     train, val = preference_pairs(args, init.model, tok, task, out)
     prompts = list(dict.fromkeys(tuple(p) for p, _, _ in train))[:256]  # distinct prompts
     reference = reference_samples(init.model, tok, [list(p) for p in prompts], args.max_new_tokens,
-                                  seed=step_seed(args.seed, 2))
+                                  seed=step_seed(args.seed, REFERENCE_SEED_STEP))
     if resumed is not None:
         model = resumed.model
     else:
         torch.manual_seed(args.seed)
         model = scalar_model(merge_adapters(init.model))
     model = adapt(model.to(device), args, args.init, args.seed).eval()  # with adapters: LoRA + the new head train
-    run, _ = start_run(args, out, [model], tok, resumed)
+    run, _ = start(args, out, [model], tok, resumed)
     trained = distributed.wrap(model)
 
     def scores(pairs, net=model):  # -> r_chosen (P,), r_rejected (P,)
@@ -347,7 +373,7 @@ def train_reward_model(args, init, resumed, task, device, out):
         model.score_head.bias -= mean
         return {"reward_bias": model.score_head.bias.item(), "centred_on": len(reference)}
 
-    for step in training_steps(run, evaluate):
+    for step in training_steps(run, evaluate, partial(warmup_lr, args)):
         idx = epoch_indices(step, args.batch_size, len(train), args.seed)  # the global batch
         rc, rr = scores([train[i] for i in idx[slice(*distributed.share(len(idx)))]], trained)  # this rank's pairs
         # means over equal shares: this rank's part of the batch's mean is its own mean / W
@@ -372,7 +398,7 @@ def train_dpo(args, init, resumed, task, device, out):
     with torch.no_grad():
         ref_train = pair_logprob_sums(ref, train, tok.pad_id, device, args.ipo)  # (chosen (P,), rejected (P,))
         ref_val = pair_logprob_sums(ref, val, tok.pad_id, device, args.ipo)
-    run, _ = start_run(args, out, [policy], tok, resumed, held=[ref])
+    run, _ = start(args, out, [policy], tok, resumed, held=[ref])
     trained = distributed.wrap(policy)
 
     def preference_loss(pi_c, pi_r, ref_c, ref_r):  # -> loss, (implicit rewards of chosen, of rejected)
@@ -385,13 +411,12 @@ def train_dpo(args, init, resumed, task, device, out):
         _, (rc, rr) = preference_loss(*pair_logprob_sums(policy, val, tok.pad_id, device, args.ipo), *ref_val)
         return {"val_accuracy": pair_accuracy(rc, rr), **evaluate_policy_run(step)}
 
-    for step in training_steps(run, evaluate):
+    for step in training_steps(run, evaluate, partial(warmup_lr, args)):
         idx = epoch_indices(step, args.batch_size, len(train), args.seed)  # the global batch
         idx = idx[slice(*distributed.share(len(idx)))]  # this rank's pairs of it
         seqs = pair_sequences([train[i] for i in idx], tok.pad_id, device)  # P chosen rows, then P rejected
         logp, ent = sequence_logprobs(trained, seqs, entropy=True)  # (2P, T-1)
-        total = logp.sum(1) / (seqs.mask.sum(1) if args.ipo else 1)  # (2P,)
-        pi_c, pi_r = total.view(2, -1)
+        pi_c, pi_r = pair_totals(logp, seqs.mask, args.ipo)  # (P,) each
         loss, (rc, rr) = preference_loss(pi_c, pi_r, ref_train[0][idx], ref_train[1][idx])
         # a mean over equal shares: this rank's part of the batch's mean is its own mean / W
         loss, grad_norm = optimizer_step(run, step, loss / distributed.world(), [policy])
@@ -418,14 +443,14 @@ def train_ppo(args, init, resumed, task, device, out):
         critic = scalar_model(merge_adapters(init.model))
         torch.nn.init.zeros_(critic.score_head.weight)
     critic.to(device).eval()
-    run, state = start_run(args, out, [policy, critic], tok, resumed,
+    run, state = start(args, out, [policy, critic], tok, resumed,
                            held=[ref] + ([reward.model] if reward.model is not None else []))
     kl_coef = args.beta if state is None else state["kl_coef"]  # adapted with --target-kl
     if state is not None:
         critic.load_state_dict(state["critic"])
     trained, trained_critic = distributed.wrap(policy), distributed.wrap(critic)
 
-    for step in training_steps(run, evaluate):
+    for step in training_steps(run, evaluate, partial(warmup_lr, args)):
         # rollout: one response per prompt; this rank samples rows lo..hi-1 of the global batch of N
         rows = [pool[i] for i in epoch_indices(step, args.batch_size, len(pool), args.seed)]
         N, (lo, hi) = len(rows), distributed.share(len(rows))
@@ -443,23 +468,18 @@ def train_ppo(args, init, resumed, task, device, out):
                                                           kl_coef)  # (N, T-1): -kl_coef k1, + score at the EOS
             adv, returns = losses.gae(rewards, old_values, mask, 1.0, args.gae_lambda)
             adv = losses.whiten(adv, mask, all_sum=distributed.all_sum)  # over the global batch
-        # epochs x minibatches of the clipped policy loss + the clipped value loss
-        minibatch_logs = []
-        for epoch in range(args.epochs):
-            perm = torch.randperm(N, generator=torch.Generator().manual_seed(step_seed(args.seed, step) + epoch))
-            for mb in perm.to(mask.device).split(args.minibatch_size):  # global row numbers
-                mb, n = distributed.own_rows(mb, lo, hi)  # the rows this rank holds (a stand-in if n == 0)
-                logp = sequence_logprobs(trained, seqs[mb], temperature)
-                pg, clipfrac, approx_kl = losses.ppo_policy_loss(logp, old_logp[mb], adv[mb], mask[mb], args.clip)
-                vf = losses.ppo_value_loss(token_values(trained_critic, seqs[mb]), old_values[mb], returns[mb],
-                                           mask[mb], args.clip)
-                # token means over this rank's rows: its part of the minibatch's token mean weighs its own by
-                # its share of the minibatch's tokens
-                tokens = mask[mb].sum() * (n > 0)
-                share = tokens / distributed.all_sum(tokens)
-                optimizer_step(run, step, (pg + args.vf_coef * vf) * share, [policy, critic])
-                minibatch_logs.append(distributed.all_sum([x.item() * share.item() for x in (pg, vf, clipfrac,
-                                                                                             approx_kl)]))
+        # epochs x minibatches of the clipped policy loss + the clipped value loss (token means)
+        minibatch_logs, norms = [], []
+        for mb in minibatches(torch.arange(N, device=mask.device), lo, hi, args.minibatch_size, args.epochs,
+                              step_seed(args.seed, step)):
+            i = mb.rows
+            logp = sequence_logprobs(trained, seqs[i], temperature)
+            pg, clipfrac, approx_kl = losses.ppo_policy_loss(logp, old_logp[i], adv[i], mask[i], args.clip)
+            vf = losses.ppo_value_loss(token_values(trained_critic, seqs[i]), old_values[i], returns[i], mask[i],
+                                       args.clip)
+            weight = mb.token_mean_weight(mask)
+            norms.append(optimizer_step(run, step, (pg + args.vf_coef * vf) * weight, [policy, critic])[1])
+            minibatch_logs.append(mb.combine([pg, vf, clipfrac, approx_kl], weight))
         raw, score, ent, mask, finished = (distributed.cat(t) for t in (raw, score, ent, mask, r.finished.float()))
         kl = distributed.cat(kl.sum(1))  # (N,) sequence KL
         seq_kl, used_coef = kl.mean().item(), kl_coef
@@ -470,7 +490,7 @@ def train_ppo(args, init, resumed, task, device, out):
         logs = {"loss": pg + args.vf_coef * vf, "reward": raw.mean().item(), "score": score.mean().item(),
                 "kl": seq_kl, "entropy": losses.token_mean(ent, mask).item(), "pg_loss": pg, "value_loss": vf,
                 "clipfrac": clipfrac, "approx_kl": approx_kl, "approx_kl_first": minibatch_logs[0][3], "kl_coef": used_coef,
-                "finished": finished.mean().item(), "samples_used": N}
+                "finished": finished.mean().item(), "samples_used": N, "grad_norm": sum(norms) / len(norms)}
         end_step(run, step, logs, evaluate, policy,
                  save_state=lambda: {"critic": critic.state_dict(), "kl_coef": kl_coef})
 
@@ -493,12 +513,12 @@ def train_group(args, init, resumed, task, device, out):
     evaluate = policy_evaluation(args, policy, ref, tok, task)
     reward = make_reward(task, tok, device, args.reward, args.reward_model, other_task_ok=args.allow_other_task)
     pool = prompt_pool(args, tok, task, policy.config.block_size - policy.n_prefix)
-    run, _ = start_run(args, out, [policy], tok, resumed,
+    run, _ = start(args, out, [policy], tok, resumed,
                        held=[ref] + ([reward.model] if reward.model is not None else []))
     C = args.minibatch_size * args.max_new_tokens  # NFT's and Dr.GRPO's constant normaliser
     trained = distributed.wrap(policy)
 
-    for step in training_steps(run, evaluate):
+    for step in training_steps(run, evaluate, partial(warmup_lr, args)):
         # rollout: K responses per prompt, prompt-major (row i answers prompt i // K); this rank samples the
         # whole groups of prompts lo..hi-1, rows lo*K..hi*K-1 of the global batch, so group statistics are local
         rows = [pool[i] for i in epoch_indices(step, args.batch_size, len(pool), args.seed)]
@@ -524,33 +544,29 @@ def train_group(args, init, resumed, task, device, out):
         with torch.no_grad():
             ref_logp = sequence_logprobs(ref, seqs, temperature)  # for the KL term and the logged KL
         idx = distributed.cat(keep.nonzero()[:, 0] + lo * K)  # global row numbers of every rank's kept samples
-        used = []
-        for epoch in range(args.epochs if len(idx) else 0):
-            perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(step_seed(args.seed, step) + epoch))
-            for mb in idx[perm.to(idx.device)].split(args.minibatch_size):
-                # this rank's part of the minibatch loss: NFT and Dr.GRPO divide a token sum by a constant, so
-                # its own rows give it; GRPO averages over the minibatch's sequences, so its own mean counts
-                # for its share of them (a stand-in row, when it holds none, counts 0)
-                size = len(mb)
-                mb, n = distributed.own_rows(mb, lo * K, hi * K)
-                weight = n / size if args.algo == "grpo" and not args.dr_grpo else float(n > 0)
-                logp = sequence_logprobs(trained, seqs[mb], temperature)
-                if args.algo != "grpo":
-                    loss = losses.nft_loss(logp, old_logp[mb], mask[mb], correct[mb], r_q[mb], normaliser=C)
-                elif args.dr_grpo:
-                    loss = losses.dr_grpo_loss(logp, old_logp[mb], ref_logp[mb], adv[mb], mask[mb], C, args.clip,
-                                               args.kl_coef)
-                else:
-                    loss = losses.grpo_loss(logp, old_logp[mb], ref_logp[mb], adv[mb], mask[mb], args.clip,
-                                            args.kl_coef)
-                used.append(optimizer_step(run, step, loss * weight, [policy])[0])
+        used, norms = [], []
+        for mb in minibatches(idx, lo * K, hi * K, args.minibatch_size, args.epochs, step_seed(args.seed, step)):
+            i = mb.rows
+            logp = sequence_logprobs(trained, seqs[i], temperature)
+            if args.algo != "grpo":  # a token sum over a constant: this rank's rows give its part
+                loss = losses.nft_loss(logp, old_logp[i], mask[i], correct[i], r_q[i], normaliser=C)
+                weight = mb.sum_weight()
+            elif args.dr_grpo:
+                loss = losses.dr_grpo_loss(logp, old_logp[i], ref_logp[i], adv[i], mask[i], C, args.clip, args.kl_coef)
+                weight = mb.sum_weight()
+            else:  # a mean over the minibatch's sequences
+                loss = losses.grpo_loss(logp, old_logp[i], ref_logp[i], adv[i], mask[i], args.clip, args.kl_coef)
+                weight = mb.sequence_mean_weight()
+            loss, grad_norm = optimizer_step(run, step, loss * weight, [policy])
+            used.append(loss)
+            norms.append(grad_norm)
         kl = ((old_logp - ref_logp) * mask).sum(1)  # (N,) sequence KL
         rewards, correct, kl, ent, mask, finished = (distributed.cat(t) for t in (rewards, correct.float(), kl, ent,
                                                                                   mask, r.finished.float()))
         logs = {"reward": rewards.mean().item(), "accuracy": correct.mean().item(), "kl": kl.mean().item(),
                 "entropy": losses.token_mean(ent, mask).item(), "loss": sum(used) / len(used) if used else 0.0,
                 "groups_filtered": int(distributed.all_sum((~keep_group).sum())), "samples_used": int(len(idx)),
-                "finished": finished.mean().item()}
+                "finished": finished.mean().item(), "grad_norm": sum(norms) / len(norms) if norms else 0.0}
         end_step(run, step, logs, evaluate, policy)
 
 

@@ -16,7 +16,6 @@ Several GPUs (or CPU processes), the same global batch split over them (minipost
         --batch-size 64 --out out/sft-gpt2
 """
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -24,13 +23,12 @@ from tqdm import tqdm
 
 from minipost import distributed, losses
 from minipost.adapters import adapt, add_adapter_flags, check_adapter_flags, has_adapters, merge_adapters
-from minipost.checkpoint import (load_checkpoint, load_resumed, load_train_state, rng_state, save_checkpoint,
-                                 set_rng_state)
-from minipost.cli import (MetricsLog, UserError, autocast, cosine_lr, finite_or_stop, peak_memory_mb, pick_device,
-                          require_numbers, require_positive, run_main, task_from_flag, tensor_memory_mb,
-                          weights_finite_or_stop, writable_dir)
+from minipost.checkpoint import load_checkpoint, load_resumed
+from minipost.cli import (UserError, autocast, cosine_lr, pick_device, require_numbers, require_positive, run_main,
+                          task_from_flag, writable_dir)
 from minipost.data import collate, encode_conversations, epoch_indices, read_jsonl
 from minipost.evaluate import evaluate_policy
+from minipost.loop import adamw, apply_gradients, decay_groups, end_step, start_run, training_steps
 from minipost.tasks import TASKS
 
 LOSSES = {"sft": losses.sft_loss, "dft": losses.dft_loss}
@@ -164,19 +162,11 @@ def main(argv=None):
           f"{sum(sum(m) for _, m in train):,} trained tokens; evaluating on {', '.join(eval_splits)}")
 
     trainable = [p for p in model.parameters() if p.requires_grad]  # the adapters only, with --lora-r / --prompt-tuning
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
     print(f"trainable parameters: {sum(p.numel() for p in trainable):,} of {model.num_params():,}")
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    start_step, elapsed = 0, 0.0
-    if resuming:
-        state = load_train_state(ckpt.path)
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_step, elapsed = state["step"], state["elapsed"]
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resuming else None,
-                         enabled=distributed.is_main())
+    opt = adamw(decay_groups(trainable, args.weight_decay), args.lr)
+    meta = {"script": "train_sft.py", "kind": args.loss, "task": args.task, "args": vars(args), "init": str(args.init)}
+    run, _ = start_run(args, out, opt, tokenizer, resumed, [model], meta, desc=args.loss, time_with_eval=False,
+                       postfix=lambda last: {"loss": f"{last['loss']:.3f}", "ce": f"{last['ce']:.3f}"})
     loss_fn = LOSSES[args.loss]
     trained = distributed.wrap(model)  # what the training forward calls: DDP under torchrun
 
@@ -189,17 +179,9 @@ def main(argv=None):
         tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()))
         return result
 
-    if start_step == 0:
-        metrics.log(step=0, **evaluate(0))  # the starting point: the base model on the same evaluation
-    t_start = time.time()
-    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc=args.loss,
-               disable=not distributed.is_main())
     model.train()
-    for step in bar:
-        t_step = time.time()
-        lr = cosine_lr(step, args.max_steps, args.lr, args.min_lr, args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    for step in training_steps(run, evaluate, lambda step: cosine_lr(step, args.max_steps, args.lr, args.min_lr,
+                                                                      args.warmup)):
         # the global batch, the same on every rank; this rank trains on its share of it
         indices = epoch_indices(step, args.batch_size, len(train), args.seed)
         lo, hi = distributed.share(len(indices))
@@ -218,28 +200,10 @@ def main(argv=None):
             ce_sum += losses.sft_loss(logp.detach(), mask, n_tokens).item()  # plain CE, logged beside DFT
             p_sum += (logp.detach().exp() * mask).sum().item() / n_tokens.item()  # what DFT maximises
         loss_sum, ce_sum, p_sum = distributed.all_sum([loss_sum, ce_sum, p_sum])
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or float("inf"))
-        grad_norm = finite_or_stop(step + 1, {"loss": loss_sum, "gradient norm": grad_norm})["gradient norm"]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        weights_finite_or_stop(step + 1, {"parameter norm": model})  # before the evaluation samples from it
-
-        last = {"step": step + 1, "loss": loss_sum, "ce": ce_sum, "p_mean": p_sum, "lr": lr, "grad_norm": grad_norm,
-                "tokens": int(n_tokens), "step_time_s": time.time() - t_step, "time_s": elapsed + time.time() - t_start}
-        done = step + 1 == args.max_steps
-        if (step + 1) % args.eval_every == 0 or done:
-            last.update(evaluate(step + 1))
-        finite_or_stop(step + 1, last)  # the loss parts, DFT's p_mean, the evaluation: before logging or saving
-        if done:  # what the run cost
-            last.update(trainable_params=sum(p.numel() for p in trainable),
-                        tensor_memory_mb=tensor_memory_mb([model], opt), peak_memory_mb=peak_memory_mb(device))
-        metrics.log(**last)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", ce=f"{ce_sum:.3f}")
-        if ((step + 1) % args.ckpt_every == 0 or done) and distributed.is_main():
-            meta = {"script": "train_sft.py", "kind": args.loss, "task": args.task, "args": vars(args),
-                    "step": step + 1, "metrics": last, "init": str(args.init), "elapsed_s": last["time_s"]}
-            save_checkpoint(out, model, tokenizer, meta, {"optimizer": opt.state_dict(), "rng": rng_state(),
-                                                          "step": step + 1, "elapsed": last["time_s"]})
+        loss_sum, grad_norm = apply_gradients(run, step, loss_sum, [model])
+        logs = {"loss": loss_sum, "ce": ce_sum, "p_mean": p_sum, "lr": run.lr, "grad_norm": grad_norm,
+                "tokens": int(n_tokens)}
+        end_step(run, step, logs, evaluate, model)  # the loss parts, DFT's p_mean, the evaluation: checked
     print(f"done: checkpoint in {out / 'ckpt'}")
 
 

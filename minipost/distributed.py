@@ -16,6 +16,9 @@ How the work is split, so that W ranks compute what one process computes (up to 
   losses      each rank computes its PART of the global loss (its rows' terms over the global denominator),
               so the parts sum to the loss of one process; DDP averages gradients over the W ranks, so each
               rank backpropagates W x part (backward()). Logged values are all_sum()s of the parts.
+  minibatches the RL updates' epochs x minibatches come from minibatches(): one permutation of the global rows
+              (the same on every rank), each rank's own rows of each minibatch (a stand-in when none), and the
+              weight that turns its own loss into its part (token mean, sequence mean or constant normaliser).
   statistics  what the algorithm defines over the whole batch (PPO's advantage whitening, the logged means)
               is computed from all_sum() or from rows gathered with cat() / gather(), never per rank.
   evaluation  prompts are shared out, results gathered back in prompt order on every rank.
@@ -183,3 +186,44 @@ def own_rows(mb: torch.Tensor, lo: int, hi: int):
     loss the caller multiplies by 0: every rank must run the backward, in step, for DDP to average."""
     mine = mb[(mb >= lo) & (mb < hi)] - lo
     return (mine if len(mine) else mb.new_zeros(1)), len(mine)
+
+
+class Minibatch:
+    """One global minibatch as this rank sees it: `rows`, the local row numbers of the rows it holds (its row 0
+    as a stand-in when it holds none, so that it still runs the backward DDP waits for), and the weights that
+    turn this rank's own loss into its part of the minibatch's loss (the parts of all ranks sum to the loss
+    one process computes on the whole minibatch; a stand-in's weight is 0)."""
+
+    def __init__(self, global_rows: torch.Tensor, lo: int, hi: int):
+        self.size = len(global_rows)  # rows of the whole minibatch, over every rank
+        self.rows, self.n = own_rows(global_rows, lo, hi)
+
+    def token_mean_weight(self, mask: torch.Tensor) -> torch.Tensor:
+        """For a token mean (PPO): this rank's share of the minibatch's tokens. mask: (B, T) of this rank."""
+        tokens = mask[self.rows].sum() * (self.n > 0)
+        return tokens / all_sum(tokens)
+
+    def sequence_mean_weight(self) -> float:
+        """For a mean over sequences (GRPO): this rank's share of the minibatch's sequences."""
+        return self.n / self.size
+
+    def sum_weight(self) -> float:
+        """For a sum over constant denominators (NFT, Dr.GRPO): its own rows give its part (0: a stand-in)."""
+        return float(self.n > 0)
+
+    def combine(self, values: list, weight) -> list:
+        """Numbers each rank computed on its rows (token means, ...) -> the minibatch's, weighed as the loss."""
+        number = lambda v: v.item() if torch.is_tensor(v) else float(v)  # noqa: E731
+        return all_sum([number(v) * number(weight) for v in values])
+
+
+def minibatches(rows: torch.Tensor, lo: int, hi: int, size: int, epochs: int, seed: int):
+    """The minibatches of `epochs` passes over a batch: each pass shuffles `rows` (global row numbers of the
+    batch's usable rows, on every rank alike) with the generator seed + epoch, and splits them into minibatches
+    of `size` rows -> Minibatch for the rank holding rows lo..hi-1 of the batch. Nothing when rows is empty."""
+    if not len(rows):
+        return
+    for epoch in range(epochs):
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + epoch))
+        for global_rows in rows[perm.to(rows.device)].split(size):
+            yield Minibatch(global_rows, lo, hi)

@@ -171,13 +171,20 @@ def group_advantages(rewards, scale=True):
     return centred / (rewards.std(dim=1, keepdim=True) + 1e-4) if scale else centred
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip=0.2, kl_coef=0.0):
-    """GRPO (DeepSeekMath): per token l_t = max(-A r, -A clip(r)) + kl_coef * k3(logp, ref);
-    L = mean over sequences of (sum_t l_t m_t / sum_t m_t): each sequence averaged first.
+def grpo_token_terms(logp, old_logp, ref_logp, advantages, clip=0.2, kl_coef=0.0):
+    """GRPO's and Dr.GRPO's per-token term l_t = max(-A r, -A clip(r)) + kl_coef * k3(logp, ref) -> (B, T).
     advantages (B,) one per sequence; ref_logp may be None when kl_coef = 0."""
     per_token, _ = clipped_surrogate(logp, old_logp, advantages[:, None], clip)
     if kl_coef:
         per_token = per_token + kl_coef * kl_k3(logp, ref_logp)
+    return per_token
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip=0.2, kl_coef=0.0):
+    """GRPO (DeepSeekMath): per token l_t = max(-A r, -A clip(r)) + kl_coef * k3(logp, ref);
+    L = mean over sequences of (sum_t l_t m_t / sum_t m_t): each sequence averaged first.
+    advantages (B,) one per sequence; ref_logp may be None when kl_coef = 0."""
+    per_token = grpo_token_terms(logp, old_logp, ref_logp, advantages, clip, kl_coef)
     return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
 
 
@@ -185,9 +192,7 @@ def dr_grpo_loss(logp, old_logp, ref_logp, advantages, mask, normaliser, clip=0.
     """Dr.GRPO (arXiv 2503.20783): the same per-token terms, L = sum_t l_t m_t / normaliser with a constant
     normaliser (train_rlhf.py: minibatch size x max new tokens, the same C as nft_loss), so neither a long
     response nor a short, partial last minibatch reweights the tokens."""
-    per_token, _ = clipped_surrogate(logp, old_logp, advantages[:, None], clip)
-    if kl_coef:
-        per_token = per_token + kl_coef * kl_k3(logp, ref_logp)
+    per_token = grpo_token_terms(logp, old_logp, ref_logp, advantages, clip, kl_coef)
     return masked_sum(per_token, mask) / normaliser
 
 

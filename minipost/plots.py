@@ -5,7 +5,8 @@ Bands and error bars: mean over seeds ± one standard deviation of the seeds (a 
 import json
 from pathlib import Path
 
-from .report import TEACHER, by_method, length_gaps, mean, mean_sd, mean_sweep, read_jsonl, sweep_rows
+from .report import by_method, length_gaps, mean, mean_sd, mean_sweep, read_jsonl, sweep_rows
+from .stages import IMITATION, IMITATOR, TEACHER
 
 
 def spread(values):
@@ -117,7 +118,7 @@ def imitation_plot(axes, evals):
     """Accuracy and format against imitation data, per student size: imitation vs true data, teacher line."""
     rows = evals.get("arith", [])
     teacher = [r for r in rows if r["method"] == TEACHER and r["seed"] == 0]
-    groups = by_method([r for r in rows if r["method"].startswith(("imitation-", "student-"))])
+    groups = by_method([r for r in rows if r["method"].startswith(IMITATION)])
     series = {}
     for m, g in groups.items():
         kind, size, n = m.split("-")[0], m.split("-")[1], int(m.rpartition("-n")[2])
@@ -177,7 +178,7 @@ def plots(out: Path, stages, evals, sweeps):
             axes[0].set_title("what the policy optimised")
             axes[1].set_title("what it was meant to optimise")
             save(fig, "overoptimisation.png")
-    if any(r["method"].startswith("imitation-") for r in evals.get("arith", [])):
+    if any(r["method"].startswith(IMITATOR) for r in evals.get("arith", [])):
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
         imitation_plot(axes, evals)
         save(fig, "imitation.png")

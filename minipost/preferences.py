@@ -127,6 +127,15 @@ def pair_sequences(pairs, pad_id, device="cpu"):
     return pack(prompts, responses, pad_id, device)
 
 
+def pair_totals(logp, mask, average=False):
+    """Token log-probs (2P, T) of pair_sequences' rows (off-mask entries 0) -> (chosen (P,), rejected (P,)):
+    each response's summed log-prob, or for IPO its mean over the response's tokens."""
+    total = logp.sum(1)  # (2P,)
+    if average:
+        total = total / mask.sum(1)
+    return total.view(2, -1)
+
+
 def pair_logprob_sums(model, pairs, pad_id, device, average=False, chunk=64):
     """Summed (or, for IPO, length-averaged) response log-probs -> (chosen (P,), rejected (P,)). Under torchrun
     each rank scores its share of the pairs and every rank gets all of them back."""
@@ -134,8 +143,7 @@ def pair_logprob_sums(model, pairs, pad_id, device, average=False, chunk=64):
     out = [torch.zeros(2, 0, device=device)]  # (2, 0): an empty share's contribution
     for s in range(lo, hi, chunk):
         seqs = pair_sequences(pairs[s:min(s + chunk, hi)], pad_id, device)
-        total = sequence_logprobs(model, seqs).sum(1)  # (2P,) off-mask entries are 0
-        out.append((total / seqs.mask.sum(1) if average else total).view(2, -1))
+        out.append(pair_totals(sequence_logprobs(model, seqs), seqs.mask, average))
     both = torch.cat(out, dim=1)  # (2, P)
     return distributed.cat(both[0]), distributed.cat(both[1])
 

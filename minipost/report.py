@@ -16,14 +16,9 @@ import math
 from pathlib import Path
 
 from .model import PRESETS
+# the method names pipeline.py gives its stages: ORDER (table rows), CHEAP (question 6), IMITATION (question 5)
+from .stages import CHEAP, IMITATION, IMITATOR, ORDER, RETRIEVAL, SFT_LIKE, STUDENT, TEACHER
 from .tasks import get_task
-
-# row order of the tables: by the first prefix a method name starts with, then by name
-ORDER = ("sft", "dft", "grpo", "nft", "rft", "lora-", "prompt-tuning", "rag-", "student-", "imitation-",
-         "dpo-", "ppo-")
-CHEAP = ("lora-", "prompt-tuning", "rag-")  # the cheap adaptations (question 6), by method-name prefix
-IMITATION = ("student-", "imitation-")
-TEACHER = "sft-long"  # SFT trained longer: RL starts from it (each seed), and seed 0 is the imitation teacher
 
 
 def read_jsonl(path):
@@ -334,7 +329,7 @@ def imitation(evals):
     a bigger base does."""
     a = evals.get("arith", [])
     teacher = [r for r in of(a, TEACHER) if r["seed"] == 0]
-    groups = {m: g for m, g in by_method(a).items() if m.startswith("imitation-")}
+    groups = {m: g for m, g in by_method(a).items() if m.startswith(IMITATOR)}
     if not teacher or not groups:
         return []
     t = teacher[0]
@@ -344,7 +339,7 @@ def imitation(evals):
             "(imitation) or on as many true demonstrations, format / accuracy: ")
     parts = []
     for m, g in groups.items():
-        true = of(a, m.replace("imitation-", "student-", 1))
+        true = of(a, m.replace(IMITATOR, STUDENT, 1))
         parts.append(f"{m} {mean([r['test_format'] for r in g]):.3f} / {mean([r['test_reward'] for r in g]):.3f}"
                      + (f" (true data {mean([r['test_format'] for r in true]):.3f} / "
                         f"{mean([r['test_reward'] for r in true]):.3f})" if true else ""))
@@ -352,7 +347,7 @@ def imitation(evals):
     sizes = sorted({m.split("-")[1] for m in groups}, key=list(PRESETS).index)  # smallest model first
     amounts = sorted({int(m.rpartition("-n")[2]) for m in groups})
     small, big, n_lo, n_hi = sizes[0], sizes[-1], amounts[0], amounts[-1]
-    top = groups[f"imitation-{big}-n{n_hi}"]
+    top = groups[f"{IMITATOR}{big}-n{n_hi}"]
     fgap = mean([r["test_format"] for r in top]) - t["test_format"]
     text += (f" Style: the imitator's format is within {abs(fgap):.3f} of the teacher's ("
              + ("copied, |gap| <= 0.05" if abs(fgap) <= 0.05 else "not copied, |gap| > 0.05") + "). The claim that "
@@ -361,11 +356,11 @@ def imitation(evals):
     if n_hi != n_lo:
         for p in sizes:
             text += (f" The claim that more imitation data ({n_lo} → {n_hi}) raises the {p} imitator's accuracy "
-                     + compare(groups[f"imitation-{p}-n{n_hi}"], groups[f"imitation-{p}-n{n_lo}"], "test_rewards")
+                     + compare(groups[f"{IMITATOR}{p}-n{n_hi}"], groups[f"{IMITATOR}{p}-n{n_lo}"], "test_rewards")
                      + ".")
     if big != small:
         text += (f" The claim that a bigger base ({big} vs {small}, n={n_hi}) raises the imitator's accuracy "
-                 + compare(top, groups[f"imitation-{small}-n{n_hi}"], "test_rewards") + ".")
+                 + compare(top, groups[f"{IMITATOR}{small}-n{n_hi}"], "test_rewards") + ".")
     return [text]
 
 
@@ -381,17 +376,17 @@ def adaptation(evals):
                         for m, g in groups.items()) + f" ({seeds_note(sft)}).")
     # the alternatives to full SFT from the same warm-up: adapters (same steps and data) and retrieval into the
     # frozen warm-up; retrieval into the SFT policy is an addition to SFT, judged on its own below
-    instead = {m: g for m, g in groups.items() if not m.startswith("rag-sft")}
+    instead = {m: g for m, g in groups.items() if not m.startswith(RETRIEVAL + "sft")}
     for split, what in (("test", "in domain"), ("ood", "out of distribution")):
         if instead:
             best = max(instead, key=lambda m: mean([r[f"{split}_reward"] for r in instead[m]]))
             text += (f" The claim that full SFT holds the edge {what} over the best cheap alternative there ({best}) "
                      + compare(sft, instead[best], f"{split}_rewards") + ".")
     for m, g in groups.items():
-        if m.startswith("rag-sft"):
+        if m.startswith(RETRIEVAL + "sft"):
             text += (f" The claim that retrieval added to the SFT policy ({m}) raises its ood accuracy "
                      + compare(g, sft, "ood_rewards") + ".")
-    trained = {m: g for m, g in groups.items() if not m.startswith("rag-")}
+    trained = {m: g for m, g in groups.items() if not m.startswith(RETRIEVAL)}
     short = {r["method"]: f"{r['method']} {r['retrieve_short']} of {2 * r['n_eval']}" for g in groups.values()
              for r in g if r.get("retrieve_short")}  # the same prompts for every seed
     short = list(short.values())
@@ -419,6 +414,20 @@ def read_sweeps(out: Path, stages) -> dict:
     return {st.name: read_jsonl(Path(out) / st.name / "sweep.jsonl") for st in stages if st.script == "bon"}
 
 
+def eval_k(evals) -> str:
+    """"k = 4": the --k of the evaluations, as each eval.json recorded it (several values: all of them)."""
+    ks = sorted({r["k"] for rows in evals.values() for r in rows if r.get("k") is not None})
+    return "k = " + (", ".join(map(str, ks)) if ks else "?")
+
+
+def stage_devices(stages) -> str:
+    """The device the stages ran on, from their --device flags: "CPU", "GPU" (cuda) or both."""
+    names = {"cpu": "CPU", "cuda": "GPU"}
+    used = sorted({names.get(st.argv[st.argv.index("--device") + 1], st.argv[st.argv.index("--device") + 1])
+                   for st in stages if "--device" in st.argv})
+    return " and ".join(used) or "CPU"
+
+
 def write_report(out: Path, stages, scale, evals: dict, made=()) -> Path:
     """evals: task -> rows of the policies' eval.json (plus name, method, seed), as pipeline.collect_evals;
     made: the PNG files plots.plots drew beside it."""
@@ -438,7 +447,7 @@ def write_report(out: Path, stages, scale, evals: dict, made=()) -> Path:
     md += [q + "\n" for q in questions(evals, sweeps)]
     main = [r for r in a if not r["method"].startswith(IMITATION + CHEAP) and "-lr" not in r["method"]]
     md += ["## arith (accuracy by the verifier)", "", method_table(main, ARITH_COLUMNS), ""]
-    lr_rows = [r for r in a if r["method"] in ("sft", "dft") or r["method"].startswith(("sft-lr", "dft-lr"))]
+    lr_rows = [r for r in a if r["method"] in SFT_LIKE or r["method"].startswith(tuple(f"{m}-lr" for m in SFT_LIKE))]
     md += ["Learning rates of SFT and DFT (question 2; each picked on validation accuracy):", "",
            method_table(lr_rows, LR_COLUMNS), ""]
     for split in ("test", "ood"):
@@ -469,12 +478,13 @@ def write_report(out: Path, stages, scale, evals: dict, made=()) -> Path:
     md += ["## How each number was made", "", "Stages (each a script call; rerun one to reproduce it):", ""]
     md += [f"- `{st.name}`: `{st.command}`" for st in stages]
     md += ["", "KL to SFT: mean over test prompts of the summed per-token log-ratio log pi(y_t) - log pi_SFT(y_t) "
-           "on k T = 1 samples of the policy per prompt (k = 4), against the SFT policy of the same seed. Reward: "
+           f"on k T = 1 samples of the policy per prompt ({eval_k(evals)}), against the SFT policy of the same seed. Reward: "
            "the task's verifier (arith, greedy answer unless marked T = 1) or hidden lexicon score (sentiment, "
            "T = 1 samples). Best-of-N: expected over N-subsets of a pool of samples per prompt; the KL estimate is "
            "a plug-in from the pool; log N - (N-1)/N is only an upper bound (Beirami et al. 2024). Every number "
-           "here comes from one thread per stage on this machine's CPU: another thread count or device changes "
-           "the training bits (~1e-7 from the first steps) and so the exact numbers, not the verdicts' intervals."]
+           f"here comes from one thread per stage on this machine's {stage_devices(stages)}: another thread count "
+           "or device changes the training bits (~1e-7 from the first steps) and so the exact numbers, not the "
+           "verdicts' intervals."]
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path

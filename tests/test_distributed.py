@@ -245,3 +245,31 @@ def test_own_rows_of_a_global_minibatch():
     assert rows.tolist() == [2, 0] and n == 2
     rows, n = distributed.own_rows(torch.tensor([1, 9]), 4, 8)
     assert rows.tolist() == [0] and n == 0
+
+
+def test_minibatches_shuffle_each_epoch_and_weigh_two_ranks_as_one(monkeypatch):
+    """Two epochs over 5 usable rows of a 10-row batch, minibatches of 2: each epoch a permutation of the rows
+    drawn from seed + epoch. Split over two ranks (rows 0..4 and 5..9), each gets its own rows as local rows,
+    and the two ranks' weights (all_sum stubbed as their sum) add up to one process's: 1 for every minibatch."""
+    rows = torch.tensor([0, 3, 5, 6, 9])
+    seen = [(mb.size, mb.rows.tolist(), mb.n) for mb in distributed.minibatches(rows, 0, 10, 2, 2, seed=7)]
+    for epoch, part in enumerate((seen[:3], seen[3:])):
+        perm = torch.randperm(5, generator=torch.Generator().manual_seed(7 + epoch))
+        assert [r for _, rs, _ in part for r in rs] == rows[perm].tolist()
+        assert [size for size, _, _ in part] == [2, 2, 1]
+    assert list(distributed.minibatches(rows[:0], 0, 10, 2, 3, seed=7)) == []
+    mask = torch.tensor([[1, 1, 0]] * 5 + [[1, 0, 0]] * 5)  # rows 0..4: 2 tokens each, 5..9: 1 token
+    one = list(distributed.minibatches(rows, 0, 10, 2, 1, seed=7))
+    low = list(distributed.minibatches(rows, 0, 5, 2, 1, seed=7))
+    high = list(distributed.minibatches(rows, 5, 10, 2, 1, seed=7))
+    for a, b, whole in zip(low, high, one):
+        assert sorted(a.rows.tolist()[:a.n] + [r + 5 for r in b.rows.tolist()[:b.n]]) == sorted(whole.rows.tolist())
+        assert a.n + b.n == whole.n == whole.size == a.size == b.size
+        assert a.sequence_mean_weight() + b.sequence_mean_weight() == 1.0 == whole.sequence_mean_weight()
+        assert (a.sum_weight(), b.sum_weight()) == (float(a.n > 0), float(b.n > 0)) and whole.sum_weight() == 1.0
+        tokens = [mb.n and int(m[mb.rows].sum()) for mb, m in ((a, mask[:5]), (b, mask[5:]))]
+        monkeypatch.setattr(distributed, "all_sum", lambda x: torch.tensor(float(sum(tokens))))
+        weights = a.token_mean_weight(mask[:5]), b.token_mean_weight(mask[5:])
+        assert [float(w) for w in weights] == [t / sum(tokens) for t in tokens]
+        monkeypatch.undo()
+        assert whole.token_mean_weight(mask) == 1.0
