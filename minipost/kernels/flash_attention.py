@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from . import env_setting
+from .triton_blocks import LOG2E, dot
 
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 
@@ -54,15 +54,6 @@ INTERPRET_BLOCKS = dict(fwd=(32, 16), dkdv=(16, 32), dq=(32, 16))  # (BLOCK_M, B
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers shared by the kernels
-
-
-@triton.jit
-def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b with float32 accumulation. PREC is "ieee" for float32 inputs, "tf32" (ignored) otherwise."""
-    if UPCAST:  # Triton's interpreter multiplies bfloat16 tiles as raw uint16 bits: widen them there
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -112,7 +103,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, str
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, D, MASKED, EVEN_D)  # (BLOCK_N, HEAD_DIM)
-        s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PREC, UPCAST) * qk_scale
+        s = dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PREC, UPCAST) * qk_scale
         if MASKED:  # key tail and, when causal, keys right of the diagonal
             keep = offs_n[None, :] < Tk
             if CAUSAL:
@@ -124,7 +115,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, str
         alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, D, MASKED, EVEN_D)  # (BLOCK_N, HEAD_DIM)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PREC, UPCAST)  # P in the input dtype, as FA2
+        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], PREC, UPCAST)  # P in the input dtype, as FA2
         m_i = m_new
     return acc, l_i, m_i
 
@@ -207,17 +198,17 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, 
         else:
             lse = tl.load(LSE + offs_m)
             delta = tl.load(DELTA + offs_m)
-        s_t = _dot(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], tl.float32), PREC, UPCAST) * qk_scale
+        s_t = dot(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], tl.float32), PREC, UPCAST) * qk_scale
         p_t = tl.math.exp2(s_t - lse[None, :])  # (BLOCK_N, BLOCK_M) = P^T
         if MASKED:  # query tail and, when causal, queries that cannot see these keys
             keep = offs_m[None, :] < Tq
             if CAUSAL:
                 keep = keep & (offs_n[:, None] <= offs_m[None, :] + (Tk - Tq))
             p_t = tl.where(keep, p_t, 0.0)  # a select, so an overflowed exp2 of a hidden score cannot leak
-        dv = _dot(p_t.to(do.dtype), do, dv, PREC, UPCAST)  # dV += P^T dO
-        dp_t = _dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], tl.float32), PREC, UPCAST)  # (dO V^T)^T
+        dv = dot(p_t.to(do.dtype), do, dv, PREC, UPCAST)  # dV += P^T dO
+        dp_t = dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], tl.float32), PREC, UPCAST)  # (dO V^T)^T
         ds_t = p_t * (dp_t - delta[None, :])  # (BLOCK_N, BLOCK_M) = dS^T
-        dk = _dot(ds_t.to(q.dtype), q, dk, PREC, UPCAST)  # dK += dS^T Q (sm_scale applied at the end)
+        dk = dot(ds_t.to(q.dtype), q, dk, PREC, UPCAST)  # dK += dS^T Q (sm_scale applied at the end)
     return dk, dv
 
 
@@ -294,16 +285,16 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, offs_n, offs_d, stride_kt, stride_kd, Tk, D, MASKED, EVEN_D)  # (BLOCK_N, HEAD_DIM)
         v = _load_rows(V, offs_n, offs_d, stride_vt, stride_vd, Tk, D, MASKED, EVEN_D)
-        s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PREC, UPCAST) * qk_scale
+        s = dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PREC, UPCAST) * qk_scale
         p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if MASKED:
             keep = offs_n[None, :] < Tk
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
             p = tl.where(keep, p, 0.0)
-        dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PREC, UPCAST)  # dO V^T
+        dp = dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PREC, UPCAST)  # dO V^T
         ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
-        dq = _dot(ds.to(k.dtype), k, dq, PREC, UPCAST)  # dQ += dS K (sm_scale applied at the end)
+        dq = dot(ds.to(k.dtype), k, dq, PREC, UPCAST)  # dQ += dS K (sm_scale applied at the end)
     return dq
 
 
@@ -523,7 +514,7 @@ def _forward(q, k, v, causal):
     lse = torch.empty((B * H, Tq), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
-    qk_scale = LOG2E / math.sqrt(D)  # softmax scale 1/sqrt(D), moved to base 2
+    qk_scale = LOG2E.value / math.sqrt(D)  # softmax scale 1/sqrt(D), moved to base 2
     args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, H // k.shape[1], Tq, Tk, D, qk_scale, _bucket(Tq), _bucket(Tk))
     _launch("fwd", Tq, "BLOCK_M", B * H, args, _meta(q, causal), H // k.shape[1])
@@ -547,7 +538,7 @@ def _backward(q, k, v, o, lse, do, causal):
                                                           HEAD_DIM=meta["HEAD_DIM"], BLOCK_M=block)
     sm_scale = 1.0 / math.sqrt(D)
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    tail = (H, H // k.shape[1], Tq, Tk, D, sm_scale, sm_scale * LOG2E, _bucket(Tq), _bucket(Tk))
+    tail = (H, H // k.shape[1], Tq, Tk, D, sm_scale, sm_scale * LOG2E.value, _bucket(Tq), _bucket(Tk))
     assert dk.stride() == dv.stride()  # both fresh tensors of one shape: the kernel takes one set of strides
     # one dK/dV program per (key block, batch, kv head): it sums over the query heads of its group
     _launch("dkdv", Tk, "BLOCK_N", B * k.shape[1], (q, k, v, do, dk, dv, lse, delta, *common, *dk.stride(), *tail),

@@ -66,20 +66,11 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
+from .triton_blocks import LOG2E, dot
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Triton building blocks
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b with float32 accumulation. UPCAST: only under Triton's interpreter, whose bf16 dot is broken
-    (Triton 3.9 multiplies the raw uint16 storage); bf16 -> float32 is exact, so the result is what the GPU computes."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -109,7 +100,7 @@ def _logits_tile(a_ptr, b_ptr, a_idx, b_idx, a_mask, b_mask, stride_a0, stride_a
         k_ok = ks < K
         a = tl.load(a_rows + ks[None, :] * stride_a1, mask=a_mask[:, None] & k_ok[None, :], other=0.0)  # (A, K)
         b = tl.load(b_rows + ks[None, :] * stride_b1, mask=b_mask[:, None] & k_ok[None, :], other=0.0)  # (B, K)
-        acc = _dot(a, tl.trans(b), acc, DOT_PRECISION, UPCAST)
+        acc = dot(a, tl.trans(b), acc, DOT_PRECISION, UPCAST)
     return acc
 
 
@@ -254,7 +245,7 @@ def _launch_options(hidden):
     opts = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_C=bc, num_warps=warps, num_stages=stages,
                 # "ieee" only matters for float32 operands: full-precision dots (TF32 would miss 1e-5)
                 DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
-                UPCAST=_interpreted(hidden) and hidden.dtype == torch.bfloat16)  # see _dot
+                UPCAST=_interpreted(hidden) and hidden.dtype == torch.bfloat16)  # see triton_blocks.dot
     return bn, bv, programs, opts
 
 
