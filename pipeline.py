@@ -2,9 +2,11 @@
 
 Per seed, every chain runs on its own (SFT -> RL; SFT -> reward model -> PPO, DPO, best-of-N; students):
     arith:      base -> warm-up SFT -> SFT and DFT at each learning rate (picked on validation); SFT trained
-                longer -> GRPO, NFT, RFT; reward model learnt from the demonstrations -> best-of-N vs SFT, by
-                answer length; LoRA, prompt tuning, retrieval; the longer SFT as teacher -> students of 2 sizes
-                on its answers or on true demonstrations, at 2 data amounts
+                longer -> GRPO, NFT, RFT; reward model learnt from the warm-up's own samples (labelled by the
+                verifier; a second one from the demonstrations) -> best-of-N vs SFT, by answer length; LoRA,
+                prompt tuning, retrieval; the longer SFT as teacher -> students of 2 sizes on its answers or on
+                true demonstrations, at 2 data amounts. The warm-up trains on chats of 1-3 problems
+                (train_sft.py --turns), so retrieval's few-shot prompts are a shape it knows
     sentiment:  base -> SFT -> reward model -> PPO and DPO at 3 KL strengths -> best-of-N with the reward
                 model; ground truth and reward-model score of every policy (over-optimisation)
 
@@ -37,8 +39,8 @@ from minipost.checkpoint import find_checkpoint
 from minipost.cli import UserError, pick_device, require_positive, run_main, writable_dir
 from minipost.plots import plots
 from minipost.report import read_sweeps, write_report
-from minipost.stages import (IMITATOR, LORA, PROMPT_TUNING, RETRIEVAL, REWARD_MODEL, SFT_LIKE, STUDENT, TEACHER,
-                             split_name)
+from minipost.stages import (DEMOS, IMITATOR, LORA, PROMPT_TUNING, RETRIEVAL, REWARD_MODEL, SFT_LIKE, STUDENT,
+                             TEACHER, WARMUP, split_name)
 
 HERE = Path(__file__).resolve().parent
 # cheap adaptation's own learning rates (peak; cosine to a tenth): LoRA at 1e-2 beat 2e-3, prompt tuning learnt
@@ -75,6 +77,18 @@ class Scale:
     retrieve_k: tuple = (2,)  # (4 solved examples never fit arith's 256-token context beside the answer)
     dpo_betas: tuple = (0.05, 0.1, 0.5)
     ppo_betas: tuple = (0.05, 0.2)
+    sft_batch: int = 32  # demonstrations per SFT step
+    # arith's warm-up (the start of SFT, DFT, best-of-N and every adaptation) teaches the chat format on chats of
+    # 1, 2, 3 problems (train_sft.py --turns), half as many chats a step (as many demonstrations): a model tuned on
+    # one-turn chats has never answered late in the context or after solved turns, which retrieval's few-shot
+    # prompts ask (format 0.00 with 2 examples). The later SFT runs train on one-turn chats: at this size, chats
+    # there cost the policies' greedy accuracy (0.05 against 0.11 on 100 test prompts, CPU scale)
+    chat_turns: int = 3
+    rm_k: int = 8  # best-of-N's reward model: samples per prompt of the warm-up, the verifier picks the pairs
+    rm_prompts: int = 0  # ... from this many train prompts (0: n_train)
+    demo_rm: bool = True  # also the reward model learnt from demonstrations, as a second selector (test split)
+    rm_own_samples: bool = True  # False: the one reward model learns from demonstrations (a warm-up that has
+    # never answered right, as --quick's, gives no verifier-labelled pairs)
     extra: dict = field(default_factory=dict)  # flags added to every call of a script, e.g. sizes
 
 
@@ -83,15 +97,16 @@ SCALES = {
     "quick": Scale(base_steps=40, warmup_steps=10, sft_steps=40, rl_steps=2, pref_steps=6, n_train=200, n_prompts=32,
                    n_eval=16, curve_eval=16, curve_points=1, sweep="1,2,4", sweep_prompts=8, seeds=1, teacher_steps=60,
                    imitation_sizes=(100,), dpo_betas=(0.1,), ppo_betas=(0.05,), lora_ranks=(4,), retrieve_k=(2,),
+                   sft_batch=8, rm_own_samples=False, demo_rm=False,
                    extra={"base": ["--corpus-docs", "2000", "--batch-size", "8", "--eval-batches", "2"],
-                          "sft": ["--batch-size", "8", "--max-new-tokens", "40"],
+                          "sft": ["--max-new-tokens", "40"],
                           "rlhf": ["--batch-size", "4", "--max-new-tokens", "40", "--n-kl", "8"],
                           "bon": ["--max-new-tokens", "40", "--time-prompts", "2"]}),
     # the README's main job: every question once (one seed), sized for about 10 minutes on 2 cores
     "cpu": Scale(base_steps=150, warmup_steps=60, sft_steps=120, rl_steps=12, pref_steps=40, n_train=2000,
                  n_prompts=400, n_eval=100, curve_eval=32, curve_points=2, sweep="1,2,4,8,16", sweep_prompts=100,
-                 seeds=1, teacher_steps=300, imitation_sizes=(2000,), lora_ranks=(16,), retrieve_k=(1, 2),
-                 dpo_betas=(0.05, 0.2), ppo_betas=(0.05, 0.2)),
+                 seeds=1, teacher_steps=300, imitation_sizes=(2000,), lora_ranks=(16,), retrieve_k=(2,),
+                 dpo_betas=(0.05, 0.2), ppo_betas=(0.05, 0.2), rm_prompts=1000, demo_rm=False),
     # the study that answers: three seeds of every chain, learning rates picked on validation, 2 x 2 students
     "full": Scale(base_steps=200, warmup_steps=100, sft_steps=200, rl_steps=24, pref_steps=60, n_train=4000,
                   n_prompts=600, n_eval=200, curve_eval=64, sweep="1,2,4,8,16", sweep_prompts=200, seeds=3,
@@ -102,7 +117,7 @@ SCALES = {
                  n_prompts=4000, n_eval=500, sweep="1,2,4,8,16,32,64", sweep_prompts=500, seeds=3, preset="small",
                  lrs={"sft": (3e-4, 6e-4, 1.2e-3), "dft": (6e-4, 1.2e-3, 2.4e-3)}, teacher_steps=3000,
                  student_presets=("micro", "tiny"), imitation_sizes=(5000, 20000), dpo_betas=(0.01, 0.05, 0.2),
-                 ppo_betas=(0.05, 0.2, 0.8), extra={"base": ["--batch-size", "64"], "sft": ["--batch-size", "64"]}),
+                 ppo_betas=(0.05, 0.2, 0.8), sft_batch=64, extra={"base": ["--batch-size", "64"]}),
 }
 
 
@@ -151,9 +166,12 @@ class Plan:
 
     def sft(self, name, init, task, steps, *flags, seed=0, n_train=None):
         s = self.s
-        self.add(name, "sft", ["--init", self.d(init), "--task", task, *flags, "--seed", seed, "--max-steps", steps,
-                               "--n-train", n_train or s.n_train, "--n-eval", s.curve_eval, "--eval-every", steps],
-                 steps)
+        batch = ["--batch-size", s.sft_batch]
+        if name == "arith/warmup":  # chats of (turns + 1) / 2 problems on average
+            batch = ["--turns", s.chat_turns, "--batch-size", s.sft_batch * 2 // (s.chat_turns + 1)]
+        self.add(name, "sft", ["--init", self.d(init), "--task", task, *flags, *batch, "--seed", seed, "--max-steps",
+                               steps, "--n-train", n_train or s.n_train, "--n-eval", s.curve_eval, "--eval-every",
+                               steps], steps)
 
 
 def plan(scale: Scale, out: Path, device: str) -> list[Stage]:
@@ -231,20 +249,30 @@ def sft_vs_dft(p: Plan):
 
 
 def best_of_n(p: Plan):
-    """SFT vs best-of-N (Somerstep et al.): from the warm-up SFT also starts from, a reward model learns from
-    SFT's n_train demonstrations (each preferred to a wrong warm-up sample of its prompt) and selects among
-    N warm-up samples; the verifier itself selecting is the oracle beside it."""
+    """SFT vs best-of-N (Somerstep et al.): from the warm-up SFT also starts from, a reward model learns to rank
+    what it will select among, the warm-up's own samples (rm_k per prompt, a correct one preferred to a wrong
+    one by the verifier), and picks the best of N warm-up samples; the verifier itself selecting is the oracle
+    beside it. With demo_rm a second reward model learns from SFT's demonstrations (each preferred to a wrong
+    warm-up sample of its prompt), the data SFT has: its own best-of-N row on test shows what that selector can
+    rank. sample_bon reports each selector's AUC on the pool it selects from."""
     s, d = p.s, p.d
     for seed in range(s.seeds):
-        rm = f"arith/{REWARD_MODEL}seed{seed}"
-        p.add(rm, "rlhf", ["--algo", "rm", "--init", d("arith/warmup"), "--task", "arith", "--seed", seed,
-              "--pairs-from-demos", "--n-prompts", s.n_train, "--k", 2, "--n-eval", s.curve_eval, "--max-steps",
-              s.pref_steps, "--eval-every", s.pref_steps], s.pref_steps)
-        for split in ("test", "ood"):
-            p.add(f"arith/bon-{split}-seed{seed}", "bon", ["--init", d("arith/warmup"), "--task", "arith", "--split",
-                  split, "--reward-model", d(rm), "--seed", seed, "--prompt-seed", 1, "--sweep", s.sweep,
-                  "--n-prompts", s.sweep_prompts, "--out", d(f"arith/bon-{split}-seed{seed}")],
-                  done_file="sweep.jsonl")
+        rm, demo_rm = f"arith/{REWARD_MODEL}seed{seed}", f"arith/{REWARD_MODEL}{DEMOS}seed{seed}"
+        common = ["--init", d("arith/warmup"), "--task", "arith", "--seed", seed, "--n-eval", s.curve_eval,
+                  "--max-steps", s.pref_steps, "--eval-every", s.pref_steps]
+        own = ["--n-prompts", s.rm_prompts or s.n_train, "--k", s.rm_k]
+        demos = ["--pairs-from-demos", "--n-prompts", s.n_train, "--k", 2]
+        p.add(rm, "rlhf", ["--algo", "rm", *common, *(own if s.rm_own_samples else demos)], s.pref_steps)
+        selectors = [("", rm, ("test", "ood"))]
+        if s.demo_rm:
+            p.add(demo_rm, "rlhf", ["--algo", "rm", *common, *demos], s.pref_steps)
+            selectors.append((DEMOS, demo_rm, ("test",)))
+        for tag, model, splits in selectors:
+            for split in splits:
+                name = f"arith/bon-{tag}{split}-seed{seed}"
+                p.add(name, "bon", ["--init", d("arith/warmup"), "--task", "arith", "--split", split, "--reward-model",
+                      d(model), "--seed", seed, "--prompt-seed", 1, "--sweep", s.sweep, "--n-prompts",
+                      s.sweep_prompts, "--out", d(name)], done_file="sweep.jsonl")
 
 
 def cheap_adaptation(p: Plan):
@@ -284,8 +312,8 @@ def evaluations(p: Plan):
     s, d = p.s, p.d
     for st in list(p.stages):
         task, method = st.name.split("/")
-        if st.script not in ("sft", "rlhf") or method == "warmup" or method.startswith(REWARD_MODEL):
-            continue
+        if st.script not in ("sft", "rlhf") or method.startswith(REWARD_MODEL):
+            continue  # (the warm-up is evaluated: it is where SFT, DFT, best-of-N and the adaptations start)
         seed = method.partition("-seed")[2] or "0"
         flags = ["--validation-from", s.n_train] if task == "arith" and method.startswith(SFT_LIKE) else []
         if task == "sentiment":

@@ -50,10 +50,16 @@ N on that pool:
            like the pool), averaged over the first --time-prompts prompts.
   oracle   with --reward-model or --reward, also the reward had the ground truth itself selected from the
            same pool (oracle_reward): the ceiling a perfect selector would reach at this N.
+  AUC      with an oracle, how well the selector ranks the pool it selects from: per prompt, of the candidate
+           pairs whose ground truth differs, the fraction its scores order the same way (ties half; correct
+           vs wrong under a 0/1 verifier); selector_auc averages the prompts whose pool holds two values.
+           At 0.5 the selector is a coin, and best-of-N with it is flat in N whatever its reward model's
+           accuracy on other pairs.
 Results: OUT/sweep.jsonl (one row per N; "rewards" and "oracle_rewards" per prompt, in prompt order, to pair
 with another policy's per-prompt rewards) and a markdown table printed last.
 """
 import argparse
+import bisect
 import json
 import math
 import sys
@@ -251,6 +257,25 @@ def kl_best_of_n(scores: list[float], n: int) -> float:
     return kl
 
 
+def ranking_auc(scores: list[float], values: list[float]) -> tuple[float | None, int]:
+    """How well the selector's scores order one prompt's pool: of the candidate pairs whose ground-truth values
+    differ, the fraction the scores put the same way round, a tie in score counting half (the AUC of correct
+    vs wrong candidates under a 0/1 verifier; Kendall-style pair accuracy for a graded reward). 0.5 is a
+    random selector, 1 a perfect one. -> (auc, pairs), or (None, 0) when every candidate has the same value
+    (nothing to rank: best-of-N then gains nothing whoever selects)."""
+    lower, right, pairs = [], 0.0, 0  # lower: the scores of candidates of smaller value, sorted
+    for members in levels(values):
+        level_scores = [scores[i] for i in members]
+        for sc in level_scores:
+            below = bisect.bisect_left(lower, sc)
+            ties = bisect.bisect_right(lower, sc) - below
+            right += below + 0.5 * ties
+            pairs += len(lower)
+        for sc in level_scores:
+            bisect.insort(lower, sc)
+    return (right / pairs if pairs else None), pairs
+
+
 def kl_bound(n: int) -> float:
     """log N - (N-1)/N: the usual analytic best-of-N KL, an upper bound (Beirami et al. 2024)."""
     return math.log(n) - (n - 1) / n
@@ -267,6 +292,9 @@ def run_sweep(args, model, tokenizer, task, rows, prompts, reward, out: Path):
     gold = proxy if args.reward is None and args.reward_model is None else call_reward(task.reward, expanded, texts)
     oracle = gold is not proxy  # best-of-N selected by the ground truth itself: the ceiling of this pool
     fmt = [float(f) for f in task.format_ok(texts)]
+    # the selector's competence where it is used: ranking this pool against the ground truth, prompt by prompt
+    aucs = [ranking_auc(proxy[i * M:(i + 1) * M], gold[i * M:(i + 1) * M])[0] for i in range(P)] if oracle else []
+    ranked = [a for a in aucs if a is not None]
     log(f"pool sampled and scored in {pool_s:.1f}s ({pool_s / P:.2f}s per prompt)")
     if args.keep_all and distributed.is_main():
         with open(out / "pool.jsonl", "w") as f:
@@ -303,6 +331,9 @@ def run_sweep(args, model, tokenizer, task, rows, prompts, reward, out: Path):
             results[-1]["prompt_seed"] = args.prompt_seed
         if oracle:
             results[-1]["oracle_reward"], results[-1]["oracle_rewards"] = mean["oracle"], per_prompt["oracle"]
+            # per prompt (None: its pool holds one ground-truth value) and their mean over the prompts that rank
+            results[-1].update({"selector_auc": sum(ranked) / len(ranked) if ranked else None,
+                                "selector_auc_prompts": len(ranked), "selector_aucs": aucs})
         if args.retrieve:
             results[-1]["retrieve"] = args.retrieve
     if distributed.is_main():
@@ -332,7 +363,11 @@ def finite_means(means: dict, reward) -> dict:
 def sweep_table(results, show_proxy: bool) -> str:
     r0 = results[0]
     head = (f"best-of-N on {r0['task']}/{r0['split']}: {r0['n_prompts']} prompts, pool {r0['pool']} per prompt, "
-            f"T={r0['temperature']}, selected by {r0['selector']}; reward = {r0['task']} ground truth\n\n")
+            f"T={r0['temperature']}, selected by {r0['selector']}; reward = {r0['task']} ground truth\n")
+    if r0.get("selector_auc") is not None:
+        head += (f"selector AUC {r0['selector_auc']:.3f} (ranking the pool against the ground truth, mean over the "
+                 f"{r0['selector_auc_prompts']} prompts whose pool holds more than one value; 0.5 = chance)\n")
+    head += "\n"
     cols = ["N", "reward", "± se", "format"] + (["proxy score"] if show_proxy else []) + \
            ["KL bound", "KL est.", "gen s/prompt"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]

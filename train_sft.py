@@ -9,6 +9,9 @@ CPU (a few minutes on 2 cores):
     python train_sft.py --init out/base-arith --task arith --loss dft --out out/dft-arith
 GPU:
     python train_sft.py --init out/base-gpt2 --task arith --device cuda --batch-size 64 --out out/sft-gpt2
+Chats of 1, 2, 3 demonstrations instead of one each (every answer trained; the model then also answers after
+earlier turns, as few-shot and retrieval prompts ask): --turns 3, with half the --batch-size for as many
+demonstrations a step.
 Own data (JSONL with `messages`, `prompt`+`completion` or `text`):
     python train_sft.py --init out/base-arith --data demos.jsonl --out out/sft-mine
 Several GPUs (or CPU processes), the same global batch split over them (minipost/distributed.py):
@@ -26,7 +29,7 @@ from minipost.adapters import adapt, add_adapter_flags, check_adapter_flags, has
 from minipost.checkpoint import load_checkpoint, load_resumed
 from minipost.cli import (UserError, autocast, cosine_lr, pick_device, require_numbers, require_positive, run_main,
                           task_from_flag, writable_dir)
-from minipost.data import collate, encode_conversations, epoch_indices, read_jsonl
+from minipost.data import collate, encode_conversations, epoch_indices, multi_turn, read_jsonl
 from minipost.evaluate import evaluate_policy
 from minipost.loop import adamw, apply_gradients, decay_groups, end_step, start_run, training_steps
 from minipost.tasks import TASKS
@@ -48,6 +51,9 @@ def parse_args(argv=None):
                    "prompt+completion or text); the task still provides evaluation")
     p.add_argument("--n-train", type=int, default=None, help="demonstrations to train on: the task's first N "
                    f"(default {DEFAULT_N_TRAIN}), or the first N rows of --data (default: every row)")
+    p.add_argument("--turns", type=int, default=1, help="join consecutive demonstrations into chats of 1, 2, ..., "
+                   "N questions and answers (every answer trained): teaches the format late in the context and "
+                   "after earlier turns, as few-shot and retrieval prompts need (minipost.data.multi_turn)")
     p.add_argument("--n-eval", type=int, default=200, help="prompts per evaluation split")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget when evaluating")
     # Optimisation
@@ -72,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt if it exists")
     args = p.parse_args(argv)
     require_positive(args, "max_steps", "batch_size", "grad_accum", "eval_every", "ckpt_every", "n_train", "n_eval",
-                     "max_new_tokens")
+                     "max_new_tokens", "turns")
     require_numbers(args, lr="> 0", min_lr=">= 0", weight_decay=">= 0", grad_clip=">= 0", warmup=">= 0")
     check_adapter_flags(args)
     if args.batch_size % args.grad_accum:
@@ -153,12 +159,14 @@ def main(argv=None):
 
     # Data: demonstrations -> (ids, mask) with mask 1 on assistant tokens and their <|end|>
     rows, where = training_rows(args, task)
+    rows, where = multi_turn(rows, args.turns, where)
     train, dropped = encode_conversations(tokenizer, rows, block, where)
     if not train:
         raise UserError(f"{args.data or args.task}: every demonstration is longer than the context ({block})")
     val, _ = encode_conversations(tokenizer, task.demos("test", args.n_eval, seed=0), block)
     eval_splits = {s: task.prompts(s, args.n_eval, seed=0) for s in task.splits if s != "train"}
-    print(f"data: {len(train)} demonstrations ({dropped} dropped as longer than {block} tokens), "
+    print(f"data: {len(train)} {'chats' if args.turns > 1 else 'demonstrations'} ({dropped} dropped as longer than "
+          f"{block} tokens), "
           f"{sum(sum(m) for _, m in train):,} trained tokens; evaluating on {', '.join(eval_splits)}")
 
     trainable = [p for p in model.parameters() if p.requires_grad]  # the adapters only, with --lora-r / --prompt-tuning

@@ -135,6 +135,32 @@ def conversation(row: dict) -> list[dict]:
     return as_messages(row["prompt"], "user") + as_messages(row["completion"], "assistant")
 
 
+def multi_turn(rows, turns: int, where=None):
+    """Demonstrations -> longer chats: consecutive rows joined into one conversation of 1, 2, ..., turns rows (the
+    sizes cycle, so every row is used once and the conversations are the same on every run), each row's
+    user/assistant turns after the previous row's; a system message is kept only where a conversation opens.
+    SFT on them trains every answer, including answers late in the context and after earlier solved turns,
+    which is what a few-shot or retrieval prompt (minipost/retrieval.py) puts before the question; a model
+    tuned only on one-turn chats has never produced the format there. -> (rows, where of each first row)."""
+    if turns == 1:
+        return rows, where
+    out, out_where, i, size = [], [], 0, 1
+    while i < len(rows):
+        group = rows[i:i + size]
+        messages = []
+        for j, row in enumerate(group):
+            if "text" in row:
+                at = where[i + j] if where else f"row {i + j + 1}"
+                raise UserError(f"{at}: --turns joins chat demonstrations (messages, or prompt + completion); "
+                                "a text row has no turns")
+            turns_of_row = conversation(row)
+            messages += turns_of_row if not messages else [m for m in turns_of_row if m["role"] != "system"]
+        out.append({"messages": messages})
+        out_where.append(where[i] if where else None)
+        i, size = i + len(group), size % turns + 1
+    return out, (out_where if where else None)
+
+
 def encode_conversations(tokenizer, rows, block_size: int, where=None):
     """Render demonstrations -> (examples [(ids, mask)], n_dropped). `text` rows train on every token.
 

@@ -55,7 +55,8 @@ def samples_used(run_dir, meta) -> int | None:
     steps, or the sequences an RL run trained on, as logged per step by train_rlhf.py ("samples_used")."""
     if meta.get("kind") in ("sft", "dft", "dpo", "rm"):  # typed on load (minipost/meta.py), perhaps absent
         batch_size, step = meta.get("args", {}).get("batch_size"), meta.get("step")
-        return batch_size * step if batch_size is not None and step is not None else None
+        turns = meta.get("args", {}).get("turns") or 1  # SFT on chats of 1..turns demos: (turns + 1) / 2 each
+        return round(batch_size * step * (turns + 1) / 2) if batch_size is not None and step is not None else None
     path = Path(run_dir) / "metrics.jsonl"
     logged = [json.loads(line).get("samples_used") for line in path.read_text().splitlines()] if path.is_file() else []
     logged = [v for v in logged if v is not None]
@@ -126,6 +127,9 @@ def main(argv=None):
                                 seed=args.seed)
             row[f"{split}_reward"], row[f"{split}_format"] = r["reward"], r["format"]
             row[f"{split}_rewards"] = r["rewards"]  # per prompt, same prompts for every policy
+            if split == "test":  # what the model was shown (a retrieval prompt's examples too) and what it said
+                row["test_example"] = {"prompt": ck.tokenizer.decode(prompt_ids(ck.tokenizer, prompts[:1])[0]),
+                                       "completion": r["example"]}
         # KL to the reference and the reward of the policy's own T = 1 samples (k per test prompt): for a
         # verifier task evaluated greedily, this shows a sharpened sampling distribution the greedy answer hides
         kl = sample_kl(model, ref.model.eval(), ck.tokenizer, splits["test"], args.max_new_tokens, 1.0,

@@ -6,7 +6,7 @@ and tensor shapes. check_meta and check_train_state refuse it with one line nami
 (a UserError, exit code 2). Every field minipost writes is typed; a field missing from an older or hand-made
 checkpoint is allowed wherever the code reading it has a default (all of meta.json's top-level fields), and
 an unknown extra field is kept as written (nothing reads it). Of a run's "args" and "metrics", only the
-entries something reads are typed (args batch_size and k: samples counted by minipost.evaluate and the
+entries something reads are typed (args batch_size, k and turns: samples counted by minipost.evaluate and the
 plots; the run's costs in metrics, copied into evaluation rows).
 
     kind          one of KINDS              step         integer >= 0         elapsed_s   number >= 0
@@ -60,7 +60,7 @@ PATH = ("a non-empty string", lambda v: isinstance(v, str) and v != "")
 META = {"kind": one_of(KINDS), "task": optional(STRING), "script": STRING, "init": STRING, "step": integer(0),
         "elapsed_s": number(">= 0"), "reward_bias": ANY_NUMBER, "centred_on": integer(0), "args": OBJECT,
         "metrics": OBJECT, "adapter": OBJECT}
-ARGS = {"batch_size": optional(integer(1)), "k": optional(integer(1))}
+ARGS = {"batch_size": optional(integer(1)), "k": optional(integer(1)), "turns": optional(integer(1))}
 METRICS = {"trainable_params": integer(0), "tensor_memory_mb": number(">= 0"), "peak_memory_mb": number(">= 0")}
 ADAPTER = {"lora": optional(OBJECT), "prompt_tuning": optional(integer(1, 2**17)), "base": OBJECT}
 LORA = {"r": integer(1, 2**15), "alpha": number("> 0"), "dropout": number("in [0, 1)"), "targets": TARGETS}

@@ -5,8 +5,9 @@ Bands and error bars: mean over seeds ± one standard deviation of the seeds (a 
 import json
 from pathlib import Path
 
-from .report import by_method, length_gaps, mean, mean_sd, mean_sweep, read_jsonl, sweep_rows
-from .stages import IMITATION, IMITATOR, TEACHER
+from .report import by_method, length_gaps, mean_sweep, read_jsonl, sweep_rows
+from .verdicts import mean, mean_sd
+from .stages import DEMOS, IMITATION, IMITATOR, TEACHER
 
 
 def spread(values):
@@ -73,11 +74,14 @@ def bon_arith(axes, evals, sweeps):
         if not by_seed:
             continue
         curves = list(by_seed.values())
+        demos = list(sweep_rows(sweeps, f"arith/bon-{DEMOS}{split}").values())  # the second selector, if run
         ns = [r["n"] for r in curves[0]]
-        for key, style, label in (("reward", "o-", "best-of-N, reward model"), ("oracle_reward", "s--",
-                                                                                  "best-of-N, verifier (oracle)")):
-            if key in curves[0][0]:
-                stats = [spread([c[j][key] for c in curves]) for j in range(len(ns))]
+        for key, style, label, runs in (
+                ("reward", "o-", "best-of-N, reward model", curves),
+                ("reward", "^:", "best-of-N, reward model learnt from demonstrations", demos),
+                ("oracle_reward", "s--", "best-of-N, verifier (oracle)", curves)):
+            if runs and key in runs[0][0]:
+                stats = [spread([c[j][key] for c in runs]) for j in range(len(ns))]
                 ys, sds = [m for m, _ in stats], [sd for _, sd in stats]
                 ax.plot(ns, ys, style, label=label)
                 ax.fill_between(ns, [y - e for y, e in zip(ys, sds)], [y + e for y, e in zip(ys, sds)], alpha=0.2)

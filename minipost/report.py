@@ -5,11 +5,8 @@ Inputs (under the pipeline's OUT): <task>/eval/<policy>/eval.json (one uniform e
 <task>/bon-*-seed<s>/sweep.jsonl (best-of-N sweeps), <stage>/metrics.jsonl (training curves). Every number in
 report.md is read from those files; tests/test_pipeline.py checks that they match.
 
-Statistics. A method's row is the mean over its seeds (each seed its own chain: SFT -> RL, SFT -> reward model ->
-PPO / DPO / best-of-N, ...). Two methods are compared on the same prompts: the two-standard-error half width of
-their difference is the larger of the paired-over-prompts one (per-prompt values averaged over seeds) and the
-seeds' one (per-seed differences when both sides ran the same seeds, else each side's spread over its seeds).
-A claim "difference > 0" then held, was refuted or is inconclusive (verdict()).
+A method's row is the mean over its seeds (each seed its own chain: SFT -> RL, SFT -> reward model -> PPO / DPO /
+best-of-N, ...); how two rows are compared, and the preconditions each question checks first: minipost/verdicts.py.
 """
 import json
 import math
@@ -17,28 +14,15 @@ from pathlib import Path
 
 from .model import PRESETS
 # the method names pipeline.py gives its stages: ORDER (table rows), CHEAP (question 6), IMITATION (question 5)
-from .stages import CHEAP, IMITATION, IMITATOR, ORDER, RETRIEVAL, SFT_LIKE, STUDENT, TEACHER
+from .stages import CHEAP, DEMOS, IMITATION, IMITATOR, ORDER, RETRIEVAL, SFT_LIKE, STUDENT, TEACHER, WARMUP
 from .tasks import get_task
+from .verdicts import (FORMAT_GAP, ahead, claim, compare, in_range, mean, mean_sd, noise, not_testable, per_prompt,
+                       preconditions, ranks, selector_auc, verdict)
 
 
 def read_jsonl(path):
     path = Path(path)
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def mean_sd(values):
-    """(mean, sample sd or None with one value, n)."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None, 0
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-    return m, sd, len(values)
 
 
 def fmt(values, digits=3):
@@ -85,48 +69,6 @@ ADAPT_COLUMNS = [("test accuracy (greedy)", "test_reward", 3), ("ood accuracy (g
                  ("format (test)", "test_format", 3), ("trainable params", "trainable_params", 0),
                  ("train time (s)", "train_time_s", 0), ("tensor memory (MB)", "tensor_memory_mb", 1),
                  ("peak RSS (MB)", "peak_memory_mb", 0)]
-
-
-# ------------------------------------------------------------------------------------------- statistics
-
-def per_prompt(rows, key):
-    """Per-prompt values averaged over the rows (seeds) of a method: rows[*][key] are equal-length lists."""
-    return [sum(vals) / len(vals) for vals in zip(*[r[key] for r in rows])]
-
-
-def noise(rows_a, rows_b, key):
-    """Two standard errors of mean(a) - mean(b), both scored on the same prompts (key: per-prompt lists): the
-    larger of the paired-over-prompts one and the seeds' one (see the module docstring)."""
-    d = [x - y for x, y in zip(per_prompt(rows_a, key), per_prompt(rows_b, key))]
-    n = len(d)
-    sd = math.sqrt(sum((v - sum(d) / n) ** 2 for v in d) / (n - 1)) if n > 1 else 0.0
-    two_se = 2 * sd / math.sqrt(max(n, 1))
-    seeds_a, seeds_b = ({r.get("seed", 0): mean(r[key]) for r in rows} for rows in (rows_a, rows_b))
-    if len(rows_a) > 1 and seeds_a.keys() == seeds_b.keys() and len(seeds_a) == len(rows_a) == len(rows_b):
-        diffs = [seeds_a[s] - seeds_b[s] for s in seeds_a]  # one chain per seed on both sides: paired
-        two_se = max(two_se, 2 * mean_sd(diffs)[1] / math.sqrt(len(diffs)))
-    else:
-        var = [mean_sd(list(s.values()))[1] ** 2 / len(s) if len(s) > 1 else 0.0 for s in (seeds_a, seeds_b)]
-        two_se = max(two_se, 2 * math.sqrt(sum(var)))
-    return two_se
-
-
-def verdict(diff, two_se):
-    """A claim "diff > 0" -> held (the two-standard-error interval lies above 0), refuted (below 0) or
-    inconclusive (it holds 0), with the effect, its interval and, when inconclusive, the smallest effect this
-    many prompts and seeds could detect: 2.8 standard errors (80% power at the 5% level, two-sided)."""
-    where = f"difference {diff:+.3f}, interval [{diff - two_se:+.3f}, {diff + two_se:+.3f}]"
-    if diff > two_se:
-        return f"held ({where})"
-    if diff < -two_se:
-        return f"was refuted ({where})"
-    return f"is inconclusive ({where}; the smallest effect this n could detect is {1.4 * two_se:.3f})"
-
-
-def compare(rows_a, rows_b, key):
-    """verdict() of "mean(a) > mean(b)" on per-prompt values `key` (e.g. "test_rewards")."""
-    diff = mean(per_prompt(rows_a, key)) - mean(per_prompt(rows_b, key))
-    return verdict(diff, noise(rows_a, rows_b, key))
 
 
 def seeds_note(rows):
@@ -209,30 +151,44 @@ def of(rows, method):
     return [r for r in rows if r["method"] == method]
 
 
-def sft_vs_bon(evals, sweeps):
-    """(1) Somerstep et al.: SFT beats best-of-N with a learned selector, by more as answers get longer."""
+def sft_vs_bon(evals, sweeps, rm_from_demos=False):
+    """(1) Somerstep et al.: SFT beats best-of-N with a learned selector, by more as answers get longer. Only
+    read where the selector ranks its own pool better than chance: at chance best-of-N is flat in N, and the
+    comparison is SFT against a coin."""
     sft = of(evals.get("arith", []), "sft")
-    test = sweep_rows(sweeps, "arith/bon-test")
+    test, demos = sweep_rows(sweeps, "arith/bon-test"), sweep_rows(sweeps, f"arith/bon-{DEMOS}test")
     if not sft or not test:
         return []
     sweep = mean_sweep(test)
     P, top = int(sweep[0]["n_prompts"]), int(sweep[-1]["n"])
     a = truncated(sft, "test_rewards", P)
-    text = ("**(1) SFT vs best-of-N (Somerstep et al. 2025).** Both start from the same warm-up policy and the same "
-            "demonstrations: SFT trains on them; a reward model learns to prefer each demonstration to a wrong "
-            f"sample of the warm-up policy and picks the best of N warm-up samples. On the first {P} test "
-            f"prompts ({seeds_note(sft)}): SFT greedy {mean(per_prompt(a, 'x')):.3f}; best-of-N with the reward "
-            "model " + ", ".join(f"N={r['n']:.0f}: {r['reward']:.3f}" for r in sweep)
-            + "; with the verifier as an oracle selector " + ", ".join(f"N={r['n']:.0f}: {r['oracle_reward']:.3f}"
-                                                                       for r in sweep if "oracle_reward" in r)
-            + f". The claim that SFT beats best-of-{top} (reward model) " + compare(a, bon_as_rows(test, top), "x") + ".")
+    curve = lambda rows, key: ", ".join(f"N={r['n']:.0f}: {r[key]:.3f}" for r in rows if key in r)  # noqa: E731
+    text = ("**(1) SFT vs best-of-N (Somerstep et al. 2025).** Both start from the same warm-up policy: SFT trains on "
+            "demonstrations; a reward model learns "
+            + ("from those demonstrations (each preferred to a wrong warm-up sample of its prompt)" if rm_from_demos
+               else "to rank what it will select among, the warm-up's own samples (several per train prompt, a "
+                    "correct one preferred to a wrong one by the verifier)")
+            + f" and picks the best of N warm-up samples. On the first {P} test prompts ({seeds_note(sft)}): SFT greedy "
+            f"{mean(per_prompt(a, 'x')):.3f}; best-of-N with the reward model {curve(sweep, 'reward')}; with the "
+            f"verifier as an oracle selector {curve(sweep, 'oracle_reward')}")
+    if demos:
+        text += (f"; with a second reward model learnt from the demonstrations (each preferred to a wrong warm-up "
+                 f"sample) {curve(mean_sweep(demos), 'reward')}")
+    checks = [ranks(selector_auc(test), "the reward model")]
+    said, blocked = preconditions(checks)
+    text += "." + said
+    if demos:
+        met, what = ranks(selector_auc(demos), "the demonstration-trained reward model")
+        text += (f" The second selector: {what}" + ("." if met else "; no claim is read from its curve."))
+    text += f" The claim that SFT beats best-of-{top} (reward model) " + claim(a, bon_as_rows(test, top), "x", blocked) + "."
     gaps = length_gaps(evals, sweeps, top)
     if len(gaps) > 1:
         lo, hi = min(gaps), max(gaps)
         diff, two_se = gaps[hi][0] - gaps[lo][0], math.hypot(gaps[hi][1], gaps[lo][1])  # independent prompts
         text += (" By answer length (SFT minus best-of-" + str(top) + "): " + ", ".join(
             f"{L} step{'s' if L > 1 else ''} {g:+.3f} ± {se:.3f} ({n} prompts)" for L, (g, se, n) in gaps.items())
-            + f". The claim that the gap grows with length ({hi} steps vs {lo}) " + verdict(diff, two_se) + ".")
+            + f". The claim that the gap grows with length ({hi} steps vs {lo}) "
+            + (not_testable(blocked) if blocked else verdict(diff, two_se)) + ".")
     return [text]
 
 
@@ -252,14 +208,18 @@ def dft_vs_sft(evals):
         return []
     S, D = of(a, sft), of(a, dft)
     swept = "; ".join(f"{m} {v:.3f}" for m, v in {**sft_vals, **dft_vals}.items())
+    # DFT weights each token's loss by its probability: from a start that solves almost nothing it has little
+    # to weight, and from one that solves almost everything neither method has room
+    said, blocked = preconditions([in_range(mean([r["test_reward"] for r in of(a, WARMUP)]),
+                                            "the warm-up's greedy test accuracy")])
     return [f"**(2) DFT vs SFT (Wu et al. 2025).** Learning rates picked on validation (held-out problems of the "
             f"training distribution; greedy accuracy: {swept}): SFT → {sft}, DFT → {dft}. Both continue from the "
             "same short SFT warm-up (from the raw base DFT cannot learn the chat format: its weight p is ~0 on the "
             f"format's tokens). {seeds_note(S)}. OOD (3-step problems) accuracy SFT {fmt([r['ood_reward'] for r in S])}, "
             f"DFT {fmt([r['ood_reward'] for r in D])}; in distribution SFT {fmt([r['test_reward'] for r in S])}, DFT "
-            f"{fmt([r['test_reward'] for r in D])}. The claim that DFT generalises better (OOD) "
-            + compare(D, S, "ood_rewards") + "; that DFT beats SFT in distribution " + compare(D, S, "test_rewards")
-            + "."]
+            f"{fmt([r['test_reward'] for r in D])}.{said} The claim that DFT generalises better (OOD) "
+            + claim(D, S, "ood_rewards", blocked) + "; that DFT beats SFT in distribution "
+            + claim(D, S, "test_rewards", blocked) + "."]
 
 
 def rl_methods(evals):
@@ -270,14 +230,17 @@ def rl_methods(evals):
         return []
     key = "test_sample_rewards"
     parts = [f"{m.upper()} {fmt([r['test_sample_reward'] for r in rows])}" for m, rows in rl.items()]
-    gains = [f"for {m.upper()} it " + compare(rows, sft, key) for m, rows in rl.items()]
+    # RL learns from the rewards of its own samples: a start that is never (or always) right gives no signal
+    said, blocked = preconditions([in_range(mean([r["test_sample_reward"] for r in sft]),
+                                            f"the start's ({TEACHER}) T = 1 test accuracy")])
+    gains = [f"for {m.upper()} it " + claim(rows, sft, key, blocked) for m, rows in rl.items()]
     return ["**(3) NFT vs RFT vs GRPO (Chen et al. 2025).** Each seed's chain starts from its own SFT policy "
             f"trained longer ({TEACHER}; T = 1 test accuracy {fmt([r['test_sample_reward'] for r in sft])}); every "
             "method generates the "
             f"same samples per step for the same steps ({seeds_note(sft)}). T = 1 test accuracy after RL: "
-            + ", ".join(parts) + ". The claim that RL improves on the SFT policy: " + "; ".join(gains)
-            + ". The claim that NFT beats RFT " + compare(rl["nft"], rl["rft"], key) + "; that GRPO beats NFT "
-            + compare(rl["grpo"], rl["nft"], key)
+            + ", ".join(parts) + "." + said + " The claim that RL improves on the SFT policy: " + "; ".join(gains)
+            + ". The claim that NFT beats RFT " + claim(rl["nft"], rl["rft"], key, blocked) + "; that GRPO beats NFT "
+            + claim(rl["grpo"], rl["nft"], key, blocked)
             + " (T = 1 accuracy; greedy in the table; accuracy against samples in rl_curves.png)."]
 
 
@@ -300,6 +263,11 @@ def ppo_vs_dpo(evals, sweeps):
             + "; ".join(f"{m} {r:.3f} at {k:.2f} nats" for m, (k, r, _) in {**ppo, **dpo}.items()))
     # compare where both reach: the best mean reward of each method among its strengths within the KL budget
     # that both methods' frontiers cover (its largest mean KL, the smaller of the two), 10% slack
+    test = sweep_rows(sweeps, "sentiment/bon-test")
+    blocked = None
+    if test:  # PPO climbs its reward model: one that cannot rank the SFT policy's samples gives it nothing to climb
+        said, blocked = preconditions([ranks(selector_auc(test), "the reward model (on the SFT policy's samples)")])
+        text += "." + said.rstrip(".")
     budget = min(max(k for k, _, _ in ppo.values()), max(k for k, _, _ in dpo.values()))
     best = {}
     for name, pts in (("PPO", ppo), ("DPO", dpo)):
@@ -309,10 +277,9 @@ def ppo_vs_dpo(evals, sweeps):
     if len(best) == 2:
         text += (f". Within {budget:.2f} nats (the largest KL both reach): PPO's best {best['PPO']}, DPO's best "
                  f"{best['DPO']}; the claim that DPO reaches more reward there "
-                 + compare(dpo[best["DPO"]][2], ppo[best["PPO"]][2], "test_sample_rewards"))
+                 + claim(dpo[best["DPO"]][2], ppo[best["PPO"]][2], "test_sample_rewards", blocked))
     else:
         text += ". The two frontiers do not overlap in KL, so they cannot be compared at equal KL here"
-    test = sweep_rows(sweeps, "sentiment/bon-test")
     if test:
         sweep = mean_sweep(test)
         text += ("; best-of-N with the same reward models: " + ", ".join(
@@ -348,19 +315,28 @@ def imitation(evals):
     amounts = sorted({int(m.rpartition("-n")[2]) for m in groups})
     small, big, n_lo, n_hi = sizes[0], sizes[-1], amounts[0], amounts[-1]
     top = groups[f"{IMITATOR}{big}-n{n_hi}"]
+    # imitation can only fail to copy a capability the teacher has and the students lack: the teacher must be
+    # ahead of a student of that size trained on as many true demonstrations
+    true_top = of(a, f"{STUDENT}{big}-n{n_hi}")
+    lead = (ahead(teacher, true_top, "test_rewards") if true_top else False,
+            f"the teacher ahead of the {big} student trained on {n_hi} true demonstrations: " + (
+                compare(teacher, true_top, "test_rewards") if true_top else "not measured"))
+    said, blocked = preconditions([lead])
+    text += said
     fgap = mean([r["test_format"] for r in top]) - t["test_format"]
     text += (f" Style: the imitator's format is within {abs(fgap):.3f} of the teacher's ("
              + ("copied, |gap| <= 0.05" if abs(fgap) <= 0.05 else "not copied, |gap| > 0.05") + "). The claim that "
              f"capability is not copied (teacher ahead of the {big} imitator at n={n_hi}) "
-             + compare(teacher, top, "test_rewards") + ".")
+             + claim(teacher, top, "test_rewards", blocked) + ".")
     if n_hi != n_lo:
         for p in sizes:
             text += (f" The claim that more imitation data ({n_lo} → {n_hi}) raises the {p} imitator's accuracy "
-                     + compare(groups[f"{IMITATOR}{p}-n{n_hi}"], groups[f"{IMITATOR}{p}-n{n_lo}"], "test_rewards")
+                     + claim(groups[f"{IMITATOR}{p}-n{n_hi}"], groups[f"{IMITATOR}{p}-n{n_lo}"], "test_rewards",
+                             blocked)
                      + ".")
     if big != small:
         text += (f" The claim that a bigger base ({big} vs {small}, n={n_hi}) raises the imitator's accuracy "
-                 + compare(top, groups[f"{IMITATOR}{small}-n{n_hi}"], "test_rewards") + ".")
+                 + claim(top, groups[f"{IMITATOR}{small}-n{n_hi}"], "test_rewards", blocked) + ".")
     return [text]
 
 
@@ -375,17 +351,30 @@ def adaptation(evals):
             + "; ".join(f"{m} {mean([r['test_reward'] for r in g]):.3f} / {mean([r['ood_reward'] for r in g]):.3f}"
                         for m, g in groups.items()) + f" ({seeds_note(sft)}).")
     # the alternatives to full SFT from the same warm-up: adapters (same steps and data) and retrieval into the
-    # frozen warm-up; retrieval into the SFT policy is an addition to SFT, judged on its own below
+    # frozen warm-up; retrieval into the SFT policy is an addition to SFT, judged on its own below. A row is
+    # compared with full SFT only where their formats (on that split) are within FORMAT_GAP: a row that answers
+    # in another shape, or runs on past its answer, is scored on different behaviour, not on the same skill.
+    form = lambda rows, split: mean([r[f"{split}_format"] for r in rows])  # noqa: E731
+    text += (" Format test / ood: " + "; ".join(f"{m} {form(g, 'test'):.3f} / {form(g, 'ood'):.3f}"
+                                                for m, g in {"full SFT": sft, **groups}.items()) + ".")
     instead = {m: g for m, g in groups.items() if not m.startswith(RETRIEVAL + "sft")}
     for split, what in (("test", "in domain"), ("ood", "out of distribution")):
-        if instead:
-            best = max(instead, key=lambda m: mean([r[f"{split}_reward"] for r in instead[m]]))
-            text += (f" The claim that full SFT holds the edge {what} over the best cheap alternative there ({best}) "
-                     + compare(sft, instead[best], f"{split}_rewards") + ".")
+        if not instead:
+            continue
+        near = {m: g for m, g in instead.items() if abs(form(g, split) - form(sft, split)) <= FORMAT_GAP}
+        far = [f"{m} {form(g, split):.3f}" for m, g in instead.items() if m not in near]
+        said, blocked = preconditions([(bool(near), f"{split} formats within {FORMAT_GAP} of full SFT's "
+                                        f"{form(sft, split):.3f}" + (f", which leaves out {', '.join(far)}" if far else ""))])
+        best = max(near or instead, key=lambda m: mean([r[f"{split}_reward"] for r in (near or instead)[m]]))
+        text += (said + f" The claim that full SFT holds the edge {what} over the best cheap alternative there "
+                 f"({best}) " + claim(sft, instead[best], f"{split}_rewards", blocked) + ".")
     for m, g in groups.items():
         if m.startswith(RETRIEVAL + "sft"):
-            text += (f" The claim that retrieval added to the SFT policy ({m}) raises its ood accuracy "
-                     + compare(g, sft, "ood_rewards") + ".")
+            gap = abs(form(g, "ood") - form(sft, "ood"))
+            said, blocked = preconditions([(gap <= FORMAT_GAP, f"{m}'s ood format {form(g, 'ood'):.3f} within "
+                                            f"{FORMAT_GAP} of the SFT policy's {form(sft, 'ood'):.3f}")])
+            text += (said + f" The claim that retrieval added to the SFT policy ({m}) raises its ood accuracy "
+                     + claim(g, sft, "ood_rewards", blocked) + ".")
     trained = {m: g for m, g in groups.items() if not m.startswith(RETRIEVAL)}
     short = {r["method"]: f"{r['method']} {r['retrieve_short']} of {2 * r['n_eval']}" for g in groups.values()
              for r in g if r.get("retrieve_short")}  # the same prompts for every seed
@@ -401,9 +390,9 @@ def adaptation(evals):
     return [text]
 
 
-def questions(evals, sweeps):
+def questions(evals, sweeps, rm_from_demos=False):
     """One paragraph per question of the study (README, "The study"): the measured answer and its verdict."""
-    return (sft_vs_bon(evals, sweeps) + dft_vs_sft(evals) + rl_methods(evals) + ppo_vs_dpo(evals, sweeps)
+    return (sft_vs_bon(evals, sweeps, rm_from_demos) + dft_vs_sft(evals) + rl_methods(evals) + ppo_vs_dpo(evals, sweeps)
             + imitation(evals) + adaptation(evals))
 
 
@@ -428,6 +417,22 @@ def stage_devices(stages) -> str:
     return " and ".join(used) or "CPU"
 
 
+def retrieval_examples(rows):
+    """What a retrieval row's model was shown and answered (its first test prompt, greedy), for the largest k
+    into each frozen model (seed 0): markdown lines."""
+    rag = {r["method"]: r for r in sorted(rows, key=lambda r: r["seed"], reverse=True)
+           if r["method"].startswith(RETRIEVAL) and r.get("test_example")}  # seed 0's row wins
+    largest = {}
+    for m in sorted(rag, key=lambda m: int(m.rpartition("-k")[2])):
+        largest[m.rpartition("-k")[0]] = m
+    md = []
+    for m in largest.values():
+        ex = rag[m]["test_example"]
+        md += [f"Example ({m}, seed {rag[m]['seed']}, the first test prompt): the prompt as the model reads it, then "
+               "its greedy answer.", "", "```", ex["prompt"], "```", "", "```", ex["completion"], "```", ""]
+    return md
+
+
 def write_report(out: Path, stages, scale, evals: dict, made=()) -> Path:
     """evals: task -> rows of the policies' eval.json (plus name, method, seed), as pipeline.collect_evals;
     made: the PNG files plots.plots drew beside it."""
@@ -444,25 +449,30 @@ def write_report(out: Path, stages, scale, evals: dict, made=()) -> Path:
           + ("" if scale.seeds >= 3 else " With one seed a verdict reflects prompt noise only, not seed noise: "
              "this run is a demonstration; `python pipeline.py --scale full` is the study that answers."), "",
           "## Questions", ""]
-    md += [q + "\n" for q in questions(evals, sweeps)]
+    rm = next((st for st in stages if st.name == "arith/rm-seed0"), None)  # what best-of-N's selector learnt from
+    md += [q + "\n" for q in questions(evals, sweeps, rm is not None and "--pairs-from-demos" in rm.argv)]
     main = [r for r in a if not r["method"].startswith(IMITATION + CHEAP) and "-lr" not in r["method"]]
     md += ["## arith (accuracy by the verifier)", "", method_table(main, ARITH_COLUMNS), ""]
     lr_rows = [r for r in a if r["method"] in SFT_LIKE or r["method"].startswith(tuple(f"{m}-lr" for m in SFT_LIKE))]
     md += ["Learning rates of SFT and DFT (question 2; each picked on validation accuracy):", "",
            method_table(lr_rows, LR_COLUMNS), ""]
-    for split in ("test", "ood"):
-        by_seed = sweep_rows(sweeps, f"arith/bon-{split}")
+    for tag, split, selector in (("", "test", "the reward model learnt from its own samples"),
+                                 ("", "ood", "the reward model learnt from its own samples"),
+                                 (DEMOS, "test", "the reward model learnt from the demonstrations")):
+        by_seed = sweep_rows(sweeps, f"arith/bon-{tag}{split}")
         if by_seed:
-            md += [f"Best-of-N from the warm-up policy on {split} (reward model selects; mean over {len(by_seed)} "
-                   "seed(s); ± the standard error over seeds, or over prompts with one seed):", "",
-                   sweep_table(mean_sweep(by_seed)), ""]
+            md += [f"Best-of-N from the warm-up policy on {split}, {selector} selecting (mean over {len(by_seed)} "
+                   "seed(s); ± the standard error over seeds, or over prompts with one seed). "
+                   + ranks(selector_auc(by_seed), "The selector")[1] + ":", "", sweep_table(mean_sweep(by_seed)), ""]
     adapt = [r for r in a if r["method"] == "sft" or r["method"].startswith(CHEAP)]
     if any(r["method"] != "sft" for r in adapt):
         md += ["Full SFT vs cheap adaptation (question 6). SFT, LoRA and prompt tuning all continue from the "
                "same full-SFT warm-up for the same steps; retrieval rows are frozen models (the warm-up, or each "
-               "seed's SFT policy) prompted with k solved train examples (BM25). Tensor memory: the distinct "
+               "seed's SFT policy) prompted with k solved train examples (BM25) as earlier chat turns; the warm-up "
+               "was tuned on chats of 1-3 problems, the SFT policies after it on one-problem chats. Tensor memory: the distinct "
                "parameter, gradient and optimizer-state tensors a run holds; peak RSS: the whole process.", "",
                method_table(adapt, ADAPT_COLUMNS), ""]
+        md += retrieval_examples(adapt)
     imit = [r for r in a if r["method"].startswith(IMITATION) or (r["method"] == TEACHER and r["seed"] == 0)]
     if imit:
         md += [f"Imitation (question 5): the teacher ({TEACHER}, seed 0), and each student size x data amount on the "
@@ -472,8 +482,8 @@ def write_report(out: Path, stages, scale, evals: dict, made=()) -> Path:
            method_table(evals["sentiment"], SENTIMENT_COLUMNS), ""]
     by_seed = sweep_rows(sweeps, "sentiment/bon-test")
     if by_seed:
-        md += ["Best-of-N from each seed's SFT policy, its reward model selects, the ground truth scores:", "",
-               sweep_table(mean_sweep(by_seed)), ""]
+        md += ["Best-of-N from each seed's SFT policy, its reward model selects, the ground truth scores. "
+               + ranks(selector_auc(by_seed), "The selector")[1] + ":", "", sweep_table(mean_sweep(by_seed)), ""]
     md += ["## Plots", ""] + [f"![{m}]({m})" for m in made] + [""]
     md += ["## How each number was made", "", "Stages (each a script call; rerun one to reproduce it):", ""]
     md += [f"- `{st.name}`: `{st.command}`" for st in stages]

@@ -238,6 +238,7 @@ def fx(run, tmp_path_factory):
     (d / "empty-chosen.jsonl").write_text(lines([{"prompt": "2+2?", "chosen": [{"role": "assistant", "content": ""}],
                                                   "rejected": "5"}]))
     (d / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "completion": "ok"}\n')
+    (d / "text.jsonl").write_text(lines([{"text": "plain prose"}, {"text": "no turns to join"}]))
     (d / "no-content.jsonl").write_text(lines([{"messages": [{"role": "user", "name": "x"},
                                                              {"role": "assistant", "content": "hi"}]}]))
     (d / "empty-completion.jsonl").write_text(lines([{"prompt": "hi", "completion": [{"role": "assistant",
@@ -367,6 +368,9 @@ ROWS = [  # (id, entry, argv with {fx} for the fixture directory, exit code, wha
     ("base-resume-malicious-model", "base", "--resume --out {fx}/evil-init", 2, "model.pt refused as unsafe"),
     ("sft-data-not-utf8", "sft", "--init {fx}/base --data {fx}/latin1.jsonl", 2,
      "latin1.jsonl:1: not UTF-8 text (byte 15 of the line)"),
+    ("sft-turns-0", "sft", "--init {fx}/base --turns 0", 2, "--turns must be >= 1"),
+    ("sft-turns-text-rows", "sft", "--init {fx}/base --data {fx}/text.jsonl --turns 2", 2,
+     "text.jsonl:1: --turns joins chat demonstrations (messages, or prompt + completion)"),
     ("sft-data-role-without-content", "sft", "--init {fx}/base --data {fx}/no-content.jsonl", 2,
      "no-content.jsonl:1: messages[0] must be an object with 'role' and 'content'"),
     ("grpo-reward-raises", "rlhf", "--algo grpo --init {fx}/sft --reward rewards:crash --max-steps 1 --k 2", 2,

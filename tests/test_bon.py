@@ -299,6 +299,35 @@ def test_sweep_oracle_is_the_ground_truth_selecting_from_the_same_pool(work, rew
         assert sum(r["rewards"]) / 3 == pytest.approx(r["reward"], abs=1e-15)
     assert results[0]["oracle_rewards"] == pytest.approx(results[0]["rewards"], abs=1e-12)  # N = 1: no choice
     assert results[-1]["oracle_reward"] > results[-1]["reward"]  # length is not the gold: the oracle does better
+    # the selector's AUC on this very pool, prompt by prompt, against a naive count over all candidate pairs
+    aucs = [naive_auc(p["scores"], p["rewards"]) for p in pool]
+    assert results[0]["selector_aucs"] == pytest.approx(aucs, abs=1e-12)
+    ranked = [a for a in aucs if a is not None]
+    assert results[0]["selector_auc_prompts"] == len(ranked) > 0
+    assert results[0]["selector_auc"] == pytest.approx(sum(ranked) / len(ranked), abs=1e-12)
+
+
+def naive_auc(scores, values):
+    """Every ordered pair (i, j) with values[i] > values[j]: 1 if scores[i] > scores[j], 0.5 if equal."""
+    right = pairs = 0
+    for i, j in itertools.permutations(range(len(scores)), 2):
+        if values[i] > values[j]:
+            pairs += 1
+            right += 1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0.0
+    return right / pairs if pairs else None
+
+
+def test_ranking_auc_hand_values_and_naive_count():
+    # correct = 1, wrong = 0: (0.9 vs 0.1) right, (0.9 vs 0.5) right, (0.2 vs 0.1) right, (0.2 vs 0.5) wrong
+    assert sample_bon.ranking_auc([0.9, 0.1, 0.2, 0.5], [1, 0, 1, 0]) == (0.75, 4)
+    assert sample_bon.ranking_auc([3, 3, 3], [1, 0, 0]) == (0.5, 2)  # a constant selector: chance
+    assert sample_bon.ranking_auc([1, 2, 3], [0, 1, 2]) == (1.0, 3) and sample_bon.ranking_auc([3, 2, 1], [0, 1, 2])[0] == 0.0
+    assert sample_bon.ranking_auc([0.4, 0.7], [1, 1]) == (None, 0)  # one value: nothing to rank
+    gen = torch.Generator().manual_seed(0)
+    for M in (2, 5, 17, 40):  # graded values with ties in both, as a reward model scores a sentiment pool
+        scores = torch.randint(0, 6, (M,), generator=gen).tolist()
+        values = torch.randint(0, 4, (M,), generator=gen).tolist()
+        assert sample_bon.ranking_auc(scores, values)[0] == pytest.approx(naive_auc(scores, values), abs=1e-12)
 
 
 def test_sweep_prompt_seed_and_no_oracle_for_the_ground_truth(work):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minipost.cli import UserError
-from minipost.data import collate, conversation, encode_conversations, encode_pairs, read_jsonl
+from minipost.data import collate, conversation, encode_conversations, encode_pairs, multi_turn, read_jsonl
 
 
 def write(tmp_path, lines, name="d.jsonl"):
@@ -122,3 +122,26 @@ def test_collate_right_pads():
     assert ids.tolist() == [[5, 6, 7], [8, 2, 2]]
     assert mask.tolist() == [[0, 1, 1], [1, 0, 0]]
     assert ids.dtype == torch.long and mask.dtype == torch.float32
+
+
+def test_multi_turn_joins_rows_in_cycling_group_sizes():
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    rows = [{"messages": [turn("system", "be brief"), turn("user", f"q{i}"), turn("assistant", f"a{i}")]}
+            for i in range(4)] + [{"prompt": "q4", "completion": "a4"}, {"prompt": "q5", "completion": "a5"}]
+    where = [f"f.jsonl:{i + 1}" for i in range(6)]
+    out, out_where = multi_turn(rows, 3, where)
+    # sizes 1, 2, 3, then the one row left: every row once, in order; a system message only where a chat opens
+    assert [[m["content"] for m in r["messages"]] for r in out] == [
+        ["be brief", "q0", "a0"], ["be brief", "q1", "a1", "q2", "a2"],
+        ["be brief", "q3", "a3", "q4", "a4", "q5", "a5"]]
+    assert out_where == ["f.jsonl:1", "f.jsonl:2", "f.jsonl:4"]
+    assert multi_turn(rows, 1, where) == (rows, where)
+    # every answer of a joined chat is trained: the mask covers each assistant turn and its <|end|>
+    tok = CharTokenizer()
+    chats, _ = multi_turn([rows[4], rows[4], rows[5]], 2)  # [q4 a4], [q4 a4 q5 a5]
+    (ids, mask), = encode_conversations(tok, chats[1:], block_size=64)[0]
+    q4, a4, q5, a5 = (tok.encode(t) for t in ("q4", "a4", "q5", "a5"))
+    assert ids == [0, 3, *q4, 1, 4, *a4, 1, 3, *q5, 1, 4, *a5, 1]
+    assert mask == [0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1]
+    with pytest.raises(UserError, match="f.jsonl:2: --turns joins chat demonstrations"):
+        multi_turn([rows[0], {"text": "plain"}], 2, where[:2])

@@ -37,7 +37,7 @@ def test_report_tables_match_eval_files(study):
     report = (study / "report.md").read_text()
     arith = report.split("## arith")[1].split("## sentiment")[0]
     tables = {  # (section, columns, methods that must be there)
-        "main": (arith.split("Learning rates")[0], ARITH_COLUMNS, {"sft", "dft", "grpo", "nft", "rft"}),
+        "main": (arith.split("Learning rates")[0], ARITH_COLUMNS, {"warmup", "sft", "dft", "grpo", "nft", "rft"}),
         "lr": (arith.split("Learning rates")[1].split("Best-of-N")[0], LR_COLUMNS, {"sft", "dft"}),
         "adapt": (arith.split("question 6")[1].split("Imitation")[0], ADAPT_COLUMNS,
                   {"sft", "lora-r4", "prompt-tuning", "rag-warmup-k2", "rag-sft-k2"}),
@@ -60,6 +60,10 @@ def test_report_tables_match_eval_files(study):
               "(6) Full SFT vs cheap adaptation"):
         assert f"**{q}" in report, q
     assert "underpowered" in report  # one seed: the report says so
+    assert report.count("Preconditions: ") >= 6  # every question measures its own and prints them
+    rag = next(r for r in evals["arith"] if r["method"] == "rag-sft-k2")  # the example prompt and answer, verbatim
+    assert "Example (rag-sft-k2" in report and rag["test_example"]["prompt"] in report
+    assert rag["test_example"]["prompt"].count("<|assistant|>") == 3  # two solved examples, then the question
 
 
 def test_report_sweep_tables_match_sweep_files(study):
@@ -106,6 +110,19 @@ def test_plan_dependencies_follow_the_flags(tmp_path):
     # SFT vs best-of-N: both from the warm-up; the selector is that seed's reward model
     assert set(stages["arith/bon-ood-seed2"].deps) == {"arith/warmup", "arith/rm-seed2"}
     assert stages["arith/rm-seed0"].deps == ["arith/warmup"]
+    rm = stages["arith/rm-seed0"].argv  # it learns from the warm-up's own samples, the verifier labelling them
+    assert "--pairs-from-demos" not in rm and rm[rm.index("--k") + 1] == str(pipeline.SCALES["full"].rm_k)
+    assert "--pairs-from-demos" in stages["arith/rm-demos-seed1"].argv  # the second selector, test split only
+    assert set(stages["arith/bon-demos-test-seed1"].deps) == {"arith/warmup", "arith/rm-demos-seed1"}
+    assert "arith/bon-demos-ood-seed1" not in stages
+    # the warm-up is evaluated (the start of question 2); it alone trains on chats, as many demonstrations a step
+    assert set(stages["arith/eval/warmup"].deps) == {"arith/warmup", "arith/sft-seed0"}
+    argv = stages["arith/warmup"].argv
+    assert argv[argv.index("--turns") + 1] == "3" and argv[argv.index("--batch-size") + 1] == "16"
+    for name in ("arith/sft-seed1", "arith/dft-lr0.005-seed0", "arith/lora-r4-seed2", "arith/sft-long-seed0",
+                 "arith/student-mini-n1000-seed0", "sentiment/sft-seed0"):
+        argv = stages[name].argv
+        assert "--turns" not in argv and argv[argv.index("--batch-size") + 1] == "32", name
     # learning rates: every one of the sweep from the warm-up, scored on validation after the SFT demonstrations
     assert {"arith/sft-lr0.001-seed0", "arith/sft-lr0.004-seed2", "arith/dft-seed1", "arith/dft-lr0.012-seed2"} <= \
         set(stages)
@@ -148,11 +165,12 @@ def test_report_time_and_samples_come_from_the_runs_metrics(study):
                 assert r["samples"] == sum(logged) and r["method"] in ("grpo", "nft", "rft", "ppo-beta0.05")
             else:
                 meta = json.loads((study / r["name"] / "ckpt" / "meta.json").read_text())
-                assert r["samples"] == meta["args"]["batch_size"] * meta["step"]
+                turns = meta["args"].get("turns", 1)  # SFT on chats of 1..turns demonstrations: (turns + 1) / 2 each
+                assert r["samples"] == round(meta["args"]["batch_size"] * meta["step"] * (turns + 1) / 2)
 
 
 def test_noise_is_paired_over_prompts_and_uses_seed_spread():
-    from minipost.report import noise, verdict
+    from minipost.verdicts import noise, verdict
     a = [{"test_rewards": [1.0, 0.0, 1.0, 1.0]}]
     b = [{"test_rewards": [0.0, 0.0, 1.0, 0.0]}]
     # differences 1, 0, 0, 1: sd = sqrt(4 * 0.25 / 3), two standard errors = 2 sd / sqrt(4)
