@@ -81,7 +81,7 @@ class Scale:
     # arith's warm-up (the start of SFT, DFT, best-of-N and every adaptation) teaches the chat format on chats of
     # 1, 2, 3 problems (train_sft.py --turns), half as many chats a step (as many demonstrations): a model tuned on
     # one-turn chats has never answered late in the context or after solved turns, which retrieval's few-shot
-    # prompts ask (format 0.00 with 2 examples). The later SFT runs train on one-turn chats: at this size, chats
+    # prompts ask (format 0.00-0.01 with 1-2 examples). The later SFT runs train on one-turn chats: at this size, chats
     # there cost the policies' greedy accuracy (0.05 against 0.11 on 100 test prompts, CPU scale)
     chat_turns: int = 3
     rm_k: int = 8  # best-of-N's reward model: samples per prompt of the warm-up, the verifier picks the pairs

@@ -14,7 +14,7 @@ the split being evaluated cannot hand the model its own answer.
 
 The model must know the shape of such a prompt: answers late in the context, after solved turns. A small model
 tuned only on one-turn chats (absolute position embeddings never trained on the format past its first ~70
-tokens) answers a 2-example prompt in no format at all (format 0.00 on 48 arith test prompts, against 1.00
+tokens) answers a few-shot prompt in no format at all (format 0.00 with one example on 48 arith test prompts, 1.00
 without retrieval); tuned on chats of 1-3 problems (train_sft.py --turns 3) it keeps the format (0.88-0.98).
 pipeline.py's arith warm-up is tuned that way; SFT on one-turn chats after it unlearns it again (0.12).
 
