@@ -16,7 +16,7 @@ from .model import PRESETS
 # the method names pipeline.py gives its stages: ORDER (table rows), CHEAP (question 6), IMITATION (question 5)
 from .stages import CHEAP, DEMOS, IMITATION, IMITATOR, ORDER, RETRIEVAL, SFT_LIKE, STUDENT, TEACHER, WARMUP
 from .tasks import get_task
-from .verdicts import (FORMAT_GAP, ahead, claim, compare, in_range, mean, mean_sd, noise, not_testable, per_prompt,
+from .verdicts import (FORMAT_GAP, claim, compare, difference, in_range, mean, mean_sd, noise, not_testable, per_prompt,
                        preconditions, ranks, selector_auc, verdict)
 
 
@@ -318,9 +318,12 @@ def imitation(evals):
     # imitation can only fail to copy a capability the teacher has and the students lack: the teacher must be
     # ahead of a student of that size trained on as many true demonstrations
     true_top = of(a, f"{STUDENT}{big}-n{n_hi}")
-    lead = (ahead(teacher, true_top, "test_rewards") if true_top else False,
-            f"the teacher ahead of the {big} student trained on {n_hi} true demonstrations: " + (
-                compare(teacher, true_top, "test_rewards") if true_top else "not measured"))
+    what = f"the teacher ahead of the {big} student trained on {n_hi} true demonstrations: "
+    if true_top:
+        diff, two_se = difference(teacher, true_top, "test_rewards")
+        lead = (diff > two_se, what + verdict(diff, two_se))
+    else:
+        lead = (False, what + "not measured")
     said, blocked = preconditions([lead])
     text += said
     fgap = mean([r["test_format"] for r in top]) - t["test_format"]

@@ -62,10 +62,14 @@ def verdict(diff, two_se):
     return f"is inconclusive ({where}; the smallest effect this n could detect is {1.4 * two_se:.3f})"
 
 
+def difference(rows_a, rows_b, key):
+    """mean(a) - mean(b) on per-prompt values `key` (e.g. "test_rewards") and its two standard errors."""
+    return mean(per_prompt(rows_a, key)) - mean(per_prompt(rows_b, key)), noise(rows_a, rows_b, key)
+
+
 def compare(rows_a, rows_b, key):
-    """verdict() of "mean(a) > mean(b)" on per-prompt values `key` (e.g. "test_rewards")."""
-    diff = mean(per_prompt(rows_a, key)) - mean(per_prompt(rows_b, key))
-    return verdict(diff, noise(rows_a, rows_b, key))
+    """verdict() of "mean(a) > mean(b)"."""
+    return verdict(*difference(rows_a, rows_b, key))
 
 
 # ----------------------------------------------------------------------------------------- preconditions
@@ -81,11 +85,6 @@ def not_testable(reason):
 def claim(rows_a, rows_b, key, blocked=None):
     """compare(), or not_testable(blocked) where a precondition failed (blocked: its reason)."""
     return not_testable(blocked) if blocked else compare(rows_a, rows_b, key)
-
-
-def ahead(rows_a, rows_b, key) -> bool:
-    """mean(a) > mean(b) by more than two standard errors (compare()'s "held")."""
-    return mean(per_prompt(rows_a, key)) - mean(per_prompt(rows_b, key)) > noise(rows_a, rows_b, key)
 
 
 def in_range(value, what):
