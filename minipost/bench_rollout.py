@@ -4,8 +4,10 @@
     python -m minipost.bench_rollout --gpu                       # CUDA: decode tokens/s and the bandwidth bound
 
 CPU: greedy decoding of batch 64 x 64 new tokens on a 6 x 384 GPT-2 (random weights, minipost's 2048-token
-vocabulary), minipost's engine against transformers' `generate` on a GPT2LMHeadModel holding the same weights;
-then the time split of GRPO steps on the arith task (sampling / old log-probs / reference log-probs / update).
+vocabulary), minipost's engine against transformers' `generate` on a GPT2LMHeadModel holding the same weights,
+and the floor of any float32 engine on this machine (the generation's matmuls timed alone + its KV-cache reads
+at the measured memory bandwidth), which bounds the speed-up any float32 engine can have over `generate`; then the
+time split of GRPO steps on the arith task (sampling / old log-probs / reference log-probs / update).
 GPU: GPT-2-small size (12 x 768, 50257 tokens, bf16 weights) at batch 64 and 256, the engine (CUDA graphs)
 against `generate`, and the decode step's time against reading the weights and the KV cache once at the
 memory bandwidth given by --bandwidth-gbs (H200: 4800 GB/s). Weights are random: speed does not depend on them.
@@ -16,7 +18,7 @@ import time
 import torch
 
 from minipost.cli import UserError, require_numbers, require_positive, run_main
-from minipost.engine import generate
+from minipost.engine import generate, left_pad
 from minipost.gpt2 import _CONV1D
 from minipost.model import GPT, PRESETS, GPTConfig
 
@@ -68,12 +70,8 @@ def generation(model, batch, new_tokens, repeats, hf=None):
     device = next(model.parameters()).device
     prompts = bench_prompts(batch, model.config.vocab_size)
     hf = hf or hf_twin(model)
-    P = max(map(len, prompts))
-    ids = torch.zeros(batch, P, dtype=torch.long)
-    attn = torch.zeros(batch, P, dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding, as the engine does
-        ids[i, P - len(p):], attn[i, P - len(p):] = torch.tensor(p), 1
-    ids, attn = ids.to(device), attn.to(device)
+    ids, valid, _ = left_pad(prompts, pad_id=0)  # as the engine pads them
+    ids, attn, P = ids.to(device), valid.long().to(device), ids.shape[1]
 
     def ours():
         return generate(model, prompts, new_tokens, eos_id=-1, pad_id=0, temperature=0).tokens
@@ -92,14 +90,63 @@ def generation(model, batch, new_tokens, repeats, hf=None):
     return n / t_ours, n / t_hf, speedup, bool((a == b).all())
 
 
+def decode_kv_bytes(config, batch, P, new_tokens, itemsize=4):
+    """Bytes of keys and values that the decode steps of a generation read at the least: step t (of the
+    new_tokens - 1 after the prefill) reads, in every layer, the K and V of its P + t + 1 slots for each row."""
+    width = config.kv_heads * config.head_dim
+    slots = sum(P + t + 1 for t in range(new_tokens - 1))
+    return 2 * config.n_layer * batch * width * itemsize * slots
+
+
+def floor(model, batch, P, new_tokens, repeats):
+    """A lower bound, on this machine, for any float32 engine's greedy generation of `batch` rows (prompts
+    left-padded to P) and new_tokens tokens -> (s matmuls, s cache reads, GB read, GB/s). The matmuls are timed
+    alone, in the order an engine does them (the prefill's batch x P rows through every linear layer, then
+    new_tokens - 1 decode steps of `batch` rows, weights streamed from memory each step; the LM head on batch
+    rows new_tokens times); the KV cache reads (decode_kv_bytes) at the bandwidth of summing 256 MB. Attention's
+    arithmetic, norms, GELU and sampling are left out: the bound is not reachable, only approachable."""
+    linears = [m for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {}  # one random input per shape: the matmul's speed does not depend on the values
+
+    def x(rows, width):
+        if (rows, width) not in inputs:
+            inputs[rows, width] = torch.randn(rows, width)
+        return inputs[rows, width]
+
+    @torch.no_grad()
+    def matmuls():
+        for lin in linears:
+            lin(x(batch * P, lin.in_features))
+        for _ in range(new_tokens - 1):
+            for lin in linears:
+                lin(x(batch, lin.in_features))
+        for _ in range(new_tokens):
+            model.lm_head(x(batch, model.config.n_embd))
+
+    t_matmuls, _ = timed(matmuls, repeats)
+    big = torch.randn(64 * 2 ** 20)  # 256 MB: far beyond the caches
+    t_read, _ = timed(big.sum, repeats)
+    gbs = big.numel() * 4 / t_read / 1e9
+    gb = decode_kv_bytes(model.config, batch, P, new_tokens) / 1e9
+    return t_matmuls, gb / gbs, gb, gbs
+
+
 def cpu_generation(args):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=2048)).eval()
-    ours, hf, speedup, same = generation(model, 64, 64, args.repeats)
+    batch = new = 64
+    ours, hf, speedup, same = generation(model, batch, new, args.repeats)
     print("| setting | minipost tokens/s | HF generate tokens/s | speed-up (median pair) | same tokens |")
     print("|---|---:|---:|---:|---|")
-    print(f"| CPU, {torch.get_num_threads()} thread(s), 6 x 384, batch 64 x 64 new tokens, greedy | "
+    print(f"| CPU, {torch.get_num_threads()} thread(s), 6 x 384, batch {batch} x {new} new tokens, greedy | "
           f"{ours:,.0f} | {hf:,.0f} | {speedup:.2f}x | {'yes' if same else 'NO'} |")
+    P = max(map(len, bench_prompts(batch, model.config.vocab_size)))
+    t_mm, t_kv, gb, gbs = floor(model, batch, P, new, args.repeats)
+    bound, t_ours, t_hf = t_mm + t_kv, batch * new / ours, batch * new / hf
+    print(f"\nFloor of a float32 engine here: its matmuls alone {t_mm:.2f} s + reading the KV cache once a step "
+          f"{t_kv:.2f} s ({gb:.2f} GB at {gbs:.1f} GB/s) = {bound:.2f} s a generation. minipost {t_ours:.2f} s "
+          f"({t_ours / bound:.2f}x the floor), generate {t_hf:.2f} s ({t_hf / bound:.2f}x): no float32 engine "
+          f"can be more than {t_hf / bound:.2f}x faster than generate on this machine.")
 
 
 class PhaseTimer:

@@ -227,6 +227,23 @@ def sample_next(logits, uniforms=None, temperature=1.0, top_k=None, top_p=None, 
     return tokens, picked
 
 
+def left_pad(prompts, pad_id):
+    """Prompts left-padded to the longest, P -> ids (B0, P) long, valid (B0, P) bool (False on padding), and
+    positions (B0, P) that count real tokens only (0 on the padding)."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    valid = torch.arange(P)[None, :] >= torch.tensor([P - len(p) for p in prompts])[:, None]
+    return ids, valid, (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def row_uniforms(rows, steps, seed):
+    """(rows, steps) float64 uniforms on the CPU: row r's stream from its own generator seeded with seed + r."""
+    return torch.stack([torch.rand(steps, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + r))
+                        for r in range(rows)])
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -247,13 +264,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
     budget = budget.repeat_interleave(num_samples)
     max_new_tokens = int(budget.max())
 
-    # left-pad the prompts to P; positions count real tokens only
     B0, B = len(prompts), len(prompts) * num_samples
-    ids = torch.full((B0, P), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-    valid = torch.arange(P)[None, :] >= torch.tensor([P - len(p) for p in prompts])[:, None]  # (B0, P)
-    pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B0, P)
+    ids, valid, pos = left_pad(prompts, pad_id)  # (B0, P) each
     key_valid = None
     if not bool(valid.all()):  # virtual tokens and the slots after the prompt are always real
         key_valid = torch.ones(B, n + P + max_new_tokens, dtype=torch.bool, device=device)
@@ -274,11 +286,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
     step = DecodeStep(model, cache, B, device)
     step.pos.copy_((pos[:, -1] + 1).repeat_interleave(num_samples))
 
-    uniforms = None  # (B, max_new_tokens): row r's stream, from a CPU generator seeded with seed + r
-    if temperature != 0:
-        uniforms = torch.stack([torch.rand(max_new_tokens, dtype=torch.float64,
-                                           generator=torch.Generator().manual_seed(seed + r)) for r in range(B)])
-        uniforms = uniforms.to(device)
+    uniforms = None if temperature == 0 else row_uniforms(B, max_new_tokens, seed).to(device)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     entropy = torch.zeros(B, max_new_tokens, device=device)

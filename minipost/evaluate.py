@@ -63,9 +63,7 @@ def samples_used(run_dir, meta) -> int | None:
     return sum(logged) if logged else None
 
 
-def main(argv=None):
-    """python -m minipost.evaluate --init RUN --task arith [--reference SFT_RUN]: one uniform evaluation of a
-    policy (what pipeline.py runs for every method) -> JSON on stdout or --out FILE."""
+def parse_args(argv):
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--init", required=True, help="policy checkpoint directory")
     p.add_argument("--task", required=True, help="built-in task whose test splits are scored")
@@ -91,6 +89,13 @@ def main(argv=None):
     if args.validation_from is not None and args.validation_from < 0:
         raise UserError("--validation-from must be >= 0")
     check_retrieval_flags(args)
+    return args
+
+
+def main(argv=None):
+    """python -m minipost.evaluate --init RUN --task arith [--reference SFT_RUN]: one uniform evaluation of a
+    policy (what pipeline.py runs for every method) -> JSON on stdout or --out FILE."""
+    args = parse_args(argv)
     task, device = task_from_flag(args.task), distributed.init(pick_device(args.device))
     t0 = time.time()
     task_check = None if args.allow_other_task else task.name
