@@ -33,8 +33,9 @@ class KVCache:
     Prefill: the model writes the prompts' T slots after the `length` filled ones and attends over them.
     Decode (`decoding`, set by DecodeStep): the step runs on the first `rows` batch rows; each row writes its one
     new key and value in place at slot `slot` -- a (1,) tensor, the same slot for every row since prompts are
-    left-padded to one length, kept in a tensor so that a captured CUDA graph reads the step's value -- and
-    attention reads `keys` slots under a (rows, keys) validity mask: not padding, and written already.
+    left-padded to one length, kept in a tensor so that a captured CUDA graph reads the step's value (an eager
+    step writes slot keys - 1, the same number) -- and attention reads `keys` slots under a (rows, keys)
+    validity mask: not padding, and written already.
     """
 
     def __init__(self, config, batch, max_len, device, dtype, key_valid=None):
@@ -44,6 +45,7 @@ class KVCache:
         self.length = 0  # slots filled by the prefill
         self.key_valid = key_valid  # (B, T_max) bool, False on left padding; None when no row is padded
         self.decoding = False
+        self.graphed = False  # set by DecodeStep: its steps are captured as CUDA graphs
         self.rows, self.keys = batch, max_len
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.step_mask = None  # (rows, 1, 1, keys) bool, one per decode step
@@ -51,13 +53,15 @@ class KVCache:
     def update(self, layer, k, v):
         """Store this step's k, v (b, Hkv, T, D) -> the keys and values attention reads, (b, Hkv, Tk, D)."""
         b = k.shape[0]
-        if self.decoding:  # in place, at the tensor slot: no shape here depends on the step
+        if self.decoding and self.graphed:  # a captured step: the slot from its tensor, which each replay reads
             self.k[layer, :b].index_copy_(2, self.slot, k)
             self.v[layer, :b].index_copy_(2, self.slot, v)
-            return self.k[layer, :b, :, :self.keys], self.v[layer, :b, :, :self.keys]
-        end = self.length + k.shape[2]
-        self.k[layer, :b, :, self.length:end] = k
-        self.v[layer, :b, :, self.length:end] = v
+            end = self.keys
+        else:  # the prefill after the `length` filled slots, or an eager decode step at slot keys - 1: a plain
+            start = self.keys - 1 if self.decoding else self.length  # copy (index_copy_ took 6% of a CPU rollout)
+            end = start + k.shape[2]
+            self.k[layer, :b, :, start:end] = k
+            self.v[layer, :b, :, start:end] = v
         return self.k[layer, :b, :, :end], self.v[layer, :b, :, :end]
 
     def attn_mask(self, T):
@@ -118,6 +122,7 @@ class DecodeStep:
         self.max_pos = model.config.block_size - model.n_prefix - 1  # a stopped row's position stays valid
         graphs = device.type == "cuda" and os.environ.get("MINIPOST_CUDA_GRAPHS", "1") != "0"  # 0: eager, to compare
         self.graphs = {} if graphs else None  # bucket b -> (graph, its static logits)
+        cache.graphed = graphs
         self.sizes = buckets(batch)
 
     def batch_size(self, b, going):

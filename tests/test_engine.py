@@ -125,7 +125,11 @@ def test_the_cuda_graph_step_shapes_on_cpu(layout, monkeypatch):
     stale). Every row equals the naive per-row generation, and greedy tokens equal the old engine's."""
     from minipost.engine import DecodeStep
 
-    monkeypatch.setattr(DecodeStep, "__call__", lambda self, b, filled: self.eager(b))  # keys stay T_max
+    def graph_step(self, b, filled):  # what a replay runs: keys stay T_max, the slot is written from its tensor
+        self.cache.graphed = True
+        return self.eager(b)
+
+    monkeypatch.setattr(DecodeStep, "__call__", graph_step)
     monkeypatch.setattr(DecodeStep, "batch_size", lambda self, b, going: min(s for s in self.sizes if s >= going))
     model = tiny_model(8, layout)
     prompts = [[2 + i % 20 for i in range(n)] for n in (26, 31, 35, 37, 22, 3)]  # budgets 14, 9, 5, 3, 18, 37
