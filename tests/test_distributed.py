@@ -131,8 +131,40 @@ def test_dpo_two_ranks_equal_one_process(models, tmp_path):
     same_weights(tmp_path / "one", tmp_path / "two")
 
 
+def kill_job(proc):
+    """SIGKILL torchrun and its workers, and wait until no worker runs. torchrun starts each worker in a session
+    of its own, so killing torchrun's process group alone leaves them training to the end (they did: the test
+    then copied a run that was still writing its checkpoints)."""
+    def children(pid):
+        return [int(p) for p in os.listdir("/proc") if p.isdigit() and proc_stat(p)[1] == str(pid)]
+
+    def proc_stat(pid):  # (state, parent pid), or ("gone", "") once the process is reaped
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            return "gone", ""
+        return fields[0], fields[1]
+    workers, todo = [], [proc.pid]
+    while todo:
+        kids = children(todo.pop())
+        workers += kids
+        todo += kids
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun first, so it cannot restart a worker
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + 30
+    while any(proc_stat(pid)[0] not in ("Z", "gone") for pid in workers):
+        assert time.time() < deadline, "a worker outlived SIGKILL by 30 s"
+        time.sleep(0.01)
+    assert workers, "torchrun had no workers to kill"
+
+
 def test_killed_base_run_resumes_with_two_ranks_and_with_one(tmp_path):
-    """train_base.py under torchrun, SIGKILLed (the whole process group) once it has checkpointed; a copy resumes
+    """train_base.py under torchrun, SIGKILLed (torchrun and both workers) once it has checkpointed; a copy resumes
     with 2 processes and another with 1: both end as the uninterrupted one-process run does (cosine LR, so the
     same --max-steps throughout)."""
     args = ["--task", "arith", "--preset", "micro", "--corpus-docs", "300", "--vocab-size", "300", "--block-size",
@@ -144,8 +176,7 @@ def test_killed_base_run_resumes_with_two_ranks_and_with_one(tmp_path):
     deadline = time.time() + 120
     while find_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_job(proc)
     step = json.loads((find_checkpoint(killed) / "meta.json").read_text())["step"]
     assert step < 40, "the run finished before it could be killed"
     shutil.copytree(killed, tmp_path / "one")
