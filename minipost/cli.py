@@ -31,7 +31,16 @@ class Diverged(Exception):
 
 
 def run_main(main):
-    """Call main(); report a UserError (exit 2) or a Diverged run (exit 1) as one line `error: ...`."""
+    """Call main(); report a UserError (exit 2) or a Diverged run (exit 1) as one line `error: ...`.
+
+    Under torchrun, a rank whose main() returned waits at a barrier for the others before it exits. A gloo
+    worker thread frees each collective's tensors just after the collective has returned, and freeing a tensor
+    that Python also held needs the GIL: a rank leaving within milliseconds of its last collective could reach
+    interpreter shutdown first, and that thread then aborted the process (SIGABRT, "terminate called without
+    an active exception": about 1 run in 25-60 of the two-rank reward-model test; the core dump showed the
+    thread in ~AsyncAllgatherWork waiting for the GIL). The barrier waits with the GIL released, so the thread
+    finishes first. Only here, on a clean return: a rank that failed must not wait for ranks that may be
+    blocked in another collective (it exits, and its closed connections end their collectives)."""
     try:
         main()
     except (UserError, Diverged) as e:
@@ -39,6 +48,8 @@ def run_main(main):
             bar.close()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def finite_or_stop(step: int, values: dict) -> dict:

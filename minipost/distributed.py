@@ -25,6 +25,8 @@ How the work is split, so that W ranks compute what one process computes (up to 
   writing     rank 0 alone writes metrics, checkpoints, progress bars and printed lines (is_main()).
   resume      every rank loads OUT/ckpt: DDP keeps the full optimizer state on each rank, and the data
               position is a function of the step.
+  exit        a rank whose main() returned waits at a barrier for the others (cli.run_main says why), then
+              leaves the process group (destroy(), at exit).
 
 Every helper is a collective when W > 1: call it on every rank, in the same order.
 """

@@ -24,7 +24,7 @@ import train_rlhf
 import train_sft
 from minipost import distributed
 from minipost.checkpoint import find_checkpoint
-from minipost.cli import UserError, read_metrics
+from minipost.cli import UserError, read_metrics, run_main
 from minipost.tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -253,6 +253,49 @@ def test_batch_that_does_not_split_over_the_ranks_is_a_user_error(models, tmp_pa
     assert r.returncode != 0
     assert "error: --batch-size 3 (prompts) does not split evenly over 2 ranks (make it a multiple of 2)" in r.stderr
     assert "Traceback" not in r.stderr.split("error: --batch-size")[0]  # the scripts' own one line, no trace
+
+
+def test_ranks_wait_for_each_other_after_a_clean_return_only(monkeypatch):
+    """run_main's closing barrier: after main() returns under torchrun, and not after a user error (a failed
+    rank must not wait for ranks that may be blocked in another collective)."""
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    run_main(lambda: calls.append("main"))
+    assert calls == ["main", "barrier"]
+
+    def failing():
+        calls.append("failing main")
+        raise UserError("a bad flag")
+    with pytest.raises(SystemExit) as e:
+        run_main(failing)
+    assert e.value.code == 2 and calls == ["main", "barrier", "failing main"]
+
+
+FAILING_RANK = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from minipost import distributed
+from minipost.cli import UserError, run_main
+
+def main():
+    distributed.init(torch.device("cpu"))
+    if distributed.rank() == 1:
+        raise UserError("rank 1 found bad input")
+    distributed.all_sum(1.0)  # rank 0 waits here for a rank that has left
+
+run_main(main)
+"""
+
+
+def test_a_rank_that_fails_ends_the_run_instead_of_hanging_it(tmp_path):
+    """Rank 1 exits with a user error while rank 0 is in a collective: the run ends (no rank waits on the
+    closing barrier for it), torchrun fails, and rank 1's one-line error is there."""
+    (tmp_path / "failing_rank.py").write_text(FAILING_RANK)
+    r = torchrun(tmp_path / "failing_rank.py", ROOT, check=False)
+    assert r.returncode != 0
+    assert "error: rank 1 found bad input" in r.stderr
 
 
 def test_helpers_in_one_process_hand_their_input_back(monkeypatch):
